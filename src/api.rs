@@ -1,0 +1,140 @@
+//! The client ↔ broker API: HTTP/1.1 + JSON on the broker's Unix socket.
+//! These types are shared by the broker (which serves them) and the CLI
+//! (which calls them), so the two cannot drift apart.
+//!
+//! Bytes: `stdout`/`stderr` are UTF-8 text. When a stream is not valid UTF-8,
+//! `stdout` holds a lossy rendering (U+FFFD for bad bytes) and
+//! `stdout_base64` holds the exact bytes; the CLI prints those. Likewise a
+//! request may give `stdin` (text) or `stdin_base64` (bytes).
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::EffectiveSandbox;
+
+pub const EXEC_PATH: &str = "/v1/exec";
+pub const STATUS_PATH: &str = "/v1/status";
+/// Header carrying the request id on every answer.
+pub const REQUEST_ID_HEADER: &str = "x-corral-request-id";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    pub workflow: String,
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_base64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecReply {
+    pub request_id: String,
+    pub workflow: String,
+    pub worker: u64,
+    /// Set when the command exited.
+    pub exit_code: Option<i32>,
+    /// Set when the command was killed by a signal (also on timeout: 9).
+    pub signal: Option<i32>,
+    pub signal_name: Option<String>,
+    /// Set when the command could not be started (not found, not allowed).
+    pub error: Option<String>,
+    pub stdout: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_base64: Option<String>,
+    pub stderr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_base64: Option<String>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    /// Either stream was cut at the workflow's `output_max`.
+    pub truncated: bool,
+    pub timed_out: bool,
+    pub wall_ms: f64,
+    pub cpu_user_ms: f64,
+    pub cpu_system_ms: f64,
+    pub peak_rss_kib: u64,
+}
+
+/// Text for JSON, plus base64 of the exact bytes when they are not UTF-8.
+pub fn encode_bytes(bytes: &[u8]) -> (String, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_owned(), None),
+        Err(_) => (
+            String::from_utf8_lossy(bytes).into_owned(),
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
+    }
+}
+
+/// The exact bytes of a stream from its text and optional base64 forms.
+pub fn decode_bytes(text: &str, b64: Option<&str>) -> Result<Vec<u8>, base64::DecodeError> {
+    match b64 {
+        Some(b) => base64::engine::general_purpose::STANDARD.decode(b),
+        None => Ok(text.as_bytes().to_vec()),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: ErrorInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Stable, machine-readable: `bad_request`, `invalid_json`, `forbidden`,
+    /// `unknown_workflow`, `not_found`, `method_not_allowed`, `too_large`,
+    /// `busy`, `unavailable`, `worker_died`, `timeout`, `internal`.
+    pub code: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub broker: BrokerInfo,
+    pub workflows: Vec<WorkflowStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerInfo {
+    pub pid: u32,
+    pub version: String,
+    pub uptime_s: u64,
+    pub landlock_abi: u32,
+    pub seccomp: bool,
+    /// How worker resources are limited ("rlimits only: …" without systemd).
+    pub resource_control: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkflowStatus {
+    pub name: String,
+    pub tenant: String,
+    pub user: Option<String>,
+    pub workspace: String,
+    /// `None` when the workflow can serve calls; otherwise why not.
+    pub unavailable: Option<String>,
+    pub queue_depth: usize,
+    pub queue_capacity: usize,
+    pub min_idle: u32,
+    pub max_workers: u32,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub id: u64,
+    pub pid: Option<u32>,
+    /// `starting`, `idle`, `busy` or `backoff`.
+    pub state: String,
+    pub served: u64,
+    pub restarts: u64,
+    pub last_exit: Option<String>,
+    pub sandbox: Option<EffectiveSandbox>,
+}

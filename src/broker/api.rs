@@ -1,0 +1,318 @@
+//! HTTP routes: `POST /v1/exec` and `GET /v1/status`, JSON in and out.
+//! Every error is an [`ErrorReply`] with a stable code and a message that
+//! says what to do.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use tracing::Instrument;
+
+use super::auth::{describe_uid, Peer};
+use super::launcher::{signal_name, CallError};
+use super::pool::SubmitError;
+use super::Broker;
+use crate::api::{self, ErrorInfo, ErrorReply, ExecBody, ExecReply, EXEC_PATH, STATUS_PATH};
+use crate::protocol::{ExecRequest, Termination};
+
+/// Largest request body accepted (stdin travels base64-encoded at worst).
+const MAX_BODY: usize = 8 << 20;
+/// How long a call may wait in the queue for a worker, on top of its timeout.
+const QUEUE_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// A failed request, as sent to the client.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T, request_id: &str) -> Reply {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
+        headers.insert(api::REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+fn error_reply(e: ApiError, request_id: &str) -> Reply {
+    let body = ErrorReply {
+        error: ErrorInfo {
+            code: e.code.to_string(),
+            message: e.message,
+            request_id: Some(request_id.to_string()),
+        },
+    };
+    json(e.status, &body, request_id)
+}
+
+/// Entry point for every request on a connection from `peer`.
+pub async fn handle(
+    broker: Arc<Broker>,
+    peer: Peer,
+    req: Request<Incoming>,
+) -> Result<Reply, Infallible> {
+    let request_id = broker.next_request_id();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let span = tracing::info_span!("request", request_id = %request_id, uid = peer.uid, pid = ?peer.pid, %method, %path);
+    Ok(route(&broker, peer, req, &request_id, method, path)
+        .instrument(span)
+        .await)
+}
+
+async fn route(
+    broker: &Broker,
+    peer: Peer,
+    req: Request<Incoming>,
+    request_id: &str,
+    method: Method,
+    path: String,
+) -> Reply {
+    let result = match (method.clone(), path.as_str()) {
+        (Method::POST, EXEC_PATH) => exec(broker, peer, req, request_id).await,
+        (Method::GET, STATUS_PATH) => Ok(json(StatusCode::OK, &broker.status(), request_id)),
+        (_, EXEC_PATH | STATUS_PATH) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}: use POST {EXEC_PATH} or GET {STATUS_PATH}"),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no such endpoint {path}: corral serves POST {EXEC_PATH} and GET {STATUS_PATH}"
+            ),
+        )),
+    };
+    match result {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::info!(
+                code = e.code,
+                status = e.status.as_u16(),
+                "request failed: {}",
+                e.message
+            );
+            error_reply(e, request_id)
+        }
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request body exceeds {MAX_BODY} bytes; send less stdin"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("failed to read request body: {e}"),
+                )
+            }
+        })?;
+    serde_json::from_slice(&body.to_bytes()).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not a valid request: {e}; see the README for the fields"),
+        )
+    })
+}
+
+async fn exec(
+    broker: &Broker,
+    peer: Peer,
+    req: Request<Incoming>,
+    request_id: &str,
+) -> Result<Reply, ApiError> {
+    let body: ExecBody = read_json(req).await?;
+    let wf = broker.workflow(&body.workflow).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_workflow",
+            format!(
+                "no workflow named {:?}; known workflows: {}",
+                body.workflow,
+                broker.workflow_names().join(", ")
+            ),
+        )
+    })?;
+    if !wf.clients.allows(&peer) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "uid {} may not use workflow {}: add the user to clients.users, or one of its groups to \
+                 clients.groups, in {}",
+                describe_uid(peer.uid),
+                wf.name,
+                wf.source
+            ),
+        ));
+    }
+    if body.argv.is_empty() || body.argv[0].is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "argv is empty: give the command and its arguments, e.g. [\"ls\", \"-l\"]",
+        ));
+    }
+    if body.argv.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "argv contains a NUL byte, which no command line can carry",
+        ));
+    }
+    let stdin = match (&body.stdin, &body.stdin_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "give either stdin or stdin_base64, not both",
+            ))
+        }
+        (Some(text), None) => text.as_bytes().to_vec(),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("stdin_base64 is not valid base64: {e}"),
+                )
+            })?,
+        (None, None) => Vec::new(),
+    };
+    if stdin.len() as u64 > wf.stdin_max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "stdin is {} bytes, workflow {} accepts at most {} (limits.stdin_max)",
+                stdin.len(),
+                wf.name,
+                wf.stdin_max
+            ),
+        ));
+    }
+    let max_ms = u64::try_from(wf.call_timeout.as_millis()).unwrap_or(u64::MAX);
+    let timeout_ms = match body.timeout_ms {
+        None => max_ms,
+        Some(0) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "timeout_ms must be at least 1")),
+        Some(t) if t > max_ms => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("timeout_ms {t} exceeds workflow {}'s call_timeout of {max_ms} ms; ask for less, or raise limits.call_timeout", wf.name),
+            ))
+        }
+        Some(t) => t,
+    };
+    let id = broker.next_call_id();
+    let call = ExecRequest {
+        id,
+        argv: body.argv.clone(),
+        stdin,
+        timeout_ms,
+    };
+    tracing::info!(workflow = %wf.name, argv0 = %body.argv[0], "exec");
+    let rx = wf.pool.submit(call).map_err(|e| match e {
+        SubmitError::Busy { .. } => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string())
+        }
+        SubmitError::Unavailable { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    })?;
+    let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
+    let result = tokio::time::timeout(wait, rx).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "no worker of {} answered within {wait:?}; see `corral status` for its workers",
+                wf.name
+            ),
+        )
+    })?;
+    let (worker, outcome) = match result {
+        Err(_) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the call was dropped by the broker; retry it")),
+        Ok(Err(CallError::Died(why))) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "worker_died",
+                format!("the worker of {} running the call died: {why}; it is being replaced, retry the call", wf.name),
+            ))
+        }
+        Ok(Err(e @ CallError::Stuck(_))) => {
+            return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{e}; retry the call")))
+        }
+        Ok(Ok(done)) => done,
+    };
+    let (exit_code, signal) = match outcome.termination {
+        Termination::Exited(c) => (Some(c), None),
+        Termination::Signaled(s) => (None, Some(s)),
+        Termination::NotStarted => (None, None),
+    };
+    let (stdout, stdout_base64) = api::encode_bytes(&outcome.stdout);
+    let (stderr, stderr_base64) = api::encode_bytes(&outcome.stderr);
+    let ms = |us: u64| us as f64 / 1000.0;
+    let reply = ExecReply {
+        request_id: request_id.to_string(),
+        workflow: wf.name.clone(),
+        worker,
+        exit_code,
+        signal,
+        signal_name: signal.map(signal_name),
+        error: outcome.error,
+        stdout,
+        stdout_base64,
+        stderr,
+        stderr_base64,
+        stdout_truncated: outcome.stdout_truncated,
+        stderr_truncated: outcome.stderr_truncated,
+        truncated: outcome.stdout_truncated || outcome.stderr_truncated,
+        timed_out: outcome.timed_out,
+        wall_ms: ms(outcome.wall_us),
+        cpu_user_ms: ms(outcome.cpu_user_us),
+        cpu_system_ms: ms(outcome.cpu_system_us),
+        peak_rss_kib: outcome.peak_rss_kib,
+    };
+    tracing::info!(workflow = %wf.name, worker, ?exit_code, ?signal, timed_out = reply.timed_out, wall_ms = reply.wall_ms, "exec done");
+    Ok(json(StatusCode::OK, &reply, request_id))
+}

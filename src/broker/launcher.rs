@@ -1,0 +1,185 @@
+//! Starting one worker process and talking to it.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::frame::{read_frame_async, write_frame_async, FrameError};
+use crate::protocol::{
+    EffectiveSandbox, ExecOutcome, ExecRequest, FromWorker, SandboxSpec, ToWorker,
+};
+use crate::sandbox::process::pass_fd_as_worker_fd;
+
+/// How long a worker may take to confine itself and say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The worker's sandbox cannot be set up as the policy requires; retrying
+    /// will not help until the host or the policy changes.
+    #[error("{0}")]
+    Refused(String),
+    #[error("failed to start worker process {exe}: {source}")]
+    Spawn { exe: String, source: std::io::Error },
+    #[error("worker {0} before it was ready")]
+    Died(String),
+    #[error("worker did not become ready within {READY_TIMEOUT:?}")]
+    Timeout,
+    #[error("failed to talk to the new worker: {0}")]
+    Frame(#[from] FrameError),
+    #[error("failed to create the worker socket pair: {0}")]
+    Socket(std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The worker process ended during the call.
+    #[error("the worker running the call died ({0})")]
+    Died(String),
+    /// The worker did not answer in time even though it enforces the call's
+    /// own timeout: it was killed.
+    #[error("the worker did not answer within {0:?} and was killed")]
+    Stuck(Duration),
+}
+
+/// A ready, sandboxed worker.
+pub struct Worker {
+    pub pid: u32,
+    pub effective: EffectiveSandbox,
+    child: Child,
+    sock: UnixStream,
+}
+
+/// Words for how a process ended: "exit code 3", "killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig} ({})", signal_name(sig)),
+        _ => "ended".to_string(),
+    }
+}
+
+pub fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("SIG{sig}"))
+}
+
+/// Starts `exe worker`, hands it `spec` and waits until it is confined.
+pub async fn start(exe: &Path, spec: &SandboxSpec, log_filter: &str) -> Result<Worker, StartError> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Socket)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .env_clear()
+        .env("RUST_LOG", log_filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .kill_on_drop(true);
+    pass_fd_as_worker_fd(&mut cmd, theirs.as_raw_fd());
+    let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
+        exe: exe.display().to_string(),
+        source,
+    })?;
+    drop(theirs);
+    let pid = child.id().unwrap_or(0);
+    ours.set_nonblocking(true).map_err(StartError::Socket)?;
+    let mut sock = UnixStream::from_std(ours).map_err(StartError::Socket)?;
+
+    let mut spec = spec.clone();
+    spec.broker_pid = std::process::id();
+    write_frame_async(&mut sock, &ToWorker::Init(Box::new(spec))).await?;
+    let answer = tokio::select! {
+        r = tokio::time::timeout(READY_TIMEOUT, read_frame_async::<_, FromWorker>(&mut sock)) => r,
+        status = child.wait() => {
+            // It may have sent Refused just before exiting.
+            if let Ok(Some(FromWorker::Refused(why))) = read_frame_async(&mut sock).await {
+                return Err(StartError::Refused(why));
+            }
+            return Err(StartError::Died(status.map(describe_exit).unwrap_or_else(|e| e.to_string())));
+        }
+    };
+    match answer {
+        Err(_) => Err(StartError::Timeout),
+        Ok(Ok(Some(FromWorker::Ready(effective)))) => Ok(Worker {
+            pid,
+            effective,
+            child,
+            sock,
+        }),
+        Ok(Ok(Some(FromWorker::Refused(why)))) => {
+            let _ = child.wait().await;
+            Err(StartError::Refused(why))
+        }
+        Ok(Ok(Some(FromWorker::Done(_)))) => {
+            Err(StartError::Died("answered before it was asked".into()))
+        }
+        Ok(Ok(None)) => {
+            let status = child
+                .wait()
+                .await
+                .map(describe_exit)
+                .unwrap_or_else(|e| e.to_string());
+            Err(StartError::Died(status))
+        }
+        Ok(Err(e)) => Err(e.into()),
+    }
+}
+
+impl Worker {
+    /// Runs one call. `backstop` is how long past the call's own timeout we
+    /// wait before declaring the worker stuck.
+    pub async fn call(
+        &mut self,
+        req: ExecRequest,
+        backstop: Duration,
+    ) -> Result<ExecOutcome, CallError> {
+        let id = req.id;
+        let limit = Duration::from_millis(req.timeout_ms) + backstop;
+        if write_frame_async(&mut self.sock, &ToWorker::Exec(req))
+            .await
+            .is_err()
+        {
+            return Err(CallError::Died(self.reap().await));
+        }
+        let answer =
+            tokio::time::timeout(limit, read_frame_async::<_, FromWorker>(&mut self.sock)).await;
+        match answer {
+            Ok(Ok(Some(FromWorker::Done(outcome)))) if outcome.id == id => Ok(outcome),
+            Ok(Ok(Some(_))) => {
+                self.kill().await;
+                Err(CallError::Died(
+                    "protocol violation: unexpected answer; worker killed".into(),
+                ))
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => Err(CallError::Died(self.reap().await)),
+            Err(_) => {
+                self.kill().await;
+                Err(CallError::Stuck(limit))
+            }
+        }
+    }
+
+    /// Waits (briefly) for a worker whose socket closed, and says how it ended.
+    async fn reap(&mut self) -> String {
+        match tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await {
+            Ok(Ok(status)) => describe_exit(status),
+            Ok(Err(e)) => format!("could not be waited for: {e}"),
+            Err(_) => {
+                self.kill().await;
+                "closed its socket and was killed".into()
+            }
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}

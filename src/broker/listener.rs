@@ -1,0 +1,93 @@
+//! The Unix socket: bind it safely, accept connections, serve HTTP/1.1.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use super::auth::Peer;
+use super::{api, Broker};
+
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another broker is already listening on {0}: stop it first, or use another --socket")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket: remove it, or use another --socket")]
+    NotASocket(PathBuf),
+    #[error("failed to bind {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds `path`, replacing a stale socket left by a dead broker but never a
+/// live one or a file that is not a socket. The socket is mode 0666: who may
+/// do what is decided per request from the peer's credentials.
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    let err = |source| BindError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(BindError::NotASocket(path.to_path_buf()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(BindError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                continue;
+            }
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            },
+            Err(e) => {
+                tracing::warn!("failed to read peer credentials, dropping connection: {e}");
+                continue;
+            }
+        };
+        let broker = Arc::clone(&broker);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| api::handle(Arc::clone(&broker), peer, req));
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!("connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}

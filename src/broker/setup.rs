@@ -1,0 +1,169 @@
+//! From a loaded policy to what the broker runs: resolved users, created
+//! workspaces, and the sandbox spec handed to every worker of the workflow.
+
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Group, Uid, User};
+
+use super::auth::Clients;
+use super::pool::PoolConfig;
+use crate::policy::{self, Workflow};
+use crate::protocol::{Credentials, Requirement, SandboxSpec, ToolLimits};
+
+/// Default PATH for tool calls when the policy's `[env]` sets none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+pub struct Prepared {
+    pub pool: PoolConfig,
+    pub clients: Clients,
+}
+
+fn missing_user_hint(user: &str) -> String {
+    format!(
+        "user {user} does not exist: create it with `useradd --system --user-group --no-create-home \
+         --shell /usr/sbin/nologin {user}`"
+    )
+}
+
+/// Resolves who the workers run as: `Ok(None)` keeps the broker's own
+/// credentials (only when the broker is not root).
+fn credentials(wf: &Workflow, default_user: &str) -> Result<Option<Credentials>, String> {
+    let root = Uid::effective().is_root();
+    let name = match (&wf.user, root) {
+        (Some(u), _) => u.clone(),
+        (None, true) => default_user.to_string(),
+        (None, false) => return Ok(None),
+    };
+    let user = User::from_name(&name)
+        .map_err(|e| format!("failed to look up user {name}: {e}"))?
+        .ok_or_else(|| missing_user_hint(&name))?;
+    if user.uid.is_root() {
+        return Err(format!(
+            "user {name} has uid 0: workers never run as root; name an unprivileged user"
+        ));
+    }
+    if !root && user.uid != Uid::effective() {
+        return Err(format!(
+            "the broker is not root, so it cannot run workers as {name}: run it as root, or remove `user` \
+             from {}",
+            wf.source.display()
+        ));
+    }
+    Ok(Some(Credentials {
+        user: name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    }))
+}
+
+/// Creates `state/workspaces/<tenant>/<workflow>`; when root, both levels
+/// belong to the workflow's user, mode 0700.
+fn make_workspace(ws: &Path, creds: Option<&Credentials>) -> std::io::Result<()> {
+    std::fs::create_dir_all(ws)?;
+    let tenant_dir = ws.parent().unwrap_or(ws);
+    for dir in [tenant_dir, ws] {
+        if let Some(c) = creds {
+            chown(dir, Some(c.uid), Some(c.gid))?;
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+fn resolve_clients(wf: &Workflow) -> Clients {
+    let mut clients = Clients::default();
+    for name in &wf.clients.users {
+        match User::from_name(name) {
+            Ok(Some(u)) => clients.uids.push(u.uid.as_raw()),
+            _ => tracing::warn!(workflow = %wf.name, "client user {name} does not exist; ignored"),
+        }
+    }
+    for name in &wf.clients.groups {
+        match Group::from_name(name) {
+            Ok(Some(g)) => clients.gids.push(g.gid.as_raw()),
+            _ => tracing::warn!(workflow = %wf.name, "client group {name} does not exist; ignored"),
+        }
+    }
+    clients
+}
+
+pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str) -> Prepared {
+    let workspace = wf.workspace(state_dir);
+    let mut unavailable = None;
+    let creds = match credentials(wf, default_user) {
+        Ok(c) => c,
+        Err(why) => {
+            unavailable = Some(why);
+            None
+        }
+    };
+    if unavailable.is_none() {
+        if let Err(e) = make_workspace(&workspace, creds.as_ref()) {
+            unavailable = Some(format!(
+                "failed to create workspace {}: {e}; check that the state directory is writable by the broker",
+                workspace.display()
+            ));
+        }
+    }
+    let expand = |paths: &[policy::PathTemplate]| -> Vec<PathBuf> {
+        paths.iter().map(|p| p.expand(&workspace)).collect()
+    };
+    let mut env: Vec<(String, String)> = wf
+        .env
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.replace("{workspace}", &workspace.to_string_lossy()),
+            )
+        })
+        .collect();
+    for (key, value) in [
+        ("PATH", DEFAULT_PATH.to_string()),
+        ("HOME", workspace.display().to_string()),
+        ("TMPDIR", workspace.display().to_string()),
+    ] {
+        if !env.iter().any(|(k, _)| k == key) {
+            env.push((key.to_string(), value));
+        }
+    }
+    let limits = &wf.limits;
+    let spec = SandboxSpec {
+        workflow: wf.name.to_string(),
+        broker_pid: std::process::id(),
+        credentials: creds,
+        landlock: match wf.sandbox.landlock {
+            policy::Requirement::Required => Requirement::Required,
+            policy::Requirement::BestEffort => Requirement::BestEffort,
+        },
+        read: expand(&wf.sandbox.read),
+        write: expand(&wf.sandbox.write),
+        exec: expand(&wf.sandbox.exec),
+        tcp_connect: wf.sandbox.tcp_connect.clone(),
+        tcp_bind: wf.sandbox.tcp_bind.clone(),
+        workspace: workspace.clone(),
+        tool: ToolLimits {
+            output_max: limits.output_max.0,
+            file_size_max: limits.file_size_max.0,
+            open_files_max: u64::from(limits.open_files_max),
+            address_space_max: Some(limits.memory_max.0),
+            processes_max: Some(u64::from(limits.tasks_max)),
+        },
+        env,
+    };
+    Prepared {
+        pool: PoolConfig {
+            workflow: wf.name.to_string(),
+            tenant: wf.tenant.to_string(),
+            user: spec.credentials.as_ref().map(|c| c.user.clone()),
+            workspace,
+            spec,
+            min_idle: wf.pool.min_idle,
+            max_workers: wf.pool.max_workers,
+            queue: wf.pool.queue,
+            unavailable,
+        },
+        clients: resolve_clients(wf),
+    }
+}

@@ -1,0 +1,130 @@
+//! `corral policy check DIR`: validate every policy and say, per workflow,
+//! what this kernel will enforce of it.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::policy::{self, format_duration, Workflow};
+use crate::protocol::Requirement;
+use crate::sandbox::{self, KernelSupport};
+
+/// Prints the report; returns the exit code (1 on any error).
+pub fn run(dir: &Path) -> u8 {
+    let loaded = match policy::load_dir(dir) {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{} error(s) in {}", errors.0.len(), dir.display());
+            return 1;
+        }
+    };
+    let kernel = sandbox::probe();
+    println!(
+        "kernel: Landlock ABI {}{}, seccomp {}",
+        kernel.landlock_abi,
+        if kernel.landlock_abi == 0 {
+            " (none)"
+        } else {
+            ""
+        },
+        if kernel.seccomp {
+            "available"
+        } else {
+            "missing"
+        }
+    );
+    let mut failed = 0;
+    for wf in &loaded.workflows {
+        match describe(wf, kernel) {
+            Ok(text) => print!("\n{text}"),
+            Err(e) => {
+                failed += 1;
+                eprintln!(
+                    "\nerror: {}: workflow {} cannot start on this kernel: {e}",
+                    wf.source.display(),
+                    wf.name
+                );
+            }
+        }
+    }
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    if failed > 0 {
+        return 1;
+    }
+    println!("\n{} workflow(s) OK", loaded.workflows.len());
+    0
+}
+
+fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::SandboxError> {
+    let req = match wf.sandbox.landlock {
+        policy::Requirement::Required => Requirement::Required,
+        policy::Requirement::BestEffort => Requirement::BestEffort,
+    };
+    let sb = &wf.sandbox;
+    let tcp = !sb.tcp_connect.is_empty() || !sb.tcp_bind.is_empty();
+    let rows = sandbox::enforcement(req, tcp, kernel.landlock_abi)?;
+    let l = &wf.limits;
+    let mut out = String::new();
+    let _ = writeln!(out, "{} ({})", wf.name, wf.source.display());
+    let _ = writeln!(
+        out,
+        "  tenant {}, runs as {}, clients: users {:?} groups {:?}",
+        wf.tenant,
+        wf.user
+            .as_deref()
+            .unwrap_or("the broker's default worker user"),
+        wf.clients.users,
+        wf.clients.groups
+    );
+    let paths =
+        |v: &[policy::PathTemplate]| v.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ");
+    let _ = writeln!(out, "  read   {}", paths(&sb.read));
+    let _ = writeln!(out, "  write  {}", paths(&sb.write));
+    let _ = writeln!(out, "  exec   {}", paths(&sb.exec));
+    let _ = writeln!(
+        out,
+        "  tcp    connect {:?} bind {:?}",
+        sb.tcp_connect, sb.tcp_bind
+    );
+    for r in rows {
+        let _ = writeln!(out, "  {:<10} {}", r.promise, r.by);
+    }
+    let _ = writeln!(
+        out,
+        "  {:<10} {} (RLIMIT_AS; a cgroup limit under systemd)",
+        "memory", l.memory_max
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10} {} (RLIMIT_NPROC of the user)",
+        "tasks", l.tasks_max
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10} {} per call: SIGKILL to the call's whole process tree",
+        "time",
+        format_duration(l.call_timeout)
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10} {} per stream; files up to {}; {} open files",
+        "output", l.output_max, l.file_size_max, l.open_files_max
+    );
+    if let Some(cpu) = &l.cpu_quota {
+        let _ = writeln!(
+            out,
+            "  {:<10} {cpu} — not enforced without a systemd scope",
+            "cpu"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:<10} min_idle {}, max_workers {}, queue {}",
+        "pool", wf.pool.min_idle, wf.pool.max_workers, wf.pool.queue
+    );
+    Ok(out)
+}

@@ -1,0 +1,108 @@
+//! `corral status`: the broker's workflows and workers.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use hyper::Method;
+
+use super::{describe_error, EXIT_CORRAL};
+use crate::api::{Status, STATUS_PATH};
+use crate::client;
+use crate::protocol::EffectiveSandbox;
+
+pub async fn run(socket: &Path, json: bool) -> anyhow::Result<u8> {
+    let (status, bytes) = client::request(socket, Method::GET, STATUS_PATH, None).await?;
+    if !status.is_success() {
+        eprintln!("corral: {}", describe_error(status, &bytes));
+        return Ok(EXIT_CORRAL);
+    }
+    if json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(0);
+    }
+    let st: Status = serde_json::from_slice(&bytes)?;
+    print!("{}", render(&st));
+    Ok(0)
+}
+
+fn sandbox_summary(s: &EffectiveSandbox) -> String {
+    let mut parts = vec![
+        format!("uid {}", s.uid),
+        format!("landlock {} (ABI {})", s.landlock, s.landlock_abi),
+    ];
+    if s.landlock_tcp {
+        parts.push("tcp ports".into());
+    }
+    if s.landlock_scopes {
+        parts.push("scoped signals+abstract sockets".into());
+    }
+    if s.seccomp {
+        parts.push("seccomp".into());
+    }
+    parts.push(if s.network_blocked {
+        "no network".into()
+    } else {
+        "tcp allowed by policy".into()
+    });
+    if s.capabilities_cleared && s.no_new_privs && s.non_dumpable {
+        parts.push("no caps, no_new_privs, non-dumpable".into());
+    }
+    parts.join(", ")
+}
+
+/// The human-readable table.
+pub fn render(st: &Status) -> String {
+    let mut out = String::new();
+    let b = &st.broker;
+    let _ = writeln!(
+        out,
+        "broker pid {} (corral {}), up {}s; kernel: Landlock ABI {}, seccomp {}",
+        b.pid,
+        b.version,
+        b.uptime_s,
+        b.landlock_abi,
+        if b.seccomp { "yes" } else { "no" }
+    );
+    let _ = writeln!(out, "resource control: {}", b.resource_control);
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<16} {:<10} {:<16} {:>9}  WORKERS",
+        "WORKFLOW", "TENANT", "USER", "QUEUE"
+    );
+    for w in &st.workflows {
+        let user = w.user.as_deref().unwrap_or("(broker's)");
+        let _ = writeln!(
+            out,
+            "{:<16} {:<10} {:<16} {:>9}  {} (min idle {}, max {})",
+            w.name,
+            w.tenant,
+            user,
+            format!("{}/{}", w.queue_depth, w.queue_capacity),
+            w.workers.len(),
+            w.min_idle,
+            w.max_workers
+        );
+        if let Some(why) = &w.unavailable {
+            let _ = writeln!(out, "    UNAVAILABLE: {why}");
+        }
+        for k in &w.workers {
+            let pid = k.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "    worker {} pid {} {} served {} restarts {}",
+                k.id, pid, k.state, k.served, k.restarts
+            );
+            if let Some(s) = &k.sandbox {
+                let _ = writeln!(out, "      sandbox: {}", sandbox_summary(s));
+                for note in &s.notes {
+                    let _ = writeln!(out, "      weaker than asked: {note}");
+                }
+            }
+            if let Some(e) = &k.last_exit {
+                let _ = writeln!(out, "      last exit: {e}");
+            }
+        }
+    }
+    out
+}

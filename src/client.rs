@@ -1,0 +1,54 @@
+//! A minimal HTTP/1.1 client over the broker's Unix socket, for the CLI.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "failed to connect to the broker at {path}: {source}; is it running? Start it with `corral broker` \
+         (or `systemctl start corral`), or point --socket / CORRAL_SOCKET at its socket"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("HTTP exchange with the broker failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("failed to build request: {0}")]
+    Request(#[from] hyper::http::Error),
+}
+
+/// Sends one request and returns the status and the whole body.
+pub async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "corral")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, bytes))
+}

@@ -1,0 +1,46 @@
+//! corral — a containerless sandboxed worker pool for AI assistants on Linux.
+//!
+//! A broker keeps, per workflow, a pool of unprivileged worker processes.
+//! Each worker confines itself (user switch, no capabilities,
+//! `no_new_privs`, Landlock, seccomp) before it reads its first request, and
+//! runs every tool call as a child under a further Landlock layer. Clients
+//! talk HTTP/JSON to the broker over a Unix socket.
+//!
+//! # Layout
+//!
+//! - [`policy`]: the TOML policy schema, loading and validation.
+//! - [`broker`]: listener, HTTP API, authorization, pools, worker launcher.
+//! - [`worker`]: the worker process: confine, then serve tool calls.
+//! - [`sandbox`]: privilege drop, Landlock, seccomp, process control. All
+//!   `unsafe` code and raw syscalls live here.
+//! - [`protocol`] and [`frame`]: broker ↔ worker messages and their framing.
+//! - [`api`] and [`client`]: client ↔ broker HTTP types and a small client.
+//! - [`cli`]: the client-side subcommands.
+//!
+//! # Threat model
+//!
+//! A tool call is hostile: it runs whatever an LLM proposed. It must not read
+//! or write outside its workflow's rules, reach the network unless allowed,
+//! see or signal other workflows' processes, gain privileges, or outlive its
+//! call. The broker is trusted and holds what tools must not (keys, other
+//! tenants' data); clients are authenticated by the kernel (`SO_PEERCRED`).
+//! Kernel bugs and side channels are out of scope. Where the running kernel
+//! lacks a mechanism, the weaker result is reported, never hidden; a policy
+//! marked `required` refuses to start instead.
+//!
+//! # Multithreading
+//!
+//! The broker is a multi-threaded tokio program; between fork and exec of a
+//! worker it only calls `dup2`. The worker is strictly single-threaded: it
+//! confines itself with Landlock and seccomp (which bind the calling thread)
+//! and forks tool children that may allocate before exec.
+
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod frame;
+pub mod policy;
+pub mod protocol;
+pub mod sandbox;
+pub mod worker;

@@ -1,0 +1,167 @@
+//! The validated policy of one workflow. Values here have passed every check
+//! in `validate`; nothing downstream needs to re-check them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::names::{TenantName, WorkflowName};
+use super::path::PathTemplate;
+use super::units::{serialize_duration, ByteSize, Percent};
+
+/// One workflow: one policy file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Workflow {
+    /// `[workflow].name`, unique across the policy directory.
+    pub name: WorkflowName,
+    /// `[workflow].tenant`; a tenant is one unix user.
+    pub tenant: TenantName,
+    /// `[workflow].user`: the unix user the workers run as; `None` means the
+    /// broker's own user.
+    pub user: Option<String>,
+    /// `[workflow].clients`: who may call this workflow.
+    pub clients: Clients,
+    /// `[sandbox]`.
+    pub sandbox: Sandbox,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// `[pool]`.
+    pub pool: PoolConfig,
+    /// `[env]`: extra environment variables for tool calls; values may
+    /// contain `{workspace}`.
+    pub env: BTreeMap<String, String>,
+    /// `[llm]`, if present.
+    pub llm: Option<Llm>,
+    /// The file this workflow came from.
+    pub source: PathBuf,
+}
+
+impl Workflow {
+    /// The workspace directory: `state_dir/workspaces/<tenant>/<workflow>`.
+    pub fn workspace(&self, state_dir: &Path) -> PathBuf {
+        state_dir
+            .join("workspaces")
+            .join(self.tenant.as_str())
+            .join(self.name.as_str())
+    }
+}
+
+/// `[workflow].clients`: unix users and groups allowed to call the workflow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Clients {
+    /// User names.
+    pub users: Vec<String>,
+    /// Group names.
+    pub groups: Vec<String>,
+}
+
+/// `[sandbox]`: what a tool call may touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sandbox {
+    /// Whether the worker must refuse to run without full Landlock support.
+    pub landlock: Requirement,
+    /// Read-only access: read files and list directories.
+    pub read: Vec<PathTemplate>,
+    /// Read, write, create and remove.
+    pub write: Vec<PathTemplate>,
+    /// May execute.
+    pub exec: Vec<PathTemplate>,
+    /// TCP ports a tool may connect to; empty means no network at all.
+    pub tcp_connect: Vec<u16>,
+    /// TCP ports a tool may bind.
+    pub tcp_bind: Vec<u16>,
+    /// The seccomp filter.
+    pub seccomp: SeccompProfile,
+}
+
+/// Default `[sandbox].exec`.
+pub const DEFAULT_EXEC: [&str; 9] = [
+    "/usr/bin",
+    "/bin",
+    "/usr/sbin",
+    "/sbin",
+    "/usr/lib",
+    "/lib",
+    "/lib64",
+    "/usr/lib64",
+    "/usr/libexec",
+];
+
+/// Default `[sandbox].write`.
+pub const DEFAULT_WRITE: [&str; 1] = ["{workspace}"];
+
+/// `[sandbox].landlock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Requirement {
+    /// `"required"`: no worker starts unless Landlock is fully enforced.
+    #[serde(rename = "required")]
+    Required,
+    /// `"best-effort"`: run with what the kernel supports and say so.
+    #[serde(rename = "best-effort")]
+    BestEffort,
+}
+
+/// `[sandbox].seccomp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum SeccompProfile {
+    /// `"default"`: the built-in deny list.
+    #[serde(rename = "default")]
+    Default,
+}
+
+/// `[limits]`: resources of one worker and its tool calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// cgroup `MemoryMax`; at least 1M.
+    pub memory_max: ByteSize,
+    /// cgroup `MemorySwapMax`.
+    pub memory_swap_max: Option<ByteSize>,
+    /// cgroup `CPUQuota`; above 100% is more than one CPU; never 0.
+    pub cpu_quota: Option<Percent>,
+    /// cgroup `TasksMax`; at least 2.
+    pub tasks_max: u32,
+    /// cgroup `IOWeight`, 1..=10000.
+    pub io_weight: Option<u16>,
+    /// Wall-clock limit of one tool call, 10ms..=24h.
+    #[serde(serialize_with = "serialize_duration")]
+    pub call_timeout: Duration,
+    /// Cap on each of stdout and stderr of a call, 1..=4M.
+    pub output_max: ByteSize,
+    /// Cap on the stdin of a call, 0..=4M.
+    pub stdin_max: ByteSize,
+    /// `RLIMIT_FSIZE` for tools; at least 1.
+    pub file_size_max: ByteSize,
+    /// `RLIMIT_NOFILE` for tools, 16..=65536.
+    pub open_files_max: u32,
+}
+
+/// `[pool]`: how many workers to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PoolConfig {
+    /// Idle workers kept ready, at most `max_workers`.
+    pub min_idle: u32,
+    /// Workers at most, 1..=64.
+    pub max_workers: u32,
+    /// Calls waiting for a worker at most, 1..=10000.
+    pub queue: u32,
+}
+
+/// `[llm]`: an OpenAI-compatible endpoint (parsed and validated only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Llm {
+    /// `http://` or `https://` URL of the API root, e.g. `http://127.0.0.1:11434/v1`.
+    pub base_url: String,
+    /// Model name as the endpoint knows it.
+    pub model: String,
+    /// Name of a file under `$CREDENTIALS_DIRECTORY`, or of an environment
+    /// variable, holding the API key.
+    pub credential: Option<String>,
+    /// Tool-use steps per request, 1..=64.
+    pub max_steps: u32,
+    /// Tokens per day for this workflow.
+    pub daily_tokens: Option<u64>,
+    /// Tokens per day for the whole tenant.
+    pub tenant_daily_tokens: Option<u64>,
+}

@@ -1,0 +1,187 @@
+//! The seccomp filter every worker installs on itself (and so on every tool
+//! it starts): a deny list of the kernel interfaces that untrusted tool calls
+//! have no business with, each answering `EPERM`.
+//!
+//! Two filters are stacked. The first (built with `seccompiler`) kills a
+//! process that makes a syscall of a foreign architecture (32-bit `int 0x80`)
+//! and refuses the listed calls. The second, hand-written, refuses `x32`
+//! syscall numbers and makes `clone3` fail with `ENOSYS`, because its flags
+//! live in memory a filter cannot read: libc then falls back to `clone`, whose
+//! namespace flags the first filter checks.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule,
+};
+
+use super::SandboxError;
+
+/// Syscalls refused outright.
+const DENIED: &[(&str, libc::c_long)] = &[
+    ("ptrace", libc::SYS_ptrace),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("mount", libc::SYS_mount),
+    ("umount2", libc::SYS_umount2),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("chroot", libc::SYS_chroot),
+    ("open_tree", libc::SYS_open_tree),
+    ("move_mount", libc::SYS_move_mount),
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    ("unshare", libc::SYS_unshare),
+    ("setns", libc::SYS_setns),
+    ("bpf", libc::SYS_bpf),
+    ("perf_event_open", libc::SYS_perf_event_open),
+    ("keyctl", libc::SYS_keyctl),
+    ("add_key", libc::SYS_add_key),
+    ("request_key", libc::SYS_request_key),
+    ("kexec_load", libc::SYS_kexec_load),
+    ("kexec_file_load", libc::SYS_kexec_file_load),
+    ("init_module", libc::SYS_init_module),
+    ("finit_module", libc::SYS_finit_module),
+    ("delete_module", libc::SYS_delete_module),
+    ("userfaultfd", libc::SYS_userfaultfd),
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+    ("swapon", libc::SYS_swapon),
+    ("swapoff", libc::SYS_swapoff),
+    ("reboot", libc::SYS_reboot),
+    ("acct", libc::SYS_acct),
+    ("syslog", libc::SYS_syslog),
+    ("quotactl", libc::SYS_quotactl),
+];
+
+/// Namespace flags refused in `clone(2)`.
+const CLONE_NS_FLAGS: &[libc::c_int] = &[
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWCGROUP,
+];
+
+/// The syscall names this filter refuses, for reports and docs.
+pub fn denied_names() -> Vec<&'static str> {
+    let mut names: Vec<_> = DENIED.iter().map(|(n, _)| *n).collect();
+    names.extend([
+        "clone(namespace flags)",
+        "clone3(ENOSYS)",
+        "x32 syscalls",
+        "socket(non-unix)",
+    ]);
+    names
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SandboxError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(seccomp_err)
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, SandboxError> {
+    SeccompRule::new(conds).map_err(seccomp_err)
+}
+
+fn seccomp_err(e: seccompiler::BackendError) -> SandboxError {
+    SandboxError::Seccomp(e.to_string())
+}
+
+fn as_u64(v: libc::c_int) -> u64 {
+    u64::from(v.unsigned_abs())
+}
+
+/// `socket(2)` rules: which calls to refuse. With `allow_tcp`, only TCP over
+/// IPv4/IPv6 (plain or `IPPROTO_TCP`) joins Unix sockets; Landlock then
+/// limits its ports. UDP, raw, SCTP and every other family stay refused,
+/// because Landlock only knows TCP.
+fn socket_rules(allow_tcp: bool) -> Result<Vec<SeccompRule>, SandboxError> {
+    let unix = as_u64(libc::AF_UNIX);
+    if !allow_tcp {
+        return Ok(vec![rule(vec![cond(0, SeccompCmpOp::Ne, unix)?])?]);
+    }
+    let (inet, inet6) = (as_u64(libc::AF_INET), as_u64(libc::AF_INET6));
+    let mut rules = vec![rule(vec![
+        cond(0, SeccompCmpOp::Ne, unix)?,
+        cond(0, SeccompCmpOp::Ne, inet)?,
+        cond(0, SeccompCmpOp::Ne, inet6)?,
+    ])?];
+    for family in [inet, inet6] {
+        // any socket type but SOCK_STREAM (the low 4 bits; the rest are flags)
+        for ty in (0u64..16).filter(|&t| t != as_u64(libc::SOCK_STREAM)) {
+            rules.push(rule(vec![
+                cond(0, SeccompCmpOp::Eq, family)?,
+                cond(1, SeccompCmpOp::MaskedEq(0xf), ty)?,
+            ])?);
+        }
+        rules.push(rule(vec![
+            cond(0, SeccompCmpOp::Eq, family)?,
+            cond(2, SeccompCmpOp::Ne, 0)?,
+            cond(2, SeccompCmpOp::Ne, as_u64(libc::IPPROTO_TCP))?,
+        ])?);
+    }
+    Ok(rules)
+}
+
+fn deny_filter(allow_tcp: bool) -> Result<BpfProgram, SandboxError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+    let clone_rules = CLONE_NS_FLAGS
+        .iter()
+        .map(|&f| rule(vec![cond(0, SeccompCmpOp::MaskedEq(as_u64(f)), as_u64(f))?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_clone, clone_rules);
+    rules.insert(libc::SYS_socket, socket_rules(allow_tcp)?);
+    let arch = std::env::consts::ARCH.try_into().map_err(|_| {
+        SandboxError::Seccomp(format!(
+            "unsupported architecture {}",
+            std::env::consts::ARCH
+        ))
+    })?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM.unsigned_abs()),
+        arch,
+    )
+    .map_err(seccomp_err)?;
+    filter.try_into().map_err(seccomp_err)
+}
+
+/// x32 numbers (bit 30 set) → EPERM; clone3 → ENOSYS; the rest allowed.
+fn x32_and_clone3_filter() -> BpfProgram {
+    // Classic BPF opcodes (linux/bpf_common.h).
+    const LD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JGE: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    const X32_BIT: u32 = 0x4000_0000;
+    let errno =
+        |e: libc::c_int| libc::SECCOMP_RET_ERRNO | (e.unsigned_abs() & libc::SECCOMP_RET_DATA);
+    let clone3 = u32::try_from(libc::SYS_clone3).unwrap_or(u32::MAX);
+    let ins = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        ins(LD_NR, 0, 0, 0), // seccomp_data.nr
+        ins(JGE, 0, 1, X32_BIT),
+        ins(RET, 0, 0, errno(libc::EPERM)),
+        ins(JEQ, 0, 1, clone3),
+        ins(RET, 0, 0, errno(libc::ENOSYS)),
+        ins(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
+/// Installs both filters on the calling thread; they are inherited by every
+/// child and cannot be removed.
+pub fn install(allow_tcp: bool) -> Result<(), SandboxError> {
+    let deny = deny_filter(allow_tcp)?;
+    let guard = x32_and_clone3_filter();
+    seccompiler::apply_filter(&guard).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    seccompiler::apply_filter(&deny).map_err(|e| SandboxError::Seccomp(e.to_string()))
+}

@@ -1,0 +1,143 @@
+//! The raw system calls corral needs that `nix`, `caps` and `landlock` do
+//! not wrap. Every `unsafe` block of the crate lives in this module or in
+//! [`super::process`], each with its justification.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The running kernel's Landlock ABI version, 0 when Landlock is absent or
+/// disabled. Probed with the syscall itself: `/sys/kernel/security/lsm` is
+/// not always there even when Landlock works.
+pub fn landlock_abi() -> u32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: with a NULL attribute pointer, size 0 and the VERSION flag the
+    // kernel reads no memory and only returns a number (or -1 and errno).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(ret).unwrap_or(0)
+}
+
+/// Whether seccomp filters can be installed (`Seccomp:` field support).
+pub fn seccomp_available() -> bool {
+    // SAFETY: PR_GET_SECCOMP takes no pointer arguments.
+    let ret = unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) };
+    ret >= 0
+}
+
+/// Closes every descriptor from `first` upwards.
+pub fn close_fds_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range takes two integers and a flag; closing descriptors
+    // we do not use is what we want (the caller owns no OwnedFd above `first`
+    // that it will use afterwards).
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) }).map(drop)
+}
+
+/// `pidfd_open(2)`: a descriptor that becomes readable when `pid` exits.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: plain integer arguments; on success the kernel returns a new
+    // descriptor that nothing else owns, so wrapping it in OwnedFd is sound.
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) })?;
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: see above: fd is fresh and owned by us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Resource usage of one reaped child.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rusage {
+    pub user_us: u64,
+    pub system_us: u64,
+    pub max_rss_kib: u64,
+}
+
+fn micros(tv: libc::timeval) -> u64 {
+    let s = u64::try_from(tv.tv_sec).unwrap_or(0);
+    let us = u64::try_from(tv.tv_usec).unwrap_or(0);
+    s * 1_000_000 + us
+}
+
+/// `wait4(2)` on one child, blocking; returns the raw wait status and usage.
+pub fn wait4(pid: libc::pid_t) -> io::Result<(libc::c_int, Rusage)> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain old data; zeroed is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: both pointers are to live locals of the right types.
+        let ret = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        match check_int(ret) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let usage = Rusage {
+        user_us: micros(ru.ru_utime),
+        system_us: micros(ru.ru_stime),
+        max_rss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0),
+    };
+    Ok((status, usage))
+}
+
+/// Whether capability `cap` is in the bounding set; `None` past the last
+/// capability the kernel knows.
+pub fn capbset_read(cap: u32) -> Option<bool> {
+    // SAFETY: PR_CAPBSET_READ takes an integer and returns 0, 1 or -1.
+    let ret = unsafe { libc::prctl(libc::PR_CAPBSET_READ, libc::c_ulong::from(cap), 0, 0, 0) };
+    (ret >= 0).then_some(ret == 1)
+}
+
+/// Drops `cap` from the bounding set (needs CAP_SETPCAP).
+pub fn capbset_drop(cap: u32) -> io::Result<()> {
+    // SAFETY: PR_CAPBSET_DROP takes an integer.
+    check_int(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) })
+        .map(drop)
+}
+
+/// Clears the ambient capability set.
+pub fn ambient_clear() -> io::Result<()> {
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
+    check_int(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// Reads `PR_GET_NO_NEW_PRIVS`.
+pub fn no_new_privs() -> bool {
+    // SAFETY: no pointer arguments.
+    unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1 }
+}
+
+/// Reads `PR_GET_DUMPABLE`.
+pub fn dumpable() -> bool {
+    // SAFETY: no pointer arguments.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
+}

@@ -1,0 +1,69 @@
+//! The worker: one sandboxed process of a workflow's pool.
+//!
+//! It is started by the broker as `corral worker` with its end of a socket
+//! pair on descriptor 3, and never starts a thread or an async runtime:
+//! Landlock and seccomp bind the calling thread, and the tool children it
+//! forks may then run ordinary code between fork and exec.
+//!
+//! Life: read `Init` → confine itself ([`crate::sandbox::confine_worker`]) →
+//! report `Ready` (or `Refused` and exit) → serve `Exec` calls one at a time
+//! until the broker closes the socket.
+
+mod tool;
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+
+use crate::frame::{read_frame, write_frame, FrameError};
+use crate::protocol::{FromWorker, ToWorker};
+use crate::sandbox::{self, process};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("failed to take the broker socket")]
+    Socket(#[source] std::io::Error),
+    #[error("failed to talk to the broker")]
+    Frame(#[from] FrameError),
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    #[error("failed to prepare the worker")]
+    Setup(#[source] std::io::Error),
+    #[error("sandbox refused: {0}")]
+    Refused(#[from] sandbox::SandboxError),
+}
+
+/// Runs a worker until its broker goes away.
+pub fn run() -> Result<(), WorkerError> {
+    let mut sock: UnixStream = process::take_worker_socket().map_err(WorkerError::Socket)?;
+    // Nothing but stdio and the broker socket may cross into the sandbox.
+    sandbox::sys::close_fds_from(4).map_err(WorkerError::Setup)?;
+    let spec = match read_frame::<_, ToWorker>(&mut sock)? {
+        Some(ToWorker::Init(spec)) => spec,
+        Some(_) => return Err(WorkerError::Protocol("first message was not Init")),
+        None => return Ok(()),
+    };
+    // Opened before Landlock, kept for the stdin of tool calls without input.
+    let devnull = File::open("/dev/null").map_err(WorkerError::Setup)?;
+
+    // INVARIANT: nothing from a client has been read yet; the sandbox is in
+    // force before the first Exec frame is.
+    let effective = match sandbox::confine_worker(&spec) {
+        Ok(eff) => eff,
+        Err(e) => {
+            let _ = write_frame(&mut sock, &FromWorker::Refused(e.to_string()));
+            return Err(e.into());
+        }
+    };
+    write_frame(&mut sock, &FromWorker::Ready(effective))?;
+
+    while let Some(msg) = read_frame::<_, ToWorker>(&mut sock)? {
+        match msg {
+            ToWorker::Exec(req) => {
+                let outcome = tool::run(&spec, &req, &devnull);
+                write_frame(&mut sock, &FromWorker::Done(outcome))?;
+            }
+            ToWorker::Init(_) => return Err(WorkerError::Protocol("Init sent twice")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! One tool call: a child of the worker under its own Landlock layer, in its
+//! own process group, with a cleared environment, rlimits, a deadline and
+//! capped output. When the call ends — the command exits or its time is up —
+//! every process it left behind is killed, daemonized or not.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::resource::{getrusage, UsageWho};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::protocol::{ExecOutcome, ExecRequest, SandboxSpec, Termination};
+use crate::sandbox::{self, process, sys};
+
+/// How long a killed tree gets to disappear before we report it.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+const CHUNK: usize = 64 * 1024;
+
+/// One captured output stream.
+struct Capture {
+    pipe: Option<OwnedFd>,
+    data: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capture {
+    fn new(pipe: Option<OwnedFd>, cap: u64) -> Self {
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+        Capture {
+            pipe,
+            data: Vec::new(),
+            cap,
+            truncated: false,
+        }
+    }
+
+    /// Reads what is available; closes the pipe at end of file. Bytes past
+    /// the cap are read and dropped, so the writer never blocks on us.
+    fn pump(&mut self) {
+        let mut buf = [0u8; CHUNK];
+        while let Some(fd) = &self.pipe {
+            match nix::unistd::read(fd.as_fd(), &mut buf) {
+                Ok(0) => self.pipe = None,
+                Ok(n) => {
+                    let keep = n.min(self.cap.saturating_sub(self.data.len()));
+                    self.data.extend_from_slice(&buf[..keep]);
+                    self.truncated |= keep < n;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(_) => self.pipe = None,
+            }
+        }
+    }
+}
+
+fn nonblocking(fd: BorrowedFd<'_>) {
+    if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        );
+    }
+}
+
+fn children_cpu_us() -> (u64, u64) {
+    getrusage(UsageWho::RUSAGE_CHILDREN)
+        .map(|u| {
+            let us = |t: nix::sys::time::TimeVal| {
+                u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000
+                    + u64::try_from(t.tv_usec()).unwrap_or(0)
+            };
+            (us(u.user_time()), us(u.system_time()))
+        })
+        .unwrap_or((0, 0))
+}
+
+fn not_started(req: &ExecRequest, start: Instant, message: String) -> ExecOutcome {
+    ExecOutcome {
+        id: req.id,
+        termination: Termination::NotStarted,
+        error: Some(message),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        timed_out: false,
+        wall_us: elapsed_us(start),
+        cpu_user_us: 0,
+        cpu_system_us: 0,
+        peak_rss_kib: 0,
+    }
+}
+
+fn elapsed_us(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn spawn(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> io::Result<Child> {
+    let layer = sandbox::tool_layer(spec)
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    let argv0 = req
+        .argv
+        .first()
+        .ok_or_else(|| io::Error::other("empty argv"))?;
+    let mut cmd = Command::new(argv0);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.workspace)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if req.stdin.is_empty() {
+        cmd.stdin(Stdio::from(devnull.try_clone()?));
+    } else {
+        cmd.stdin(Stdio::piped());
+    }
+    process::install_tool_hook(&mut cmd, &spec.tool, layer, spec.landlock);
+    cmd.spawn()
+}
+
+/// Runs one call to completion. Never panics on the command's behaviour.
+pub fn run(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> ExecOutcome {
+    let start = Instant::now();
+    let (cpu_user0, cpu_sys0) = children_cpu_us();
+    let mut child = match spawn(spec, req, devnull) {
+        Ok(c) => c,
+        Err(e) => {
+            let argv0 = req.argv.first().map(String::as_str).unwrap_or("");
+            return not_started(req, start, format!("cannot execute `{argv0}`: {e}"));
+        }
+    };
+    let pid = child.id();
+    let pid_t = libc::pid_t::try_from(pid).unwrap_or(-1);
+    let mut stdin: Option<ChildStdin> = child.stdin.take();
+    let mut out = Capture::new(
+        child
+            .stdout
+            .take()
+            .map(OwnedFd::from as fn(ChildStdout) -> OwnedFd),
+        spec.tool.output_max,
+    );
+    let mut err = Capture::new(
+        child
+            .stderr
+            .take()
+            .map(OwnedFd::from as fn(ChildStderr) -> OwnedFd),
+        spec.tool.output_max,
+    );
+    for fd in [&out.pipe, &err.pipe].into_iter().flatten() {
+        nonblocking(fd.as_fd());
+    }
+    if let Some(s) = &stdin {
+        nonblocking(s.as_fd());
+    }
+    let pidfd = sys::pidfd_open(pid_t).ok();
+    let deadline = start + Duration::from_millis(req.timeout_ms);
+    let mut written = 0usize;
+    let mut timed_out = false;
+
+    // Phase 1: feed stdin and collect output until the command exits or the
+    // deadline passes.
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            timed_out = true;
+            break;
+        }
+        if exited(&pidfd, &mut child) {
+            break;
+        }
+        let remaining = deadline - now;
+        let wait_ms = if pidfd.is_some() {
+            remaining.as_millis()
+        } else {
+            remaining.as_millis().min(10)
+        };
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(4);
+        let mut slots = [usize::MAX; 4]; // out, err, stdin, pidfd
+        if let Some(fd) = &out.pipe {
+            slots[0] = fds.len();
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(fd) = &err.pipe {
+            slots[1] = fds.len();
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(s) = &stdin {
+            slots[2] = fds.len();
+            fds.push(PollFd::new(s.as_fd(), PollFlags::POLLOUT));
+        }
+        if let Some(p) = &pidfd {
+            slots[3] = fds.len();
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
+        let timeout = PollTimeout::from(u16::try_from(wait_ms).unwrap_or(u16::MAX));
+        if poll(&mut fds, timeout).is_err() {
+            continue; // EINTR
+        }
+        let ready = |slot: usize| {
+            fds.get(slot)
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        let (o, e, i) = (ready(slots[0]), ready(slots[1]), ready(slots[2]));
+        drop(fds);
+        if o {
+            out.pump();
+        }
+        if e {
+            err.pump();
+        }
+        if i {
+            if let Some(s) = stdin.as_mut() {
+                match s.write(&req.stdin[written..]) {
+                    Ok(n) => written += n,
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => written = req.stdin.len(), // reader gone (EPIPE): stop feeding
+                }
+                if written >= req.stdin.len() {
+                    stdin = None; // close: the command sees end of input
+                }
+            }
+        }
+    }
+    drop(stdin);
+
+    // Phase 2: end the call. On timeout the whole group first, then whatever
+    // escaped it (setsid); on a normal exit, whatever the command left behind.
+    if timed_out {
+        let _ = killpg(Pid::from_raw(pid_t), Signal::SIGKILL);
+        let _ = child.kill();
+    }
+    let (status, usage) = sys::wait4(pid_t).unwrap_or((0, sys::Rusage::default()));
+    if let Err(e) = process::kill_all_descendants(KILL_GRACE) {
+        tracing::warn!(error = %e, "tool tree did not die");
+    }
+    // Every writer is gone now: read the pipes to their end.
+    out.pump_to_end();
+    err.pump_to_end();
+
+    let (cpu_user1, cpu_sys1) = children_cpu_us();
+    let termination = if libc::WIFEXITED(status) {
+        Termination::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Termination::Signaled(libc::WTERMSIG(status))
+    } else {
+        Termination::Exited(-1)
+    };
+    ExecOutcome {
+        id: req.id,
+        termination,
+        error: None,
+        stdout: out.data,
+        stderr: err.data,
+        stdout_truncated: out.truncated,
+        stderr_truncated: err.truncated,
+        timed_out,
+        wall_us: elapsed_us(start),
+        cpu_user_us: cpu_user1.saturating_sub(cpu_user0).max(usage.user_us),
+        cpu_system_us: cpu_sys1.saturating_sub(cpu_sys0).max(usage.system_us),
+        peak_rss_kib: usage.max_rss_kib,
+    }
+}
+
+/// Whether the command has exited (without reaping it).
+fn exited(pidfd: &Option<OwnedFd>, child: &mut Child) -> bool {
+    match pidfd {
+        Some(p) => {
+            let mut fds = [PollFd::new(p.as_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+        }
+        None => {
+            use nix::sys::wait::{waitid, Id, WaitPidFlag};
+            let raw = i32::try_from(child.id()).unwrap_or(-1);
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+            matches!(waitid(Id::Pid(Pid::from_raw(raw)), flags), Ok(s) if s.pid().is_some())
+        }
+    }
+}
+
+impl Capture {
+    /// After every writer is dead: read until end of file.
+    fn pump_to_end(&mut self) {
+        if let Some(fd) = &self.pipe {
+            // Back to blocking: end of file is certain now that the writers are gone.
+            if let Ok(flags) = fcntl(fd.as_fd(), FcntlArg::F_GETFL) {
+                let _ = fcntl(
+                    fd.as_fd(),
+                    FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK),
+                );
+            }
+        }
+        self.pump();
+        self.pipe = None;
+    }
+}
