@@ -173,7 +173,7 @@ pub async fn run(config: Config) -> Result<(), BrokerError> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     for wf in broker.workflows.values() {
-        wf.pool.shutdown().await;
+        wf.pool.shutdown();
     }
     let _ = std::fs::remove_file(&config.socket);
     Ok(())

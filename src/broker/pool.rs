@@ -152,10 +152,12 @@ impl Pool {
         Ok(rx)
     }
 
-    /// Stops every worker: slots see the shutdown and kill their process.
-    pub async fn shutdown(&self) {
-        self.state().shutting_down = true;
-        self.rx.lock().await.close();
+    /// Refuses new calls. The workers die when the runtime drops their
+    /// slots (`kill_on_drop`), or with the broker (parent-death signal).
+    pub fn shutdown(&self) {
+        let mut s = self.state();
+        s.shutting_down = true;
+        s.unavailable = Some("the broker is shutting down".into());
     }
 
     pub fn status(&self) -> WorkflowStatus {
