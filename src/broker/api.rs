@@ -91,9 +91,18 @@ async fn route(
     method: Method,
     path: String,
 ) -> Reply {
+    if broker.is_sandboxed_peer(&peer) {
+        let e = ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "requests from inside a corral sandbox are refused: tools may not call the broker",
+        );
+        tracing::warn!(uid = peer.uid, pid = ?peer.pid, "refused a connection from inside a sandbox");
+        return error_reply(e, request_id);
+    }
     let result = match (method.clone(), path.as_str()) {
         (Method::POST, EXEC_PATH) => exec(broker, peer, req, request_id).await,
-        (Method::GET, STATUS_PATH) => Ok(json(StatusCode::OK, &broker.status(), request_id)),
+        (Method::GET, STATUS_PATH) => Ok(json(StatusCode::OK, &broker.status(&peer), request_id)),
         (_, EXEC_PATH | STATUS_PATH) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",

@@ -51,3 +51,47 @@ pub fn describe_uid(uid: u32) -> String {
         _ => uid.to_string(),
     }
 }
+
+/// The parent PID of `pid`, from `/proc/PID/stat` (field 4, after the
+/// parenthesised command name, which may itself contain spaces or ')').
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` is one of `workers` or descends from one. Every process a
+/// tool starts stays below its worker: the worker is a child subreaper, so
+/// even a daemonized process is reparented to it.
+pub fn descends_from_any(pid: u32, workers: &[u32]) -> bool {
+    let mut cur = pid;
+    for _ in 0..256 {
+        if workers.contains(&cur) {
+            return true;
+        }
+        match parent_of(cur) {
+            Some(p) if p > 1 && p != cur => cur = p,
+            _ => return false,
+        }
+    }
+    // A chain that long is not a normal client: refuse rather than guess.
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ancestry_finds_own_parent_and_not_strangers() {
+        let me = std::process::id();
+        let parent = parent_of(me).expect("own parent");
+        assert!(descends_from_any(me, &[parent]));
+        assert!(descends_from_any(me, &[me]));
+        assert!(!descends_from_any(me, &[u32::MAX - 1]));
+        assert!(
+            !descends_from_any(parent, &[me]),
+            "a parent does not descend from its child"
+        );
+    }
+}

@@ -93,7 +93,24 @@ impl Broker {
         self.call_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn status(&self) -> Status {
+    /// Whether a connection comes from inside a sandbox: a process running
+    /// as a worker user, or below a worker. Before Landlock ABI 9 a tool can
+    /// connect to any pathname socket its uid may write — this one included —
+    /// so the broker itself must turn it away.
+    fn is_sandboxed_peer(&self, peer: &auth::Peer) -> bool {
+        let pools = self.workflows.values().map(|w| &w.pool);
+        if pools.clone().any(|p| p.worker_uid() == Some(peer.uid)) {
+            return true;
+        }
+        let Some(pid) = peer.pid.and_then(|p| u32::try_from(p).ok()) else {
+            return true;
+        };
+        let workers: Vec<u32> = pools.flat_map(|p| p.worker_pids()).collect();
+        auth::descends_from_any(pid, &workers)
+    }
+
+    /// Status of the workflows `peer` may use (all of them for root).
+    fn status(&self, peer: &auth::Peer) -> Status {
         let kernel = sandbox::probe();
         Status {
             broker: BrokerInfo {
@@ -104,7 +121,12 @@ impl Broker {
                 seccomp: kernel.seccomp,
                 resource_control: RESOURCE_CONTROL.to_string(),
             },
-            workflows: self.workflows.values().map(|w| w.pool.status()).collect(),
+            workflows: self
+                .workflows
+                .values()
+                .filter(|w| w.clients.allows(peer))
+                .map(|w| w.pool.status())
+                .collect(),
         }
     }
 }

@@ -176,6 +176,20 @@ impl Pool {
         }
     }
 
+    /// PIDs of the live worker processes.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.state()
+            .workers
+            .values()
+            .filter_map(|w| w.pid)
+            .collect()
+    }
+
+    /// The uid the workers run as, when they switch.
+    pub fn worker_uid(&self) -> Option<u32> {
+        self.cfg.spec.credentials.as_ref().map(|c| c.uid)
+    }
+
     fn update(&self, id: u64, f: impl FnOnce(&mut WorkerStatus)) {
         if let Some(w) = self.state().workers.get_mut(&id) {
             f(w);

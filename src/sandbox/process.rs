@@ -169,6 +169,12 @@ pub fn take_worker_socket() -> io::Result<std::os::unix::net::UnixStream> {
             "descriptor {WORKER_FD} is not a stream socket: `corral worker` is started by the broker, not by hand"
         )));
     }
+    // dup2 in the broker cleared close-on-exec; set it again, or every tool
+    // call would inherit the broker socket and could speak for the worker.
+    // SAFETY: fcntl on a descriptor we own; no pointers.
+    if unsafe { libc::fcntl(WORKER_FD, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: WORKER_FD is an open stream socket (checked above) that the
     // broker handed to this process alone; nothing else in the process owns it.
     Ok(unsafe { std::os::unix::net::UnixStream::from_raw_fd(WORKER_FD) })
