@@ -27,9 +27,12 @@ min_idle = 1
 max_workers = 1
 "#;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
+/// The `per_mille`/1000 quantile of sorted samples (nearest rank).
+fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
+    // Nearest rank: the smallest sample with at least p of them at or below.
+    let n = sorted.len();
+    let rank = (1..=n).find(|&k| k * 1000 >= per_mille * n).unwrap_or(n);
+    sorted[rank - 1]
 }
 
 struct Series {
@@ -38,9 +41,9 @@ struct Series {
 }
 
 impl Series {
-    fn p(&mut self, q: f64) -> Duration {
+    fn p(&mut self, per_mille: usize) -> Duration {
         self.samples.sort();
-        percentile(&self.samples, q)
+        percentile(&self.samples, per_mille)
     }
 }
 
@@ -155,7 +158,7 @@ fn main() {
     let _ = broker.wait();
     let _ = std::fs::remove_dir_all(&dir);
 
-    let (bare50, bare99) = (bare.p(0.5), bare.p(0.99));
+    let (bare50, bare99) = (bare.p(500), bare.p(990));
     println!("{iters} calls each, interleaved; median (p50) and p99 wall time per call\n");
     println!("| what | p50 ms | p99 ms | p50 / bare |");
     println!("|---|---|---|---|");
@@ -164,7 +167,7 @@ fn main() {
         rows.push(bw);
     }
     for s in &mut rows {
-        let (p50, p99) = (s.p(0.5), s.p(0.99));
+        let (p50, p99) = (s.p(500), s.p(990));
         println!(
             "| {} | {:.3} | {:.3} | {:.2}x |",
             s.name,
@@ -173,15 +176,15 @@ fn main() {
             p50.as_secs_f64() / bare50.as_secs_f64()
         );
     }
-    let c50 = rows[1].p(0.5);
-    let c99 = rows[1].p(0.99);
+    let c50 = rows[1].p(500);
+    let c99 = rows[1].p(990);
     println!(
         "\ncorral overhead over bare spawn: p50 {:+.3} ms, p99 {:+.3} ms",
         ms(c50) - ms(bare50),
         ms(c99) - ms(bare99)
     );
     if bwrap {
-        let b50 = rows[2].p(0.5);
+        let b50 = rows[2].p(500);
         println!(
             "corral p50 / bwrap p50: {:.2}",
             c50.as_secs_f64() / b50.as_secs_f64()

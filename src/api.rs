@@ -53,6 +53,10 @@ pub struct ExecReply {
     /// Either stream was cut at the workflow's `output_max`.
     pub truncated: bool,
     pub timed_out: bool,
+    /// The resource limit that ended or hampered the call, when the kernel
+    /// says one did: "memory_max 256M reached …", "tasks_max 64 reached …".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
     pub wall_ms: f64,
     pub cpu_user_ms: f64,
     pub cpu_system_ms: f64,
@@ -136,5 +140,13 @@ pub struct WorkerStatus {
     pub served: u64,
     pub restarts: u64,
     pub last_exit: Option<String>,
+    /// The last limit the kernel enforced on this worker's calls.
+    pub last_kill: Option<String>,
+    /// The worker's transient unit, when systemd manages it.
+    pub scope: Option<String>,
+    /// The `systemd-run` line that makes an equivalent scope by hand.
+    pub systemd_run: Option<String>,
+    /// Memory, CPU and tasks of the worker's scope (with systemd).
+    pub cgroup: Option<crate::cgroup::Stats>,
     pub sandbox: Option<EffectiveSandbox>,
 }

@@ -14,6 +14,7 @@
 //! - [`sandbox`]: privilege drop, Landlock, seccomp, process control. All
 //!   `unsafe` code and raw syscalls live here.
 //! - [`protocol`] and [`frame`]: broker ↔ worker messages and their framing.
+//! - [`cgroup`]: reading a worker's cgroup (v1 and v2).
 //! - [`api`] and [`client`]: client ↔ broker HTTP types and a small client.
 //! - [`cli`]: the client-side subcommands.
 //!
@@ -37,6 +38,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod cgroup;
 pub mod cli;
 pub mod client;
 pub mod frame;

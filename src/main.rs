@@ -35,6 +35,13 @@ enum Command {
         /// User for workers of workflows that name none (when root).
         #[arg(long, default_value = "corral-worker")]
         worker_user: String,
+        /// Put workers in systemd scopes: auto (when systemd answers), off
+        /// (rlimits only), required (refuse to start without systemd).
+        #[arg(long, value_enum, default_value = "auto")]
+        systemd: corral::broker::SystemdMode,
+        /// How long SIGTERM waits for calls in flight, e.g. "10s".
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        drain_timeout: std::time::Duration,
     },
     /// Run one command in a workflow's sandbox: `corral exec WORKFLOW -- CMD ARGS…`.
     Exec {
@@ -65,6 +72,14 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Check this host: kernel sandboxing, cgroups, systemd, users.
+    Doctor {
+        /// Also check the users the policies in this directory need.
+        #[arg(long, default_value = "/etc/corral/policies")]
+        policies: PathBuf,
+        #[arg(long, default_value = "corral-worker")]
+        worker_user: String,
+    },
     /// Internal: a sandboxed worker, started by the broker.
     #[command(hide = true)]
     Worker,
@@ -76,9 +91,40 @@ enum PolicyCommand {
     Check { dir: PathBuf },
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    corral::policy::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Whether stderr is connected to the journal (systemd sets JOURNAL_STREAM
+/// to the device and inode of that stream).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(expected) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    expected == format!("{}:{}", meta.dev(), meta.ino())
+}
+
 fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Under journald: native entries with fields (CORRAL_WORKFLOW, …) and
+    // priorities mapped from the level; elsewhere readable lines on stderr.
+    if stderr_is_journal() {
+        if let Ok(layer) = tracing_journald::layer() {
+            let layer = layer.with_field_prefix(Some("CORRAL".into()));
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .init();
+            return;
+        }
+    }
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -133,18 +179,32 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             socket,
             state_dir,
             worker_user,
+            systemd,
+            drain_timeout,
         } => {
             init_logging();
             let exe = std::env::current_exe()
                 .context("failed to find the corral binary to start workers")?;
             let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+            let listener = match sd_notify::listen_fds() {
+                Ok(mut fds) => match fds.next() {
+                    Some(fd) => Some(
+                        corral::sandbox::sys::listener_from_fd(fd).context("socket activation")?,
+                    ),
+                    None => None,
+                },
+                Err(_) => None,
+            };
             let config = corral::broker::Config {
                 policies,
                 socket,
+                listener,
                 state_dir,
                 worker_user,
                 exe,
                 log_filter,
+                systemd,
+                drain_timeout,
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(corral::broker::run(config))
@@ -176,6 +236,15 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 .enable_all()
                 .build()?;
             rt.block_on(corral::cli::status::run(&socket, json))
+        }
+        Command::Doctor {
+            policies,
+            worker_user,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(rt.block_on(corral::cli::doctor::run(&policies, &worker_user)))
         }
         Command::Policy { .. } | Command::Worker => Ok(0),
     }

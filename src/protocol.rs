@@ -65,6 +65,9 @@ pub struct SandboxSpec {
     pub tcp_connect: Vec<u16>,
     pub tcp_bind: Vec<u16>,
     pub workspace: PathBuf,
+    /// The systemd scope the broker put the worker in; the worker checks
+    /// that it is there before it confines itself.
+    pub scope: Option<String>,
     pub tool: ToolLimits,
     /// Environment of every tool call (after clearing the worker's own).
     pub env: Vec<(String, String)>,

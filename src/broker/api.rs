@@ -77,7 +77,17 @@ pub async fn handle(
 ) -> Result<Reply, Infallible> {
     let request_id = broker.next_request_id();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let span = tracing::info_span!("request", request_id = %request_id, uid = peer.uid, pid = ?peer.pid, %method, %path);
+    // Field names become journal fields CORRAL_REQUEST_ID, CORRAL_WORKFLOW, …
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        workflow = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        uid = peer.uid,
+        pid = ?peer.pid,
+        %method,
+        %path
+    );
     Ok(route(&broker, peer, req, &request_id, method, path)
         .instrument(span)
         .await)
@@ -178,6 +188,10 @@ async fn exec(
             ),
         )
     })?;
+    let span = tracing::Span::current();
+    span.record("workflow", wf.name.as_str());
+    span.record("tenant", wf.policy.tenant.as_str());
+    let _in_flight = super::InFlight::new(&broker.in_flight);
     if !wf.clients.allows(&peer) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -279,7 +293,7 @@ async fn exec(
             ),
         )
     })?;
-    let (worker, outcome) = match result {
+    let (worker, outcome, limit) = match result {
         Err(_) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the call was dropped by the broker; retry it")),
         Ok(Err(CallError::Died(why))) => {
             return Err(ApiError::new(
@@ -308,7 +322,7 @@ async fn exec(
         exit_code,
         signal,
         signal_name: signal.map(signal_name),
-        error: outcome.error,
+        error: outcome.error.or_else(|| limit.clone()),
         stdout,
         stdout_base64,
         stderr,
@@ -317,6 +331,7 @@ async fn exec(
         stderr_truncated: outcome.stderr_truncated,
         truncated: outcome.stdout_truncated || outcome.stderr_truncated,
         timed_out: outcome.timed_out,
+        limit,
         wall_ms: ms(outcome.wall_us),
         cpu_user_ms: ms(outcome.cpu_user_us),
         cpu_system_ms: ms(outcome.cpu_system_us),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
+use super::scope::{Systemd, UnitLimits};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::protocol::{
     EffectiveSandbox, ExecOutcome, ExecRequest, FromWorker, SandboxSpec, ToWorker,
@@ -33,6 +34,17 @@ pub enum StartError {
     Frame(#[from] FrameError),
     #[error("failed to create the worker socket pair: {0}")]
     Socket(std::io::Error),
+    #[error("failed to put the worker in its scope: {0}")]
+    Scope(String),
+}
+
+/// The systemd scope a new worker goes into.
+pub struct ScopePlan<'a> {
+    pub systemd: &'a Systemd,
+    pub unit: String,
+    pub slice: &'a str,
+    pub limits: &'a UnitLimits,
+    pub description: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +83,12 @@ pub fn signal_name(sig: i32) -> String {
 }
 
 /// Starts `exe worker`, hands it `spec` and waits until it is confined.
-pub async fn start(exe: &Path, spec: &SandboxSpec, log_filter: &str) -> Result<Worker, StartError> {
+pub async fn start(
+    exe: &Path,
+    spec: &SandboxSpec,
+    log_filter: &str,
+    scope: Option<ScopePlan<'_>>,
+) -> Result<Worker, StartError> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Socket)?;
     let mut cmd = Command::new(exe);
     cmd.arg("worker")
@@ -94,6 +111,20 @@ pub async fn start(exe: &Path, spec: &SandboxSpec, log_filter: &str) -> Result<W
 
     let mut spec = spec.clone();
     spec.broker_pid = std::process::id();
+    // INVARIANT: the worker blocks reading Init, so nothing runs before it is
+    // inside its scope (and it checks that it is, itself).
+    if let Some(plan) = scope {
+        if let Err(e) = plan
+            .systemd
+            .create_scope(&plan.unit, plan.slice, pid, &plan.description, plan.limits)
+            .await
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(StartError::Scope(e.to_string()));
+        }
+        spec.scope = Some(plan.unit);
+    }
     write_frame_async(&mut sock, &ToWorker::Init(Box::new(spec))).await?;
     let answer = tokio::select! {
         r = tokio::time::timeout(READY_TIMEOUT, read_frame_async::<_, FromWorker>(&mut sock)) => r,

@@ -54,6 +54,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
+/// Takes a listening socket from systemd (socket activation).
+pub fn from_std(listener: std::os::unix::net::UnixListener) -> Result<UnixListener, BindError> {
+    let err = |source| BindError::Bind {
+        path: PathBuf::from("(socket from systemd)"),
+        source,
+    };
+    listener.set_nonblocking(true).map_err(err)?;
+    UnixListener::from_std(listener).map_err(err)
+}
+
 pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {

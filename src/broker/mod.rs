@@ -2,20 +2,23 @@
 //! workflow, and serves the HTTP API on a Unix socket.
 //!
 //! Parts: [`setup`] turns a policy into a pool configuration, [`pool`] runs
-//! the workers ([`launcher`] starts one), [`auth`] decides who may call what,
-//! [`api`] serves the routes, [`listener`] accepts connections.
+//! the workers ([`launcher`] starts one, [`scope`] puts it in a systemd
+//! scope), [`auth`] decides who may call what, [`api`] serves the routes,
+//! [`listener`] accepts connections, [`notify`] talks to the service manager.
 
 mod api;
 mod auth;
 mod launcher;
 mod listener;
+mod notify;
 mod pool;
+pub mod scope;
 mod setup;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::api::{BrokerInfo, Status};
@@ -24,11 +27,25 @@ use crate::sandbox;
 
 pub use listener::BindError;
 
+/// Whether workers go into systemd scopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SystemdMode {
+    /// Use systemd when it answers on the system bus; otherwise rlimits, and
+    /// say so.
+    Auto,
+    /// Never: rlimits only.
+    Off,
+    /// Refuse to start without systemd.
+    Required,
+}
+
 /// How the broker is started (from the command line).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Config {
     pub policies: PathBuf,
     pub socket: PathBuf,
+    /// A listening socket handed over by systemd (socket activation).
+    pub listener: Option<std::os::unix::net::UnixListener>,
     pub state_dir: PathBuf,
     /// Workers of workflows without `user` run as this user when the broker
     /// is root.
@@ -37,6 +54,9 @@ pub struct Config {
     pub exe: PathBuf,
     /// `RUST_LOG` filter handed to workers.
     pub log_filter: String,
+    pub systemd: SystemdMode,
+    /// How long SIGTERM waits for calls in flight.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,33 +75,64 @@ pub enum BrokerError {
     Bind(#[from] BindError),
     #[error("failed to install signal handler: {0}")]
     Signals(std::io::Error),
+    #[error("--systemd=required, but {0}")]
+    NoSystemd(Box<scope::ScopeError>),
+    #[error("failed to stop the scopes left by an earlier broker: {0}")]
+    StaleScopes(Box<scope::ScopeError>),
 }
 
 /// One workflow as the request path needs it.
 struct Workflow {
     name: String,
     source: String,
+    policy: policy::Workflow,
     clients: auth::Clients,
     pool: Arc<pool::Pool>,
     stdin_max: u64,
     call_timeout: Duration,
 }
 
+type Workflows = BTreeMap<String, Arc<Workflow>>;
+
 /// Shared state of a running broker.
 pub struct Broker {
-    workflows: BTreeMap<String, Workflow>,
+    workflows: RwLock<Arc<Workflows>>,
+    config: Config,
+    systemd: Option<scope::Systemd>,
+    resource_control: String,
     started: Instant,
     request_seq: AtomicU64,
     call_seq: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// Counts a call in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Broker {
-    fn workflow(&self, name: &str) -> Option<&Workflow> {
-        self.workflows.get(name)
+    fn snapshot(&self) -> Arc<Workflows> {
+        Arc::clone(&self.workflows.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn workflow_names(&self) -> Vec<&str> {
-        self.workflows.keys().map(String::as_str).collect()
+    fn workflow(&self, name: &str) -> Option<Arc<Workflow>> {
+        self.snapshot().get(name).cloned()
+    }
+
+    fn workflow_names(&self) -> Vec<String> {
+        self.snapshot().keys().cloned().collect()
     }
 
     fn next_request_id(&self) -> String {
@@ -98,7 +149,8 @@ impl Broker {
     /// connect to any pathname socket its uid may write — this one included —
     /// so the broker itself must turn it away.
     fn is_sandboxed_peer(&self, peer: &auth::Peer) -> bool {
-        let pools = self.workflows.values().map(|w| &w.pool);
+        let snapshot = self.snapshot();
+        let pools = snapshot.values().map(|w| &w.pool);
         if pools.clone().any(|p| p.worker_uid() == Some(peer.uid)) {
             return true;
         }
@@ -119,31 +171,154 @@ impl Broker {
                 uptime_s: self.started.elapsed().as_secs(),
                 landlock_abi: kernel.landlock_abi,
                 seccomp: kernel.seccomp,
-                resource_control: RESOURCE_CONTROL.to_string(),
+                resource_control: self.resource_control.clone(),
             },
             workflows: self
-                .workflows
+                .snapshot()
                 .values()
                 .filter(|w| w.clients.allows(peer))
                 .map(|w| w.pool.status())
                 .collect(),
         }
     }
+
+    /// Builds the workflows of `loaded`, reusing the running pool of every
+    /// workflow whose policy did not change. Returns the new set and the
+    /// pools that are no longer used.
+    async fn build(
+        &self,
+        loaded: &policy::Policies,
+        old: &Workflows,
+    ) -> (Workflows, Vec<Arc<pool::Pool>>) {
+        if let Some(sd) = &self.systemd {
+            let mut tenants: Vec<&policy::TenantName> =
+                loaded.workflows.iter().map(|w| &w.tenant).collect();
+            tenants.dedup();
+            for t in tenants {
+                let limits = setup::slice_limits(&loaded.tenant_limits(t));
+                if let Err(e) = sd
+                    .ensure_slice(&scope::slice_name(t.as_str()), &limits)
+                    .await
+                {
+                    tracing::error!(tenant = %t, "tenant slice: {e}");
+                }
+            }
+        }
+        let mut fresh = Workflows::new();
+        for wf in &loaded.workflows {
+            if let Some(same) = old.get(wf.name.as_str()).filter(|o| o.policy == *wf) {
+                fresh.insert(wf.name.to_string(), Arc::clone(same));
+                continue;
+            }
+            let prepared = setup::prepare(
+                wf,
+                &self.config.state_dir,
+                &self.config.worker_user,
+                self.systemd.as_ref(),
+            );
+            if let Some(why) = &prepared.pool.unavailable {
+                tracing::error!(workflow = %wf.name, tenant = %wf.tenant, "workflow unavailable: {why}");
+            }
+            let pool = pool::Pool::new(
+                prepared.pool,
+                self.config.exe.clone(),
+                self.config.log_filter.clone(),
+            );
+            pool.start();
+            fresh.insert(
+                wf.name.to_string(),
+                Arc::new(Workflow {
+                    name: wf.name.to_string(),
+                    source: wf.source.display().to_string(),
+                    policy: wf.clone(),
+                    clients: prepared.clients,
+                    pool,
+                    stdin_max: wf.limits.stdin_max.0,
+                    call_timeout: wf.limits.call_timeout,
+                }),
+            );
+        }
+        let retired = old
+            .iter()
+            .filter(|(name, w)| fresh.get(*name).is_none_or(|f| !Arc::ptr_eq(f, w)))
+            .map(|(_, w)| Arc::clone(&w.pool))
+            .collect();
+        (fresh, retired)
+    }
+
+    /// Reloads the policies (SIGHUP). On an error the running set stays.
+    async fn reload(&self) -> Result<usize, BrokerError> {
+        let loaded = load_policies(&self.config.policies)?;
+        let old = self.snapshot();
+        let (fresh, retired) = self.build(&loaded, &old).await;
+        let count = fresh.len();
+        *self.workflows.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        for pool in retired {
+            pool.shutdown();
+        }
+        Ok(count)
+    }
 }
 
-/// What limits worker resources in this build.
-const RESOURCE_CONTROL: &str = "rlimits only (RLIMIT_AS = memory_max, RLIMIT_NPROC = tasks_max per user, \
-    RLIMIT_FSIZE, RLIMIT_NOFILE); cpu_quota and memory_swap_max are not enforced without systemd scopes";
-
-/// Runs the broker until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> Result<(), BrokerError> {
-    let loaded = policy::load_dir(&config.policies).map_err(|errors| BrokerError::Policies {
-        dir: config.policies.clone(),
+fn load_policies(dir: &std::path::Path) -> Result<policy::Policies, BrokerError> {
+    let loaded = policy::load_dir(dir).map_err(|errors| BrokerError::Policies {
+        dir: dir.to_path_buf(),
         errors,
     })?;
     for w in &loaded.warnings {
         tracing::warn!("policy: {w}");
     }
+    Ok(loaded)
+}
+
+const RLIMITS_ONLY: &str = "rlimits only (RLIMIT_AS = memory_max, RLIMIT_NPROC = tasks_max per user, \
+    RLIMIT_FSIZE, RLIMIT_NOFILE); cpu_quota, memory_swap_max, io_weight and tenant limits are NOT enforced";
+
+async fn connect_systemd(
+    mode: SystemdMode,
+) -> Result<(Option<scope::Systemd>, String), BrokerError> {
+    if mode == SystemdMode::Off {
+        return Ok((None, format!("{RLIMITS_ONLY} (--systemd=off)")));
+    }
+    match scope::Systemd::connect().await {
+        Ok(sd) => {
+            let cg = crate::cgroup::version(std::path::Path::new(crate::cgroup::ROOT));
+            let text = format!(
+                "systemd {}: a transient scope per worker in corral-<tenant>.slice (MemoryMax, MemorySwapMax, \
+                 CPUQuota, TasksMax, IOWeight; tenant limits on the slice), cgroup {cg}",
+                sd.version
+            );
+            Ok((Some(sd), text))
+        }
+        Err(e) if mode == SystemdMode::Required => Err(BrokerError::NoSystemd(Box::new(e))),
+        Err(e) => Ok((
+            None,
+            format!("{RLIMITS_ONLY}: systemd is not reachable ({e})"),
+        )),
+    }
+}
+
+/// Runs the broker until SIGINT or SIGTERM.
+pub async fn run(mut config: Config) -> Result<(), BrokerError> {
+    notify::status("starting");
+    let (systemd, resource_control) = connect_systemd(config.systemd).await?;
+    if let Some(sd) = &systemd {
+        notify::status("stopping scopes left by an earlier instance");
+        let stopped = sd
+            .stop_stale_scopes()
+            .await
+            .map_err(|e| BrokerError::StaleScopes(Box::new(e)))?;
+        if !stopped.is_empty() {
+            tracing::warn!(
+                "stopped {} scope(s) left by an earlier broker: {}",
+                stopped.len(),
+                stopped.join(", ")
+            );
+        }
+    } else {
+        tracing::warn!("resource control: {resource_control}");
+    }
+    let loaded = load_policies(&config.policies)?;
     std::fs::create_dir_all(config.state_dir.join("workspaces")).map_err(|source| {
         BrokerError::StateDir {
             dir: config.state_dir.clone(),
@@ -154,49 +329,94 @@ pub async fn run(config: Config) -> Result<(), BrokerError> {
     // its user from reading its memory or attaching to it.
     let _ = nix::sys::prctl::set_dumpable(false);
 
-    let mut workflows = BTreeMap::new();
-    for wf in &loaded.workflows {
-        let prepared = setup::prepare(wf, &config.state_dir, &config.worker_user);
-        if let Some(why) = &prepared.pool.unavailable {
-            tracing::error!(workflow = %wf.name, "workflow unavailable: {why}");
-        }
-        let pool = pool::Pool::new(prepared.pool, config.exe.clone(), config.log_filter.clone());
-        workflows.insert(
-            wf.name.to_string(),
-            Workflow {
-                name: wf.name.to_string(),
-                source: wf.source.display().to_string(),
-                clients: prepared.clients,
-                pool,
-                stdin_max: wf.limits.stdin_max.0,
-                call_timeout: wf.limits.call_timeout,
-            },
-        );
-    }
-    tracing::warn!("resource control: {RESOURCE_CONTROL}");
+    let (listener, bound) = match config.listener.take() {
+        Some(l) => (listener::from_std(l)?, false),
+        None => (listener::bind(&config.socket)?, true),
+    };
     let broker = Arc::new(Broker {
-        workflows,
+        workflows: RwLock::new(Arc::new(Workflows::new())),
+        config,
+        systemd,
+        resource_control,
         started: Instant::now(),
         request_seq: AtomicU64::new(1),
         call_seq: AtomicU64::new(1),
+        in_flight: AtomicUsize::new(0),
     });
-    let listener = listener::bind(&config.socket)?;
-    for wf in broker.workflows.values() {
-        wf.pool.start();
-    }
-    tracing::info!(socket = %config.socket.display(), workflows = broker.workflows.len(), "broker ready");
+    let (initial, _) = broker.build(&loaded, &Workflows::new()).await;
+    let count = initial.len();
+    *broker.workflows.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(initial);
+
+    let server = tokio::spawn(listener::serve(listener, Arc::clone(&broker)));
+    notify::ready(&format!(
+        "serving {count} workflows on {}",
+        broker.config.socket.display()
+    ));
+    tracing::info!(socket = %broker.config.socket.display(), workflows = count, "broker ready");
+    let watchdog = notify::watchdog_interval()
+        .map(|every| tokio::spawn(notify::watchdog(every, broker.config.socket.clone())));
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(BrokerError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(BrokerError::Signals)?;
-    tokio::select! {
-        _ = listener::serve(listener, Arc::clone(&broker)) => {}
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut hup = signal(SignalKind::hangup()).map_err(BrokerError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                notify::reloading();
+                match broker.reload().await {
+                    Ok(n) => {
+                        tracing::info!(workflows = n, "policies reloaded");
+                        notify::ready(&format!("serving {n} workflows (reloaded)"));
+                    }
+                    Err(e) => {
+                        tracing::error!("reload failed, keeping the running policies: {e}");
+                        notify::ready(&format!("reload failed, running the previous policies: {e}"));
+                    }
+                }
+            }
+        }
     }
-    for wf in broker.workflows.values() {
-        wf.pool.shutdown();
+
+    // Drain: no new connections; calls in flight get drain_timeout to end.
+    server.abort();
+    if let Some(w) = watchdog {
+        w.abort();
     }
-    let _ = std::fs::remove_file(&config.socket);
+    let deadline = Instant::now() + broker.config.drain_timeout;
+    loop {
+        let n = broker.in_flight.load(Ordering::SeqCst);
+        if n == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "{n} call(s) still running after {:?}; stopping anyway",
+                broker.config.drain_timeout
+            );
+            break;
+        }
+        notify::stopping(&format!("draining {n} call(s)"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    notify::stopping("stopping workers");
+    let pools: Vec<_> = broker
+        .snapshot()
+        .values()
+        .map(|w| Arc::clone(&w.pool))
+        .collect();
+    for p in &pools {
+        p.shutdown();
+    }
+    // Slots kill their worker and stop its scope on the way out.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools.iter().any(|p| p.live_slots() > 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if bound {
+        let _ = std::fs::remove_file(&broker.config.socket);
+    }
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! A workflow's pool: a bounded queue of calls and up to `max_workers`
 //! worker slots that take calls from it.
 //!
-//! A slot owns one worker process at a time. It starts it, serves calls, and
-//! when the worker dies starts a new one after an exponential backoff. Slots
-//! beyond `min_idle` retire after sitting idle. A workflow whose sandbox the
-//! host cannot provide is marked unavailable, and calls to it fail at once
-//! with the reason instead of waiting.
+//! A slot owns one worker process at a time. It starts it (inside a fresh
+//! systemd scope when systemd manages workers), serves calls, and when the
+//! worker dies starts a new one after an exponential backoff. Slots beyond
+//! `min_idle` retire after sitting idle. A workflow whose sandbox the host
+//! cannot provide is marked unavailable, and calls to it fail at once with
+//! the reason instead of waiting.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,10 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex as AsyncMutex};
 
-use super::launcher::{self, CallError, StartError, Worker};
+use super::launcher::{self, CallError, ScopePlan, StartError, Worker};
+use super::scope::{scope_name, Systemd, UnitLimits};
 use crate::api::{WorkerStatus, WorkflowStatus};
+use crate::cgroup::{self, Location, Stats};
 use crate::protocol::{EffectiveSandbox, ExecOutcome, ExecRequest, SandboxSpec};
 
 /// First restart delay; doubles per consecutive failure up to [`BACKOFF_MAX`].
@@ -28,6 +31,14 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const IDLE_RETIRE: Duration = Duration::from_secs(60);
 /// How far past a call's own timeout the broker waits for the worker.
 const BACKSTOP: Duration = Duration::from_secs(5);
+
+/// Where a pool's workers go when systemd manages them.
+#[derive(Clone)]
+pub struct ScopeSetup {
+    pub systemd: Systemd,
+    pub slice: String,
+    pub limits: UnitLimits,
+}
 
 /// Static description of a pool.
 pub struct PoolConfig {
@@ -41,10 +52,15 @@ pub struct PoolConfig {
     pub queue: u32,
     /// Set when the workflow can never start here (e.g. its user is missing).
     pub unavailable: Option<String>,
+    pub scope: Option<ScopeSetup>,
+    /// `memory_max` and `tasks_max` as the policy wrote them, for messages.
+    pub memory_max: String,
+    pub tasks_max: u32,
 }
 
-/// What a caller gets back.
-pub type CallResult = Result<(u64, ExecOutcome), CallError>;
+/// What a caller gets back: the worker id, the outcome, and the limit the
+/// kernel enforced during the call, if any.
+pub type CallResult = Result<(u64, ExecOutcome, Option<String>), CallError>;
 
 struct Job {
     req: ExecRequest,
@@ -66,8 +82,10 @@ pub enum SubmitError {
 #[derive(Default)]
 struct State {
     workers: BTreeMap<u64, WorkerStatus>,
+    cgroups: BTreeMap<u64, Location>,
     live_slots: u32,
     idle_slots: u32,
+    busy: u32,
     unavailable: Option<String>,
     shutting_down: bool,
 }
@@ -80,6 +98,8 @@ pub struct Pool {
     rx: AsyncMutex<mpsc::Receiver<Job>>,
     state: Mutex<State>,
     next_worker: AtomicU64,
+    next_scope: AtomicU64,
+    shutdown: watch::Sender<bool>,
 }
 
 impl Pool {
@@ -97,6 +117,8 @@ impl Pool {
             rx: AsyncMutex::new(rx),
             state: Mutex::new(state),
             next_worker: AtomicU64::new(1),
+            next_scope: AtomicU64::new(1),
+            shutdown: watch::channel(false).0,
         })
     }
 
@@ -108,7 +130,7 @@ impl Pool {
 
     /// Pre-starts `min_idle` workers.
     pub fn start(self: &Arc<Self>) {
-        if self.state().unavailable.is_some() && self.cfg.unavailable.is_some() {
+        if self.cfg.unavailable.is_some() {
             return;
         }
         for _ in 0..self.cfg.min_idle {
@@ -152,16 +174,30 @@ impl Pool {
         Ok(rx)
     }
 
-    /// Refuses new calls. The workers die when the runtime drops their
-    /// slots (`kill_on_drop`), or with the broker (parent-death signal).
+    /// Refuses new calls; idle workers stop at once, busy ones after their
+    /// call, and calls already queued are still served.
     pub fn shutdown(&self) {
-        let mut s = self.state();
-        s.shutting_down = true;
-        s.unavailable = Some("the broker is shutting down".into());
+        {
+            let mut s = self.state();
+            s.shutting_down = true;
+            s.unavailable = Some("the broker is shutting down or reloading this workflow".into());
+        }
+        self.shutdown.send_replace(true);
+    }
+
+    /// Live worker slots (0 once a shut-down pool has wound down).
+    pub fn live_slots(&self) -> u32 {
+        self.state().live_slots
     }
 
     pub fn status(&self) -> WorkflowStatus {
         let s = self.state();
+        let mut workers: Vec<WorkerStatus> = s.workers.values().cloned().collect();
+        for w in &mut workers {
+            if let Some(loc) = s.cgroups.get(&w.id) {
+                w.cgroup = Some(cgroup::stats(loc));
+            }
+        }
         WorkflowStatus {
             name: self.cfg.workflow.clone(),
             tenant: self.cfg.tenant.clone(),
@@ -172,7 +208,7 @@ impl Pool {
             queue_capacity: self.tx.max_capacity(),
             min_idle: self.cfg.min_idle,
             max_workers: self.cfg.max_workers,
-            workers: s.workers.values().cloned().collect(),
+            workers,
         }
     }
 
@@ -204,6 +240,46 @@ impl Pool {
         }
     }
 
+    fn systemd_run_line(&self, unit: &str, setup: &ScopeSetup) -> String {
+        format!(
+            "systemd-run --scope --unit={unit} --slice={} {} -- COMMAND",
+            setup.slice,
+            setup.limits.systemd_run_options().join(" ")
+        )
+    }
+
+    async fn launch(&self, id: u64) -> (Result<Worker, StartError>, Option<String>) {
+        let Some(setup) = &self.cfg.scope else {
+            return (
+                launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, None).await,
+                None,
+            );
+        };
+        let unit = scope_name(
+            &self.cfg.workflow,
+            self.next_scope.fetch_add(1, Ordering::Relaxed),
+        );
+        let line = self.systemd_run_line(&unit, setup);
+        self.update(id, |w| {
+            w.scope = Some(unit.clone());
+            w.systemd_run = Some(line);
+        });
+        let plan = ScopePlan {
+            systemd: &setup.systemd,
+            unit: unit.clone(),
+            slice: &setup.slice,
+            limits: &setup.limits,
+            description: format!(
+                "corral worker {id} of {} (tenant {})",
+                self.cfg.workflow, self.cfg.tenant
+            ),
+        };
+        (
+            launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, Some(plan)).await,
+            Some(unit),
+        )
+    }
+
     /// One slot: start a worker, serve, restart with backoff; until retired
     /// or shut down.
     async fn slot(self: Arc<Self>) {
@@ -217,9 +293,14 @@ impl Pool {
                 served: 0,
                 restarts: 0,
                 last_exit: None,
+                last_kill: None,
+                scope: None,
+                systemd_run: None,
+                cgroup: None,
                 sandbox: None,
             },
         );
+        let wf = self.cfg.workflow.clone();
         let mut failures: u32 = 0;
         loop {
             if self.state().shutting_down {
@@ -230,36 +311,57 @@ impl Pool {
                 w.pid = None;
             });
             let started = Instant::now();
-            match launcher::start(&self.exe, &self.cfg.spec, &self.log_filter).await {
+            let (launched, unit) = self.launch(id).await;
+            let mut end = None;
+            match launched {
                 Ok(worker) => {
                     self.state().unavailable = None;
-                    tracing::info!(workflow = %self.cfg.workflow, worker = id, pid = worker.pid, "worker ready");
+                    tracing::info!(workflow = %wf, worker = id, pid = worker.pid, scope = ?unit, "worker ready");
                     let effective: EffectiveSandbox = worker.effective.clone();
                     for note in &effective.notes {
-                        tracing::warn!(workflow = %self.cfg.workflow, worker = id, "sandbox weaker than asked: {note}");
+                        tracing::warn!(workflow = %wf, worker = id, "sandbox weaker than asked: {note}");
+                    }
+                    if unit.is_some() {
+                        if let Ok(text) =
+                            std::fs::read_to_string(format!("/proc/{}/cgroup", worker.pid))
+                        {
+                            self.state().cgroups.insert(
+                                id,
+                                cgroup::locate(std::path::Path::new(cgroup::ROOT), &text),
+                            );
+                        }
                     }
                     self.update(id, |w| {
                         w.pid = Some(worker.pid);
                         w.sandbox = Some(effective);
                     });
-                    match self.serve(id, worker).await {
-                        SlotEnd::Retired | SlotEnd::Shutdown => break,
-                        SlotEnd::WorkerLost(why) => {
-                            tracing::warn!(workflow = %self.cfg.workflow, worker = id, "worker lost: {why}; restarting");
-                            self.update(id, |w| w.last_exit = Some(why));
-                        }
-                    }
+                    end = Some(self.serve(id, worker).await);
                 }
                 Err(StartError::Refused(reason)) => {
-                    tracing::error!(workflow = %self.cfg.workflow, "worker refused to start: {reason}");
+                    tracing::error!(workflow = %wf, "worker refused to start: {reason}");
                     self.state().unavailable = Some(reason.clone());
                     self.update(id, |w| w.last_exit = Some(format!("refused: {reason}")));
                     self.fail_queued(&reason).await;
                 }
                 Err(e) => {
-                    tracing::error!(workflow = %self.cfg.workflow, worker = id, "worker failed to start: {e}");
+                    tracing::error!(workflow = %wf, worker = id, "worker failed to start: {e}");
                     self.update(id, |w| w.last_exit = Some(e.to_string()));
                 }
+            }
+            // A dead worker's scope may still hold orphaned tools: stop it.
+            if let (Some(unit), Some(setup)) = (&unit, &self.cfg.scope) {
+                if let Err(e) = setup.systemd.stop(unit).await {
+                    tracing::debug!(workflow = %wf, "stopping {unit}: {e}");
+                }
+            }
+            self.state().cgroups.remove(&id);
+            match end {
+                Some(SlotEnd::Retired | SlotEnd::Shutdown) => break,
+                Some(SlotEnd::WorkerLost(why)) => {
+                    tracing::warn!(workflow = %wf, worker = id, "worker lost: {why}; restarting");
+                    self.update(id, |w| w.last_exit = Some(why));
+                }
+                None => {}
             }
             if started.elapsed() >= HEALTHY_AFTER {
                 failures = 0;
@@ -273,26 +375,63 @@ impl Pool {
                 w.pid = None;
                 w.restarts += 1;
             });
-            tokio::time::sleep(delay).await;
+            let mut stop = self.shutdown.subscribe();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
         }
         let mut s = self.state();
         s.workers.remove(&id);
         s.live_slots -= 1;
     }
 
+    /// Waits for the next call; `None` when the pool is shutting down and
+    /// nothing is queued, or (for slots above `min_idle`) after an idle spell.
+    async fn next_job(&self) -> Result<Option<Job>, ()> {
+        let mut stop = self.shutdown.subscribe();
+        let stopping = *stop.borrow();
+        if stopping {
+            return Ok(self.rx.lock().await.try_recv().ok());
+        }
+        let may_retire = self.state().live_slots > self.cfg.min_idle;
+        let recv = async {
+            let mut rx = self.rx.lock().await;
+            rx.recv().await
+        };
+        tokio::select! {
+            job = recv => Ok(job),
+            () = async { let _ = stop.wait_for(|s| *s).await; } => Ok(self.rx.lock().await.try_recv().ok()),
+            _ = tokio::time::sleep(IDLE_RETIRE), if may_retire => Err(()),
+        }
+    }
+
+    /// The limit the kernel enforced between two readings of the counters.
+    fn limit_hit(&self, before: &Option<Stats>, after: &Option<Stats>) -> Option<String> {
+        let (b, a) = (before.as_ref()?, after.as_ref()?);
+        let grew = |x: Option<u64>, y: Option<u64>| y.unwrap_or(0).saturating_sub(x.unwrap_or(0));
+        let oom = grew(b.oom_kills, a.oom_kills);
+        if oom > 0 {
+            return Some(format!(
+                "memory_max {} reached: the kernel's OOM killer ended {oom} process(es) of the call",
+                self.cfg.memory_max
+            ));
+        }
+        let refused = grew(b.tasks_refused, a.tasks_refused);
+        if refused > 0 {
+            return Some(format!(
+                "tasks_max {} reached: {refused} fork(s) refused",
+                self.cfg.tasks_max
+            ));
+        }
+        None
+    }
+
     async fn serve(&self, id: u64, mut worker: Worker) -> SlotEnd {
         loop {
             self.update(id, |w| w.state = "idle".into());
             self.state().idle_slots += 1;
-            let job = {
-                let mut rx = self.rx.lock().await;
-                let may_retire = self.state().live_slots > self.cfg.min_idle;
-                if may_retire {
-                    tokio::time::timeout(IDLE_RETIRE, rx.recv()).await
-                } else {
-                    Ok(rx.recv().await)
-                }
-            };
+            let job = self.next_job().await;
             self.state().idle_slots -= 1;
             let job = match job {
                 Ok(Some(job)) => job,
@@ -300,20 +439,39 @@ impl Pool {
                     worker.kill().await;
                     return SlotEnd::Shutdown;
                 }
-                Err(_) => {
+                Err(()) => {
                     tracing::info!(workflow = %self.cfg.workflow, worker = id, "idle worker retired");
                     worker.kill().await;
                     return SlotEnd::Retired;
                 }
             };
             self.update(id, |w| w.state = "busy".into());
+            self.state().busy += 1;
+            let loc = self.state().cgroups.get(&id).cloned();
+            let before = loc.as_ref().map(cgroup::stats);
             let result = worker.call(job.req, BACKSTOP).await;
-            let lost = match &result {
-                Ok(_) => None,
-                Err(e) => Some(e.to_string()),
+            let after = loc.as_ref().map(cgroup::stats);
+            let limit = self.limit_hit(&before, &after);
+            if let Some(l) = &limit {
+                tracing::warn!(workflow = %self.cfg.workflow, worker = id, "{l}");
+            }
+            let reply = match result {
+                Ok(outcome) => Ok((id, outcome, limit.clone())),
+                Err(CallError::Died(why)) => Err(CallError::Died(match &limit {
+                    Some(l) => format!("{why}; {l}"),
+                    None => why,
+                })),
+                Err(e) => Err(e),
             };
-            self.update(id, |w| w.served += 1);
-            let _ = job.reply.send(result.map(|o| (id, o)));
+            let lost = reply.as_ref().err().map(ToString::to_string);
+            self.update(id, |w| {
+                w.served += 1;
+                if limit.is_some() {
+                    w.last_kill = limit;
+                }
+            });
+            self.state().busy -= 1;
+            let _ = job.reply.send(reply);
             if let Some(why) = lost {
                 return SlotEnd::WorkerLost(why);
             }

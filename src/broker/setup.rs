@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{Group, Uid, User};
 
 use super::auth::Clients;
-use super::pool::PoolConfig;
+use super::pool::{PoolConfig, ScopeSetup};
+use super::scope::{slice_name, Systemd, UnitLimits};
 use crate::policy::{self, Workflow};
 use crate::protocol::{Credentials, Requirement, SandboxSpec, ToolLimits};
 
@@ -88,7 +89,37 @@ fn resolve_clients(wf: &Workflow) -> Clients {
     clients
 }
 
-pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str) -> Prepared {
+/// The systemd limits of a worker's scope.
+pub fn scope_limits(wf: &Workflow) -> UnitLimits {
+    let l = &wf.limits;
+    UnitLimits {
+        memory_max: Some(l.memory_max.0),
+        memory_swap_max: l.memory_swap_max.as_ref().map(|s| s.0),
+        cpu_quota_percent: l.cpu_quota.as_ref().map(|p| p.0),
+        tasks_max: Some(u64::from(l.tasks_max)),
+        io_weight: l.io_weight.map(u64::from),
+    }
+}
+
+/// The systemd limits of a tenant's slice.
+pub fn slice_limits(t: &policy::TenantLimits) -> UnitLimits {
+    UnitLimits {
+        memory_max: t.memory_max.as_ref().map(|s| s.0),
+        memory_swap_max: None,
+        cpu_quota_percent: t.cpu_quota.as_ref().map(|p| p.0),
+        tasks_max: t.tasks_max.map(u64::from),
+        io_weight: None,
+    }
+}
+
+/// `systemd`: set when workers go into transient scopes; then cgroups
+/// limit memory and tasks, and the rlimits that stood in for them go.
+pub fn prepare(
+    wf: &Workflow,
+    state_dir: &Path,
+    default_user: &str,
+    systemd: Option<&Systemd>,
+) -> Prepared {
     let workspace = wf.workspace(state_dir);
     let mut unavailable = None;
     let creds = match credentials(wf, default_user) {
@@ -143,12 +174,15 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str) -> Prepared 
         tcp_connect: wf.sandbox.tcp_connect.clone(),
         tcp_bind: wf.sandbox.tcp_bind.clone(),
         workspace: workspace.clone(),
+        scope: None,
         tool: ToolLimits {
             output_max: limits.output_max.0,
             file_size_max: limits.file_size_max.0,
             open_files_max: u64::from(limits.open_files_max),
-            address_space_max: Some(limits.memory_max.0),
-            processes_max: Some(u64::from(limits.tasks_max)),
+            // RLIMIT_AS breaks runtimes that reserve address space (JITs);
+            // only when no cgroup limits memory does it stand in.
+            address_space_max: systemd.is_none().then_some(limits.memory_max.0),
+            processes_max: systemd.is_none().then_some(u64::from(limits.tasks_max)),
         },
         env,
     };
@@ -163,6 +197,13 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str) -> Prepared 
             max_workers: wf.pool.max_workers,
             queue: wf.pool.queue,
             unavailable,
+            scope: systemd.map(|sd| ScopeSetup {
+                systemd: sd.clone(),
+                slice: slice_name(wf.tenant.as_str()),
+                limits: scope_limits(wf),
+            }),
+            memory_max: wf.limits.memory_max.to_string(),
+            tasks_max: wf.limits.tasks_max,
         },
         clients: resolve_clients(wf),
     }

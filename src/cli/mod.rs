@@ -1,6 +1,7 @@
 //! The client-side commands: `exec`, `status`, `policy check`.
 
 pub mod check;
+pub mod doctor;
 pub mod exec;
 pub mod status;
 

@@ -260,6 +260,12 @@ fn expected_for(key: &str) -> Option<&'static str> {
     let key = key.split('[').next().unwrap_or(key);
     Some(match key {
         "workflow" | "sandbox" | "limits" | "pool" | "env" | "llm" => "a table",
+        // `tenant = "kid"` belongs in [workflow]; at the top level it is the
+        // [tenant] table.
+        "tenant" => {
+            "a table, e.g. [tenant] with memory_max = \"1G\"; the tenant's name goes in \
+             [workflow] as tenant = \"kid\""
+        }
         "workflow.clients" => "a table, e.g. clients = { users = [\"alice\"], groups = [] }",
         "workflow.name" | "workflow.tenant" => "a string, e.g. \"homework\"",
         "workflow.user" => "a string, e.g. \"corral-kid\"",
@@ -276,12 +282,14 @@ fn expected_for(key: &str) -> Option<&'static str> {
         | "limits.memory_swap_max"
         | "limits.output_max"
         | "limits.stdin_max"
-        | "limits.file_size_max" => "a size such as \"256M\" or an integer number of bytes",
-        "limits.cpu_quota" => "a percentage such as \"50%\"",
+        | "limits.file_size_max"
+        | "tenant.memory_max" => "a size such as \"256M\" or an integer number of bytes",
+        "limits.cpu_quota" | "tenant.cpu_quota" => "a percentage such as \"50%\"",
         "limits.call_timeout" => "a duration such as \"30s\", \"500ms\" or \"1m30s\"",
         "limits.tasks_max"
         | "limits.io_weight"
         | "limits.open_files_max"
+        | "tenant.tasks_max"
         | "pool.min_idle"
         | "pool.max_workers"
         | "pool.queue"
@@ -298,12 +306,13 @@ fn expected_for(key: &str) -> Option<&'static str> {
 
 /// `; did you mean [table].key?` when an unknown key is valid in another table.
 fn suggest(name: &str, path: &str) -> String {
-    const TABLES: [&str; 7] = [
+    const TABLES: [&str; 8] = [
         "",
         "workflow",
         "workflow.clients",
         "sandbox",
         "limits",
+        "tenant",
         "pool",
         "llm",
     ];

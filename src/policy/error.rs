@@ -128,6 +128,20 @@ pub enum PolicyError {
         /// The earlier workflow of the tenant.
         first: Box<FirstUser>,
     },
+    /// Two workflows of one tenant have different `[tenant]` tables.
+    #[error(
+        "{at}: `[tenant]` of tenant {tenant:?} differs from the one in {first} ({diff}); a tenant's slice has one set of limits: make them equal or keep [tenant] in one file only"
+    )]
+    TenantLimitsConflict {
+        /// The later workflow's first differing key (or its `[tenant]` header).
+        at: Place,
+        /// The tenant.
+        tenant: String,
+        /// What differs, e.g. `memory_max "512M" here but "1G" there`.
+        diff: String,
+        /// The same in the earlier workflow of the tenant with a `[tenant]` table.
+        first: Box<Place>,
+    },
 }
 
 /// The earlier side of a [`PolicyError::TenantUserConflict`].
@@ -156,7 +170,8 @@ impl PolicyError {
             | Self::MissingKey { at, .. }
             | Self::Invalid { at, .. }
             | Self::DuplicateWorkflow { at, .. }
-            | Self::TenantUserConflict { at, .. } => Some(at),
+            | Self::TenantUserConflict { at, .. }
+            | Self::TenantLimitsConflict { at, .. } => Some(at),
             Self::ReadDir { .. }
             | Self::ReadFile { .. }
             | Self::NoPolicies { .. }

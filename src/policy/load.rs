@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use super::document::{Document, Lines};
 use super::error::{FirstUser, Place, PolicyError, PolicyErrors};
 use super::host::host_warnings;
+use super::names::TenantName;
 use super::raw::RawFile;
-use super::schema::Workflow;
+use super::schema::{TenantLimits, Workflow};
 use super::validate::validate;
 
 /// All workflows of a directory, sorted by name, plus non-fatal findings
@@ -22,6 +23,19 @@ pub struct Policies {
     pub workflows: Vec<Workflow>,
     /// One line each, naming the file and what to do.
     pub warnings: Vec<String>,
+}
+
+impl Policies {
+    /// The `[tenant]` limits of `tenant`, whichever of its files defines
+    /// them (they agree, or the directory would not have loaded); all `None`
+    /// when none does or the tenant has no workflow here.
+    pub fn tenant_limits(&self, tenant: &TenantName) -> TenantLimits {
+        self.workflows
+            .iter()
+            .find(|w| w.tenant == *tenant)
+            .map(|w| w.tenant_limits.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// A workflow with the line of each key of its file.
@@ -98,6 +112,7 @@ pub fn load_dir(dir: &Path) -> Result<Policies, PolicyErrors> {
         return Err(PolicyErrors(errors));
     }
     let warnings = host_warnings(&parsed);
+    inherit_tenant_limits(&mut parsed);
     let mut workflows: Vec<Workflow> = parsed.into_iter().map(|p| p.workflow).collect();
     workflows.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Policies {
@@ -139,6 +154,8 @@ fn cross_file_errors(parsed: &[Parsed]) -> Vec<PolicyError> {
     let mut errors = Vec::new();
     let mut names: BTreeMap<&str, &Parsed> = BTreeMap::new();
     let mut tenants: BTreeMap<&str, &Parsed> = BTreeMap::new();
+    // The first workflow of each tenant whose file has a [tenant] table.
+    let mut tenant_tables: BTreeMap<&str, &Parsed> = BTreeMap::new();
     for p in parsed {
         let wf = &p.workflow;
         match names.get(wf.name.as_str()) {
@@ -168,8 +185,91 @@ fn cross_file_errors(parsed: &[Parsed]) -> Vec<PolicyError> {
                 tenants.insert(wf.tenant.as_str(), p);
             }
         }
+        if !p.lines.has("tenant") {
+            continue;
+        }
+        match tenant_tables.get(wf.tenant.as_str()) {
+            Some(first) if first.workflow.tenant_limits != wf.tenant_limits => {
+                let (key, diff) =
+                    tenant_limits_diff(&wf.tenant_limits, &first.workflow.tenant_limits);
+                errors.push(PolicyError::TenantLimitsConflict {
+                    at: p.place(&tenant_key(p, key)),
+                    tenant: wf.tenant.to_string(),
+                    diff,
+                    first: Box::new(first.place(&tenant_key(first, key))),
+                });
+            }
+            Some(_) => {}
+            None => {
+                tenant_tables.insert(wf.tenant.as_str(), p);
+            }
+        }
     }
     errors
+}
+
+/// Gives every workflow its tenant's `[tenant]` table, from whichever file
+/// of the tenant has one. Runs after `cross_file_errors` found no conflict.
+fn inherit_tenant_limits(parsed: &mut [Parsed]) {
+    let mut tables: BTreeMap<TenantName, TenantLimits> = BTreeMap::new();
+    for p in parsed.iter().filter(|p| p.lines.has("tenant")) {
+        tables
+            .entry(p.workflow.tenant.clone())
+            .or_insert_with(|| p.workflow.tenant_limits.clone());
+    }
+    for p in parsed {
+        if let Some(table) = tables.get(&p.workflow.tenant) {
+            p.workflow.tenant_limits = table.clone();
+        }
+    }
+}
+
+/// The first differing key of two `[tenant]` tables (without `tenant.`),
+/// and every difference rendered, e.g. `memory_max "512M" here but "1G" there`.
+fn tenant_limits_diff(here: &TenantLimits, there: &TenantLimits) -> (&'static str, String) {
+    fn show<T: ToString>(v: Option<T>, quoted: bool) -> String {
+        match v {
+            None => "unset".to_owned(),
+            Some(v) if quoted => format!("{:?}", v.to_string()),
+            Some(v) => v.to_string(),
+        }
+    }
+    let fields = [
+        (
+            "memory_max",
+            show(here.memory_max, true),
+            show(there.memory_max, true),
+        ),
+        (
+            "cpu_quota",
+            show(here.cpu_quota, true),
+            show(there.cpu_quota, true),
+        ),
+        (
+            "tasks_max",
+            show(here.tasks_max, false),
+            show(there.tasks_max, false),
+        ),
+    ];
+    let differing: Vec<_> = fields.into_iter().filter(|(_, a, b)| a != b).collect();
+    let first = differing.first().map_or("", |(key, _, _)| *key);
+    let diff = differing
+        .iter()
+        .map(|(key, a, b)| format!("{key} {a} here but {b} there"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (first, diff)
+}
+
+/// The key to point at in a `[tenant]` conflict: `tenant.<key>` when the
+/// file writes it, else the `[tenant]` header.
+fn tenant_key(p: &Parsed, key: &str) -> String {
+    let full = format!("tenant.{key}");
+    if !key.is_empty() && p.lines.has(&full) {
+        full
+    } else {
+        "tenant".to_owned()
+    }
 }
 
 /// The key to point at for a workflow's user: `user`, or `tenant` when the

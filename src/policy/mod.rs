@@ -7,7 +7,7 @@
 //! [workflow]                      # required
 //! name = "homework"               # required; [a-z0-9][a-z0-9-]{0,39}, unique per directory
 //! tenant = "kid"                  # required; same charset; a tenant is one unix user
-//! user = "corral-kid"             # optional; default: the broker's own user.
+//! user = "corral-kid"             # optional; default: the broker's --worker-user (corral-worker) when root
 //!                                 # All workflows of a tenant must name the same user.
 //! clients = { users = ["kid"], groups = [] }   # who may call it; both default []
 //!
@@ -32,6 +32,13 @@
 //! stdin_max = "1M"                # default 1M, at most 4M
 //! file_size_max = "64M"           # RLIMIT_FSIZE; default 64M
 //! open_files_max = 256            # RLIMIT_NOFILE; default 256, 16..=65536
+//!
+//! [tenant]                        # optional; the whole tenant: its slice corral-<tenant>.slice
+//! memory_max = "1G"               # default: unset; at least 1M
+//! cpu_quota = "100%"              # default: unset; > 0%, may exceed 100%
+//! tasks_max = 256                 # default: unset; 2..=4194304
+//!                                 # Files of a tenant that have [tenant] must agree on it
+//!                                 # exactly; the others inherit it.
 //!
 //! [pool]                          # optional
 //! min_idle = 1                    # default 1, 0..=64, <= max_workers
@@ -95,7 +102,7 @@ pub use load::{load_dir, parse_workflow, Policies};
 pub use names::{InvalidName, TenantName, WorkflowName};
 pub use path::{InvalidPath, PathTemplate, WORKSPACE};
 pub use schema::{
-    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, Workflow, DEFAULT_EXEC,
-    DEFAULT_WRITE,
+    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow,
+    DEFAULT_EXEC, DEFAULT_WRITE,
 };
 pub use units::{format_duration, parse_duration, ByteSize, Percent, UnitError};

@@ -15,6 +15,7 @@ pub(crate) struct RawFile {
     pub workflow: Option<RawWorkflow>,
     pub sandbox: Option<RawSandbox>,
     pub limits: Option<RawLimits>,
+    pub tenant: Option<RawTenant>,
     pub pool: Option<RawPool>,
     pub env: Option<BTreeMap<String, String>>,
     pub llm: Option<RawLlm>,
@@ -61,6 +62,14 @@ pub(crate) struct RawLimits {
     pub stdin_max: Option<SizeText>,
     pub file_size_max: Option<SizeText>,
     pub open_files_max: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTenant {
+    pub memory_max: Option<SizeText>,
+    pub cpu_quota: Option<String>,
+    pub tasks_max: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +128,7 @@ pub(crate) fn known_keys(table: &str) -> Option<&'static [&'static str]> {
         "workflow.clients" => fields_of::<RawClients>(),
         "sandbox" => fields_of::<RawSandbox>(),
         "limits" => fields_of::<RawLimits>(),
+        "tenant" => fields_of::<RawTenant>(),
         "pool" => fields_of::<RawPool>(),
         "llm" => fields_of::<RawLlm>(),
         _ => None,
@@ -185,7 +195,7 @@ mod tests {
     fn known_keys_match_the_structs() {
         assert_eq!(
             known_keys(""),
-            Some(&["workflow", "sandbox", "limits", "pool", "env", "llm"][..])
+            Some(&["workflow", "sandbox", "limits", "tenant", "pool", "env", "llm"][..])
         );
         assert_eq!(
             known_keys("sandbox"),
@@ -204,6 +214,10 @@ mod tests {
         assert_eq!(
             known_keys("workflow.clients"),
             Some(&["users", "groups"][..])
+        );
+        assert_eq!(
+            known_keys("tenant"),
+            Some(&["memory_max", "cpu_quota", "tasks_max"][..])
         );
         assert_eq!(known_keys("env"), None);
     }

@@ -27,6 +27,12 @@ pub struct Workflow {
     pub sandbox: Sandbox,
     /// `[limits]`.
     pub limits: Limits,
+    /// `[tenant]`: limits of the tenant's slice `corral-<tenant>.slice`,
+    /// shared by all its workflows. From [`parse_workflow`](super::parse_workflow),
+    /// this file's table (all `None` without one); from
+    /// [`load_dir`](super::load_dir), the tenant's table, whichever of its
+    /// files defines it (see [`Policies::tenant_limits`](super::Policies::tenant_limits)).
+    pub tenant_limits: TenantLimits,
     /// `[pool]`.
     pub pool: PoolConfig,
     /// `[env]`: extra environment variables for tool calls; values may
@@ -135,6 +141,18 @@ pub struct Limits {
     pub file_size_max: ByteSize,
     /// `RLIMIT_NOFILE` for tools, 16..=65536.
     pub open_files_max: u32,
+}
+
+/// `[tenant]`: limits of the whole tenant, applied by systemd to its slice
+/// `corral-<tenant>.slice`; `None` means no limit beyond the host's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TenantLimits {
+    /// Slice `MemoryMax`; at least 1M.
+    pub memory_max: Option<ByteSize>,
+    /// Slice `CPUQuota`; above 100% is more than one CPU; never 0.
+    pub cpu_quota: Option<Percent>,
+    /// Slice `TasksMax`, 2..=4194304.
+    pub tasks_max: Option<u32>,
 }
 
 /// `[pool]`: how many workers to keep.

@@ -96,8 +96,25 @@ fn shipped_policies_parse() {
             queue: 8
         }
     );
+    assert_eq!(
+        hw.tenant_limits,
+        TenantLimits {
+            memory_max: Some(ByteSize::mib(256)),
+            cpu_quota: Some(Percent(50)),
+            tasks_max: Some(64),
+        }
+    );
     let llm = hw.llm.unwrap();
     assert_eq!((llm.max_steps, llm.daily_tokens), (6, Some(50_000)));
+    assert_eq!(
+        chat.tenant_limits,
+        TenantLimits {
+            memory_max: Some(ByteSize::gib(1)),
+            cpu_quota: None,
+            tasks_max: Some(256),
+        }
+    );
+    assert_eq!(shell.tenant_limits, TenantLimits::default());
 }
 
 #[test]
@@ -111,6 +128,19 @@ fn shipped_policies_load_as_a_directory() {
     let policies = load_dir(&dir.0).unwrap();
     let names: Vec<&str> = policies.workflows.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["family-chat", "homework", "shell-tools"]);
+    let tenant = |name: &str| name.parse::<TenantName>().unwrap();
+    assert_eq!(
+        policies.tenant_limits(&tenant("kid")).memory_max,
+        Some(ByteSize::mib(256))
+    );
+    assert_eq!(
+        policies.tenant_limits(&tenant("alice")).tasks_max,
+        Some(256)
+    );
+    assert_eq!(
+        policies.tenant_limits(&tenant("ops")),
+        TenantLimits::default()
+    );
     // corral-alice does not exist on a build host; the warning says how to add it.
     if nix::unistd::User::from_name("corral-alice")
         .ok()
@@ -167,6 +197,7 @@ fn defaults_are_filled() {
             queue: 32
         }
     );
+    assert_eq!(wf.tenant_limits, TenantLimits::default());
     assert!(wf.env.is_empty());
     assert!(wf.llm.is_none());
     assert_eq!(wf.source, Path::new("policies/x.toml"));
@@ -199,12 +230,12 @@ fn unknown_keys_name_file_line_key_and_valid_keys() {
     assert_eq!(
         error(&format!("colour = 1\n{MINIMAL}")),
         "policies/x.toml:1: colour: unknown key; valid keys at the top level are: \
-         workflow, sandbox, limits, pool, env, llm"
+         workflow, sandbox, limits, tenant, pool, env, llm"
     );
     assert_eq!(
         error(&format!("{MINIMAL}[limit]\n")),
         "policies/x.toml:4: limit: unknown key; valid keys at the top level are: \
-         workflow, sandbox, limits, pool, env, llm"
+         workflow, sandbox, limits, tenant, pool, env, llm"
     );
     // Inline table, one level deeper.
     assert_eq!(
@@ -534,4 +565,185 @@ fn errors_display_one_per_line() {
         PolicyError::NoPolicies { dir: "b".into() },
     ]);
     assert_eq!(errors.to_string().lines().count(), 2);
+}
+
+#[test]
+fn tenant_table_parses() {
+    let wf = parse(&format!(
+        "{MINIMAL}[tenant]\nmemory_max = \"1G\"\ncpu_quota = \"150%\"\ntasks_max = 256\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        wf.tenant_limits,
+        TenantLimits {
+            memory_max: Some(ByteSize::gib(1)),
+            cpu_quota: Some(Percent(150)),
+            tasks_max: Some(256),
+        }
+    );
+    // Every key is optional; [limits] is untouched by [tenant].
+    let wf = parse(&format!("{MINIMAL}[tenant]\ntasks_max = 8\n")).unwrap();
+    assert_eq!(
+        wf.tenant_limits,
+        TenantLimits {
+            tasks_max: Some(8),
+            ..TenantLimits::default()
+        }
+    );
+    assert_eq!(wf.limits.tasks_max, 64);
+    // Dotted keys and an integer number of bytes.
+    let wf = parse(&format!("tenant.memory_max = 1048576\n{MINIMAL}")).unwrap();
+    assert_eq!(wf.tenant_limits.memory_max, Some(ByteSize::mib(1)));
+    let json =
+        serde_json::to_value(parse(&format!("{MINIMAL}[tenant]\nmemory_max = \"1G\"\n")).unwrap())
+            .unwrap();
+    assert_eq!(json["tenant_limits"]["memory_max"], "1G");
+    assert_eq!(json["tenant_limits"]["cpu_quota"], serde_json::Value::Null);
+}
+
+#[test]
+fn bad_tenant_values() {
+    let tenant = |body: &str| error(&format!("{MINIMAL}\n[tenant]\n{body}\n"));
+    assert_eq!(
+        tenant("memory_max = \"512K\""),
+        "policies/x.toml:6: tenant.memory_max: size \"512K\" is too small: expected at least \"1M\""
+    );
+    assert_eq!(
+        tenant("memory_max = \"lots\""),
+        "policies/x.toml:6: tenant.memory_max: invalid size \"lots\": expected a number with an \
+         optional K, M, G or T suffix, e.g. \"256M\""
+    );
+    assert_eq!(
+        tenant("memory_max = true"),
+        "policies/x.toml:6: tenant.memory_max: invalid type: boolean `true`, expected a size \
+         such as \"256M\" or an integer number of bytes"
+    );
+    assert_eq!(
+        tenant("cpu_quota = \"50\""),
+        "policies/x.toml:6: tenant.cpu_quota: invalid percentage \"50\": expected a whole number \
+         followed by '%', e.g. \"50%\""
+    );
+    assert!(tenant("cpu_quota = \"0%\"")
+        .starts_with("policies/x.toml:6: tenant.cpu_quota: 0% would stop the workers"));
+    assert_eq!(
+        tenant("memory_max = \"1G\"\ntasks_max = 1"),
+        "policies/x.toml:7: tenant.tasks_max: 1 is out of range: expected an integer from 2 to 4194304"
+    );
+    assert_eq!(
+        tenant("tasks_max = 4194305"),
+        "policies/x.toml:6: tenant.tasks_max: 4194305 is out of range: expected an integer from 2 to 4194304"
+    );
+    assert_eq!(
+        tenant("tasks_max = \"64\""),
+        "policies/x.toml:6: tenant.tasks_max: invalid type: string \"64\", expected an integer"
+    );
+    // The tenant's name written at the top level, where [tenant] is a table.
+    assert_eq!(
+        error(&format!("tenant = \"kid\"\n{MINIMAL}")),
+        "policies/x.toml:1: tenant: invalid type: string \"kid\", expected a table, e.g. [tenant] \
+         with memory_max = \"1G\"; the tenant's name goes in [workflow] as tenant = \"kid\""
+    );
+}
+
+#[test]
+fn unknown_key_in_tenant() {
+    assert_eq!(
+        error(&format!(
+            "{MINIMAL}[tenant]\nmemory_max = \"1G\"\nmemory = \"1G\"\n"
+        )),
+        "policies/x.toml:6: tenant.memory: unknown key; valid keys in [tenant] are: \
+         memory_max, cpu_quota, tasks_max"
+    );
+    assert_eq!(
+        error(&format!("{MINIMAL}[tenant]\ncall_timeout = \"30s\"\n")),
+        "policies/x.toml:5: tenant.call_timeout: unknown key; valid keys in [tenant] are: \
+         memory_max, cpu_quota, tasks_max; did you mean to put it in [limits]?"
+    );
+    assert_eq!(
+        error(&format!("{MINIMAL}[tenant]\nname = \"kid\"\n")),
+        "policies/x.toml:5: tenant.name: unknown key; valid keys in [tenant] are: \
+         memory_max, cpu_quota, tasks_max; did you mean to put it in [workflow]?"
+    );
+}
+
+const KID_A: &str = "[workflow]\nname = \"a\"\ntenant = \"kid\"\n";
+const KID_B: &str = "[workflow]\nname = \"b\"\ntenant = \"kid\"\n";
+
+#[test]
+fn conflicting_tenant_tables_name_both_files() {
+    let a = format!("{KID_A}\n[tenant]\nmemory_max = \"1G\"\ntasks_max = 256\n");
+    let b = format!("{KID_B}[tenant]\nmemory_max = \"512M\"\ntasks_max = 256\n");
+    let dir = TempDir::new(&[("a.toml", &a), ("b.toml", &b)]);
+    assert_eq!(
+        load_errors(&dir),
+        [format!(
+            "{}:5: tenant.memory_max: `[tenant]` of tenant \"kid\" differs from the one in \
+             {}:6: tenant.memory_max (memory_max \"512M\" here but \"1G\" there); a tenant's \
+             slice has one set of limits: make them equal or keep [tenant] in one file only",
+            dir.file("b.toml"),
+            dir.file("a.toml")
+        )]
+    );
+
+    // A key only one side writes: each side points at what it has.
+    let b = format!("{KID_B}[tenant]\ncpu_quota = \"50%\"\n");
+    let dir = TempDir::new(&[("a.toml", &a), ("b.toml", &b)]);
+    assert_eq!(
+        load_errors(&dir),
+        [format!(
+            "{}:4: tenant: `[tenant]` of tenant \"kid\" differs from the one in {}:6: \
+             tenant.memory_max (memory_max unset here but \"1G\" there, cpu_quota \"50%\" here \
+             but unset there, tasks_max unset here but 256 there); a tenant's slice has one set \
+             of limits: make them equal or keep [tenant] in one file only",
+            dir.file("b.toml"),
+            dir.file("a.toml")
+        )]
+    );
+
+    // An empty [tenant] table is a table too: it says "no limits".
+    let b = format!("{KID_B}[tenant]\n");
+    let dir = TempDir::new(&[("a.toml", &a), ("b.toml", &b)]);
+    let errors = load_errors(&dir);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "{}:4: tenant: `[tenant]` of tenant \"kid\" differs from the one in {}:6: tenant.memory_max",
+            dir.file("b.toml"),
+            dir.file("a.toml")
+        )),
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn tenant_table_in_one_file_is_inherited() {
+    // Equal values, written differently, agree; files without the table and
+    // other tenants are unaffected.
+    let a = format!("{KID_A}[tenant]\nmemory_max = \"1G\"\ntasks_max = 256\n");
+    let c = "[workflow]\nname = \"c\"\ntenant = \"kid\"\n[tenant]\ntasks_max = 256\nmemory_max = 1073741824\n";
+    let other = "[workflow]\nname = \"d\"\ntenant = \"other\"\n";
+    let dir = TempDir::new(&[
+        ("a.toml", &a),
+        ("b.toml", KID_B),
+        ("c.toml", c),
+        ("d.toml", other),
+    ]);
+    let p = load_dir(&dir.0).unwrap();
+    let expected = TenantLimits {
+        memory_max: Some(ByteSize::gib(1)),
+        cpu_quota: None,
+        tasks_max: Some(256),
+    };
+    let kid: TenantName = "kid".parse().unwrap();
+    assert_eq!(p.tenant_limits(&kid), expected);
+    for wf in p.workflows.iter().filter(|w| w.tenant == kid) {
+        assert_eq!(wf.tenant_limits, expected, "{}", wf.name);
+    }
+    let other: TenantName = "other".parse().unwrap();
+    assert_eq!(p.tenant_limits(&other), TenantLimits::default());
+    let absent: TenantName = "absent".parse().unwrap();
+    assert_eq!(p.tenant_limits(&absent), TenantLimits::default());
+
+    // The file without the table alone parses to no limits.
+    assert_eq!(parse(KID_B).unwrap().tenant_limits, TenantLimits::default());
 }

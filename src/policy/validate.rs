@@ -12,10 +12,12 @@ use super::document::Lines;
 use super::error::{Place, PolicyError};
 use super::names::check_unix_name;
 use super::path::PathTemplate;
-use super::raw::{RawClients, RawFile, RawLimits, RawLlm, RawPool, RawSandbox, SizeText};
+use super::raw::{
+    RawClients, RawFile, RawLimits, RawLlm, RawPool, RawSandbox, RawTenant, SizeText,
+};
 use super::schema::{
-    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, Workflow, DEFAULT_EXEC,
-    DEFAULT_WRITE,
+    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow,
+    DEFAULT_EXEC, DEFAULT_WRITE,
 };
 use super::units::{format_duration, parse_duration, ByteSize, Percent};
 
@@ -221,6 +223,7 @@ pub(crate) fn validate(
     let clients = clients(&mut c, wf.clients.unwrap_or_default());
     let sandbox = sandbox(&mut c, raw.sandbox.unwrap_or_default());
     let limits = limits(&mut c, raw.limits.unwrap_or_default());
+    let tenant_limits = tenant_limits(&mut c, raw.tenant.unwrap_or_default());
     let pool = pool(&mut c, raw.pool.unwrap_or_default());
     let env = env(&mut c, raw.env.unwrap_or_default());
     let llm = raw.llm.and_then(|l| llm(&mut c, l));
@@ -232,6 +235,7 @@ pub(crate) fn validate(
             clients,
             sandbox,
             limits,
+            tenant_limits,
             pool,
             env,
             llm,
@@ -287,17 +291,7 @@ fn sandbox(c: &mut Check<'_>, raw: RawSandbox) -> Sandbox {
 }
 
 fn limits(c: &mut Check<'_>, raw: RawLimits) -> Limits {
-    let cpu_quota = raw.cpu_quota.as_ref().and_then(|text| {
-        let p: Percent = c.parse("limits.cpu_quota", text)?;
-        if p.0 == 0 {
-            c.invalid(
-                "limits.cpu_quota",
-                "0% would stop the workers: expected more than 0%, e.g. \"50%\"; omit the key for no limit",
-            );
-            return None;
-        }
-        Some(p)
-    });
+    let cpu_quota = c.cpu_quota("limits.cpu_quota", raw.cpu_quota.as_deref());
     let call_timeout = match &raw.call_timeout {
         None => Duration::from_secs(30),
         Some(text) => match c.parse_with("limits.call_timeout", text, parse_duration) {
@@ -364,7 +358,35 @@ fn limits(c: &mut Check<'_>, raw: RawLimits) -> Limits {
     }
 }
 
+/// `[tenant]`: every key optional, no defaults.
+fn tenant_limits(c: &mut Check<'_>, raw: RawTenant) -> TenantLimits {
+    TenantLimits {
+        memory_max: c.opt_size(
+            "tenant.memory_max",
+            raw.memory_max.as_ref(),
+            ByteSize::mib(1),
+            None,
+        ),
+        cpu_quota: c.cpu_quota("tenant.cpu_quota", raw.cpu_quota.as_deref()),
+        tasks_max: c.opt_int("tenant.tasks_max", raw.tasks_max, 2..=4_194_304),
+    }
+}
+
 impl Check<'_> {
+    /// A `CPUQuota` percentage, more than 0%.
+    fn cpu_quota(&mut self, key: &str, text: Option<&str>) -> Option<Percent> {
+        let text = text?;
+        let p: Percent = self.parse(key, text)?;
+        if p.0 == 0 {
+            self.invalid(
+                key,
+                "0% would stop the workers: expected more than 0%, e.g. \"50%\"; omit the key for no limit",
+            );
+            return None;
+        }
+        Some(p)
+    }
+
     fn parse_with<T, E: Display>(
         &mut self,
         key: &str,

@@ -66,6 +66,10 @@ pub enum SandboxError {
     Orphaned,
     #[error("the worker must be single-threaded when it sandboxes itself, found {0} threads")]
     Threads(usize),
+    #[error(
+        "the worker is not inside its systemd scope {0}; refusing to run outside its cgroup limits"
+    )]
+    NotInScope(String),
 }
 
 /// What the running kernel offers, probed without changing anything.
@@ -100,6 +104,14 @@ pub fn confine_worker(spec: &SandboxSpec) -> Result<EffectiveSandbox, SandboxErr
     let threads = thread_count();
     if threads != 1 {
         return Err(SandboxError::Threads(threads));
+    }
+    // INVARIANT: with systemd, the broker created the scope before it sent
+    // Init; check rather than trust that the limits are around us.
+    if let Some(unit) = &spec.scope {
+        let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        if !cgroups.lines().any(|l| l.ends_with(&format!("/{unit}"))) {
+            return Err(SandboxError::NotInScope(unit.clone()));
+        }
     }
     let abi = sys::landlock_abi();
     // Open the Landlock path descriptors while we may still read everything.

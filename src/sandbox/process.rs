@@ -57,6 +57,8 @@ pub fn install_tool_hook(
     let limits = limits.clone();
     let mut layer = Some(layer);
     let hook = move || {
+        // A tool dies with its worker, even if the worker is killed outright.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
         let nofile = limits.open_files_max;
         setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile)?;
         setrlimit(

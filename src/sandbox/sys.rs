@@ -130,6 +130,32 @@ pub fn ambient_clear() -> io::Result<()> {
     .map(drop)
 }
 
+/// Takes a listening Unix stream socket that systemd passed (socket
+/// activation), after checking that it is one.
+pub fn listener_from_fd(fd: RawFd) -> io::Result<std::os::unix::net::UnixListener> {
+    let int_opt = |opt: libc::c_int| -> io::Result<libc::c_int> {
+        let mut val: libc::c_int = 0;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+        // SAFETY: getsockopt writes at most `len` bytes into `val`, a live
+        // local; it only inspects the descriptor.
+        check_int(unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut val).cast(), &mut len)
+        })?;
+        Ok(val)
+    };
+    if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX
+        || int_opt(libc::SO_TYPE)? != libc::SOCK_STREAM
+        || int_opt(libc::SO_ACCEPTCONN)? != 1
+    {
+        return Err(io::Error::other(format!(
+            "descriptor {fd} from systemd is not a listening Unix stream socket: check ListenStream= in corral.socket"
+        )));
+    }
+    // SAFETY: systemd passed this descriptor to this process for it alone
+    // (LISTEN_PID matched); it is a listening Unix stream socket (checked).
+    Ok(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
+}
+
 /// Reads `PR_GET_NO_NEW_PRIVS`.
 pub fn no_new_privs() -> bool {
     // SAFETY: no pointer arguments.

@@ -19,7 +19,15 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_corral");
 
 /// Users the tests expect (created by `scripts/setup-test-host.sh`).
 pub const WORKER_USER: &str = "corral-worker";
-pub const USERS: &[&str] = &["corral-worker", "corral-alice", "corral-kid", "corral-test", "alice", "kid", "mallory"];
+pub const USERS: &[&str] = &[
+    "corral-worker",
+    "corral-alice",
+    "corral-kid",
+    "corral-test",
+    "alice",
+    "kid",
+    "mallory",
+];
 
 fn feature_present(feature: &str) -> Result<(), String> {
     match feature {
@@ -69,7 +77,9 @@ fn feature_present(feature: &str) -> Result<(), String> {
             if missing.is_empty() {
                 Ok(())
             } else {
-                Err(format!("users {missing:?} missing: run scripts/setup-test-host.sh"))
+                Err(format!(
+                    "users {missing:?} missing: run scripts/setup-test-host.sh"
+                ))
             }
         }
         "python3" => which("python3"),
@@ -101,7 +111,9 @@ pub fn require(features: &[&str]) -> bool {
             if required.contains(f) || required.contains(&"all") {
                 panic!("required test feature {f} is missing: {why}");
             }
-            eprintln!("SKIP: feature {f} missing: {why} (set CORRAL_TEST_REQUIRE to make this fatal)");
+            eprintln!(
+                "SKIP: feature {f} missing: {why} (set CORRAL_TEST_REQUIRE to make this fatal)"
+            );
             return false;
         }
     }
@@ -120,7 +132,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// systemd in other tests.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("corral-tests");
-    let dir = base.join(format!("{name}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    let dir = base.join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     // Every ancestor up to / must be searchable by the workers' users.
@@ -183,7 +199,11 @@ pub struct BrokerOptions {
 
 impl Default for BrokerOptions {
     fn default() -> Self {
-        BrokerOptions { env: Vec::new(), wait_ready: true, pre_exec: None }
+        BrokerOptions {
+            env: Vec::new(),
+            wait_ready: true,
+            pre_exec: None,
+        }
     }
 }
 
@@ -210,18 +230,27 @@ impl Broker {
             .arg(&socket)
             .arg("--state-dir")
             .arg(&state)
+            // These tests exercise the rlimit mode on any host; the systemd
+            // suite (tests/systemd.rs) runs the real service.
+            .arg("--systemd=off")
             .env("RUST_LOG", "info")
             .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        if let Some(mut hook) = opts.pre_exec {
+        if let Some(hook) = opts.pre_exec {
             use std::os::unix::process::CommandExt;
             // SAFETY: the hook is documented to be async-signal-safe.
-            unsafe { cmd.pre_exec(move || hook()) };
+            unsafe { cmd.pre_exec(hook) };
         }
         let child = cmd.spawn().unwrap();
-        let broker = Broker { dir, socket, state, child, log };
+        let broker = Broker {
+            dir,
+            socket,
+            state,
+            child,
+            log,
+        };
         broker.wait_socket();
         if opts.wait_ready {
             broker.wait_ready();
@@ -249,13 +278,20 @@ impl Broker {
             let ready = st["workflows"].as_array().unwrap().iter().all(|w| {
                 !w["unavailable"].is_null()
                     || w["min_idle"].as_u64() == Some(0)
-                    || w["workers"].as_array().unwrap().iter().any(|k| k["state"] == "idle")
+                    || w["workers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|k| k["state"] == "idle")
             });
             if ready {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("workers did not become ready: {st:#}\nlog:\n{}", self.log_text());
+                panic!(
+                    "workers did not become ready: {st:#}\nlog:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -271,10 +307,18 @@ impl Broker {
 
     /// A raw HTTP request over the socket: (status code, JSON body).
     pub fn http(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
         let (status, bytes) = rt
-            .block_on(corral::client::request(&self.socket, method, path, body.map(<[u8]>::to_vec)))
+            .block_on(corral::client::request(
+                &self.socket,
+                method,
+                path,
+                body.map(<[u8]>::to_vec),
+            ))
             .unwrap();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status.as_u16(), json)
@@ -293,8 +337,14 @@ impl Broker {
 
     /// Runs `argv` in `workflow` and expects a 200 reply.
     pub fn exec(&self, workflow: &str, argv: &[&str]) -> Value {
-        let (code, reply) = self.exec_body(&serde_json::json!({ "workflow": workflow, "argv": argv }));
-        assert_eq!(code, 200, "exec {argv:?} in {workflow} failed: {reply:#}\nlog:\n{}", self.log_text());
+        let (code, reply) =
+            self.exec_body(&serde_json::json!({ "workflow": workflow, "argv": argv }));
+        assert_eq!(
+            code,
+            200,
+            "exec {argv:?} in {workflow} failed: {reply:#}\nlog:\n{}",
+            self.log_text()
+        );
         reply
     }
 
@@ -313,7 +363,9 @@ impl Broker {
             }
             None => Command::new(BIN),
         };
-        cmd.args(args).env("CORRAL_SOCKET", &self.socket).stdin(Stdio::null());
+        cmd.args(args)
+            .env("CORRAL_SOCKET", &self.socket)
+            .stdin(Stdio::null());
         cmd.output().unwrap()
     }
 
@@ -374,8 +426,17 @@ pub fn exit_code(reply: &Value) -> Option<i64> {
 
 /// A minimal policy for tests: `name`, tenant, optional user, extra TOML
 /// appended to the [sandbox] table, and [limits] / [pool] overrides.
-pub fn policy(name: &str, tenant: &str, user: Option<&str>, sandbox_extra: &str, limits: &str, pool: &str) -> PolicyFile {
-    let user_line = user.map(|u| format!("user = \"{u}\"\n")).unwrap_or_default();
+pub fn policy(
+    name: &str,
+    tenant: &str,
+    user: Option<&str>,
+    sandbox_extra: &str,
+    limits: &str,
+    pool: &str,
+) -> PolicyFile {
+    let user_line = user
+        .map(|u| format!("user = \"{u}\"\n"))
+        .unwrap_or_default();
     let text = format!(
         r#"[workflow]
 name = "{name}"
@@ -398,5 +459,8 @@ call_timeout = "10s"
 {pool}
 "#
     );
-    PolicyFile { name: format!("{name}.toml"), text }
+    PolicyFile {
+        name: format!("{name}.toml"),
+        text,
+    }
 }

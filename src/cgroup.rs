@@ -1,0 +1,221 @@
+//! Reading a worker's cgroup: memory, CPU, tasks, and the kernel's kill
+//! counters, on cgroup v1 (one hierarchy per controller) and v2 (unified).
+//! Paths come from `/proc/PID/cgroup`; the cgroup root is a parameter so the
+//! logic is testable without one.
+
+use std::path::{Path, PathBuf};
+
+/// The usual mount point of the cgroup file systems.
+pub const ROOT: &str = "/sys/fs/cgroup";
+
+/// Where one process's cgroups are, per controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Location {
+    /// The unified (v2) group, when the process has one with controllers.
+    pub unified: Option<PathBuf>,
+    pub memory: Option<PathBuf>,
+    pub cpu: Option<PathBuf>,
+    pub pids: Option<PathBuf>,
+}
+
+/// Parses `/proc/PID/cgroup` text into directories under `root`.
+pub fn locate(root: &Path, proc_cgroup: &str) -> Location {
+    let mut loc = Location::default();
+    let v1 = root.join("memory").is_dir() || root.join("pids").is_dir();
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            _ => continue,
+        };
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            if !v1 {
+                loc.unified = Some(root.join(rel));
+            }
+            continue;
+        }
+        for c in controllers.split(',') {
+            match c {
+                "memory" => loc.memory = Some(root.join("memory").join(rel)),
+                "cpuacct" => loc.cpu = Some(root.join("cpuacct").join(rel)),
+                "pids" => loc.pids = Some(root.join("pids").join(rel)),
+                _ => {}
+            }
+        }
+    }
+    loc
+}
+
+/// Resource figures of one cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub memory_current: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub cpu_usage_us: Option<u64>,
+    pub tasks_current: Option<u64>,
+    /// Processes the kernel's OOM killer ended in this group.
+    pub oom_kills: Option<u64>,
+    /// Times a fork was refused because of the task limit.
+    pub tasks_refused: Option<u64>,
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The value of `key` in a flat-keyed file (`memory.events`, `cpu.stat`).
+fn keyed(path: &Path, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+pub fn stats(loc: &Location) -> Stats {
+    if let Some(g) = &loc.unified {
+        return Stats {
+            memory_current: read_u64(&g.join("memory.current")),
+            memory_peak: read_u64(&g.join("memory.peak")),
+            cpu_usage_us: keyed(&g.join("cpu.stat"), "usage_usec"),
+            tasks_current: read_u64(&g.join("pids.current")),
+            oom_kills: keyed(&g.join("memory.events"), "oom_kill"),
+            tasks_refused: keyed(&g.join("pids.events"), "max"),
+        };
+    }
+    Stats {
+        memory_current: loc
+            .memory
+            .as_ref()
+            .and_then(|g| read_u64(&g.join("memory.usage_in_bytes"))),
+        memory_peak: loc
+            .memory
+            .as_ref()
+            .and_then(|g| read_u64(&g.join("memory.max_usage_in_bytes"))),
+        cpu_usage_us: loc
+            .cpu
+            .as_ref()
+            .and_then(|g| read_u64(&g.join("cpuacct.usage")))
+            .map(|ns| ns / 1000),
+        tasks_current: loc
+            .pids
+            .as_ref()
+            .and_then(|g| read_u64(&g.join("pids.current"))),
+        oom_kills: loc
+            .memory
+            .as_ref()
+            .and_then(|g| keyed(&g.join("memory.oom_control"), "oom_kill")),
+        tasks_refused: loc
+            .pids
+            .as_ref()
+            .and_then(|g| keyed(&g.join("pids.events"), "max")),
+    }
+}
+
+/// Stats of the cgroups `pid` is in.
+pub fn stats_of(pid: u32) -> Option<Stats> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    Some(stats(&locate(Path::new(ROOT), &text)))
+}
+
+/// The cgroup version in use here: "v2", "v1" or "hybrid".
+pub fn version(root: &Path) -> &'static str {
+    let unified = root.join("cgroup.controllers").is_file();
+    let v1 =
+        root.join("memory").join("memory.limit_in_bytes").is_file() || root.join("pids").is_dir();
+    match (unified, v1) {
+        (true, _) => "v2",
+        (false, true) => "v1",
+        (false, false) => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("corral-cg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn v1_hybrid_layout() {
+        let root = tmp("v1");
+        let scope = "corral.slice/corral-kid.slice/corral-homework-1.scope";
+        for (ctl, files) in [
+            (
+                "memory",
+                vec![
+                    ("memory.usage_in_bytes", "1000\n"),
+                    ("memory.max_usage_in_bytes", "5000\n"),
+                    (
+                        "memory.oom_control",
+                        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+                    ),
+                ],
+            ),
+            ("cpuacct", vec![("cpuacct.usage", "3000000\n")]),
+            (
+                "pids",
+                vec![("pids.current", "4\n"), ("pids.events", "max 7\n")],
+            ),
+        ] {
+            let d = root.join(ctl).join(scope);
+            std::fs::create_dir_all(&d).unwrap();
+            for (f, v) in files {
+                std::fs::write(d.join(f), v).unwrap();
+            }
+        }
+        let proc = format!("12:pids:/{scope}\n9:memory:/{scope}\n4:cpu,cpuacct:/{scope}\n1:name=systemd:/{scope}\n0::/{scope}\n");
+        let loc = locate(&root, &proc);
+        assert!(
+            loc.unified.is_none(),
+            "hybrid: the unified line has no controllers"
+        );
+        let s = stats(&loc);
+        assert_eq!(s.memory_current, Some(1000));
+        assert_eq!(s.memory_peak, Some(5000));
+        assert_eq!(s.cpu_usage_us, Some(3000));
+        assert_eq!(s.tasks_current, Some(4));
+        assert_eq!(s.oom_kills, Some(2));
+        assert_eq!(s.tasks_refused, Some(7));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn v2_layout() {
+        let root = tmp("v2");
+        let scope = "corral.slice/corral-kid.slice/corral-homework-1.scope";
+        let d = root.join(scope);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        for (f, v) in [
+            ("memory.current", "2000\n"),
+            ("memory.peak", "9000\n"),
+            ("cpu.stat", "usage_usec 4242\nuser_usec 1\n"),
+            ("pids.current", "3\n"),
+            ("memory.events", "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n"),
+            ("pids.events", "max 0\n"),
+        ] {
+            std::fs::write(d.join(f), v).unwrap();
+        }
+        let s = stats(&locate(&root, &format!("0::/{scope}\n")));
+        assert_eq!(version(&root), "v2");
+        assert_eq!(
+            s,
+            Stats {
+                memory_current: Some(2000),
+                memory_peak: Some(9000),
+                cpu_usage_us: Some(4242),
+                tasks_current: Some(3),
+                oom_kills: Some(1),
+                tasks_refused: Some(0),
+            }
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
