@@ -89,6 +89,8 @@ pub(crate) struct RawLlm {
     pub max_steps: Option<i64>,
     pub daily_tokens: Option<i64>,
     pub tenant_daily_tokens: Option<i64>,
+    pub timeout: Option<String>,
+    pub spike_factor: Option<f64>,
 }
 
 /// A size as written: a string (`"256M"`) or an integer number of bytes,

@@ -166,8 +166,9 @@ pub struct PoolConfig {
     pub queue: u32,
 }
 
-/// `[llm]`: an OpenAI-compatible endpoint (parsed and validated only).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// `[llm]`: the OpenAI-compatible endpoint the broker calls for this
+/// workflow's asks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Llm {
     /// `http://` or `https://` URL of the API root, e.g. `http://127.0.0.1:11434/v1`.
     pub base_url: String,
@@ -182,4 +183,15 @@ pub struct Llm {
     pub daily_tokens: Option<u64>,
     /// Tokens per day for the whole tenant.
     pub tenant_daily_tokens: Option<u64>,
+    /// Limit of one HTTP attempt at the provider, 100ms..=10min.
+    #[serde(serialize_with = "serialize_duration")]
+    pub timeout: Duration,
+    /// A warning is logged when the workflow's tokens in the current hour
+    /// exceed this many times its trailing 24-hour hourly average; > 1.
+    pub spike_factor: f64,
 }
+
+/// Default `[llm].timeout`.
+pub const DEFAULT_LLM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `[llm].spike_factor`.
+pub const DEFAULT_SPIKE_FACTOR: f64 = 5.0;

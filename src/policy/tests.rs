@@ -747,3 +747,33 @@ fn tenant_table_in_one_file_is_inherited() {
     // The file without the table alone parses to no limits.
     assert_eq!(parse(KID_B).unwrap().tenant_limits, TenantLimits::default());
 }
+
+#[test]
+fn llm_timeout_and_spike_factor() {
+    let llm =
+        |body: &str| format!("{MINIMAL}[llm]\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n{body}\n");
+    let wf = parse(&llm("")).unwrap();
+    let l = wf.llm.unwrap();
+    assert_eq!(l.timeout, Duration::from_secs(30));
+    assert!((l.spike_factor - 5.0).abs() < f64::EPSILON);
+    let wf = parse(&llm("timeout = \"2s\"\nspike_factor = 3")).unwrap();
+    let l = wf.llm.unwrap();
+    assert_eq!(l.timeout, Duration::from_secs(2));
+    assert!((l.spike_factor - 3.0).abs() < f64::EPSILON);
+    let wf = parse(&llm("spike_factor = 2.5")).unwrap();
+    assert!((wf.llm.unwrap().spike_factor - 2.5).abs() < f64::EPSILON);
+    assert_eq!(
+        error(&llm("spike_factor = 0.5")),
+        "policies/x.toml:7: llm.spike_factor: 0.5 is out of range: expected a number above 1, \
+         e.g. 5.0 (warn when an hour uses 5 times the trailing hourly average)"
+    );
+    assert_eq!(
+        error(&llm("spike_factor = \"5\"")),
+        "policies/x.toml:7: llm.spike_factor: invalid type: string \"5\", expected f64"
+    );
+    assert_eq!(
+        error(&llm("timeout = \"10m1s\"")),
+        "policies/x.toml:7: llm.timeout: duration \"10m1s\" is out of range: expected from \
+         100ms to 10m"
+    );
+}

@@ -17,13 +17,15 @@ use super::raw::{
 };
 use super::schema::{
     Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow,
-    DEFAULT_EXEC, DEFAULT_WRITE,
+    DEFAULT_EXEC, DEFAULT_LLM_TIMEOUT, DEFAULT_SPIKE_FACTOR, DEFAULT_WRITE,
 };
 use super::units::{format_duration, parse_duration, ByteSize, Percent};
 
 const MIN_CALL_TIMEOUT: Duration = Duration::from_millis(10);
 const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const MAX_STREAM: ByteSize = ByteSize::mib(4);
+const MIN_LLM_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_LLM_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Collects errors for one file.
 struct Check<'a> {
@@ -512,6 +514,38 @@ fn llm(c: &mut Check<'_>, raw: RawLlm) -> Option<Llm> {
         raw.tenant_daily_tokens,
         1..=i64::MAX,
     );
+    let timeout = match &raw.timeout {
+        None => DEFAULT_LLM_TIMEOUT,
+        Some(text) => match c.parse_with("llm.timeout", text, parse_duration) {
+            Some(d) if (MIN_LLM_TIMEOUT..=MAX_LLM_TIMEOUT).contains(&d) => d,
+            Some(_) => {
+                c.invalid(
+                    "llm.timeout",
+                    format!(
+                        "duration {text:?} is out of range: expected from {} to {}",
+                        format_duration(MIN_LLM_TIMEOUT),
+                        format_duration(MAX_LLM_TIMEOUT)
+                    ),
+                );
+                DEFAULT_LLM_TIMEOUT
+            }
+            None => DEFAULT_LLM_TIMEOUT,
+        },
+    };
+    let spike_factor = match raw.spike_factor {
+        None => DEFAULT_SPIKE_FACTOR,
+        Some(f) if f.is_finite() && f > 1.0 => f,
+        Some(f) => {
+            c.invalid(
+                "llm.spike_factor",
+                format!(
+                    "{f} is out of range: expected a number above 1, e.g. 5.0 \
+                     (warn when an hour uses 5 times the trailing hourly average)"
+                ),
+            );
+            DEFAULT_SPIKE_FACTOR
+        }
+    };
     Some(Llm {
         base_url: base_url?,
         model: model?,
@@ -519,5 +553,7 @@ fn llm(c: &mut Check<'_>, raw: RawLlm) -> Option<Llm> {
         max_steps,
         daily_tokens,
         tenant_daily_tokens,
+        timeout,
+        spike_factor,
     })
 }
