@@ -14,6 +14,9 @@ use crate::protocol::EffectiveSandbox;
 
 pub const EXEC_PATH: &str = "/v1/exec";
 pub const STATUS_PATH: &str = "/v1/status";
+pub const ASK_PATH: &str = "/v1/ask";
+/// OpenAI-compatible: `model` names the workflow.
+pub const CHAT_PATH: &str = "/v1/chat/completions";
 /// Header carrying the request id on every answer.
 pub const REQUEST_ID_HEADER: &str = "x-corral-request-id";
 
@@ -91,12 +94,19 @@ pub struct ErrorReply {
 pub struct ErrorInfo {
     /// Stable, machine-readable: `bad_request`, `invalid_json`, `forbidden`,
     /// `unknown_workflow`, `not_found`, `method_not_allowed`, `too_large`,
-    /// `busy`, `unavailable`, `worker_died`, `timeout`, `internal`.
+    /// `busy`, `unavailable`, `worker_died`, `timeout`, `internal`; for
+    /// asks also `no_llm`, `budget_exhausted`, `provider_unauthorized`,
+    /// `model_not_found`, `provider_rate_limited`, `provider_down`,
+    /// `provider_timeout`, `provider_rejected`, `bad_provider_response`.
     pub code: String,
     /// What went wrong and what to do about it.
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// With `budget_exhausted`: when the budget resets (the next UTC
+    /// midnight), e.g. `2025-01-31T00:00:00Z`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,4 +159,147 @@ pub struct WorkerStatus {
     /// Memory, CPU and tasks of the worker's scope (with systemd).
     pub cgroup: Option<crate::cgroup::Stats>,
     pub sandbox: Option<EffectiveSandbox>,
+}
+
+/// `POST /v1/ask`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AskBody {
+    pub workflow: String,
+    pub prompt: String,
+    /// Earlier turns, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conversation: Vec<ConversationMessage>,
+}
+
+/// One earlier turn of a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AskReply {
+    pub request_id: String,
+    pub workflow: String,
+    pub model: String,
+    /// The model's final answer; `None` when the loop stopped without one.
+    pub answer: Option<String>,
+    /// `answer` or `max_steps`.
+    pub stopped: String,
+    /// Model calls made.
+    pub steps: u32,
+    /// Every tool call, in order.
+    pub transcript: Vec<ToolCallReport>,
+    /// As the providers reported them to the broker.
+    pub usage: UsageReport,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolCallReport {
+    pub tool: String,
+    pub argv: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: u64,
+    pub truncated: bool,
+    pub timed_out: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub model_calls: u32,
+}
+
+/// `POST /v1/chat/completions`, as OpenAI clients send it. Fields corral
+/// does not use (temperature, …) are accepted and ignored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatBody {
+    /// The workflow.
+    pub model: String,
+    pub messages: Vec<ChatBodyMessage>,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatBodyMessage {
+    pub role: String,
+    /// A string, or an array of `{"type": "text", "text": …}` parts.
+    #[serde(default)]
+    pub content: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatReply {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: ChatUsage,
+    /// corral's extras: the request id and the tool transcript.
+    pub corral: ChatExtras,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatReplyMessage,
+    /// `stop`, or `length` when the agent ran out of steps.
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatReplyMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatExtras {
+    pub request_id: String,
+    pub transcript: Vec<ToolCallReport>,
+}
+
+/// One server-sent event of a streamed chat completion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ChatUsage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChatDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }

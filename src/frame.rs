@@ -137,6 +137,7 @@ mod tests {
     fn exec(stdin: Vec<u8>) -> ToWorker {
         ToWorker::Exec(ExecRequest {
             id: 7,
+            request_id: "r-7".into(),
             argv: vec!["echo".into(), "héllo ✓".into()],
             stdin,
             timeout_ms: 1000,

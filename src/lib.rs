@@ -9,14 +9,17 @@
 //! # Layout
 //!
 //! - [`policy`]: the TOML policy schema, loading and validation.
-//! - [`broker`]: listener, HTTP API, authorization, pools, worker launcher.
-//! - [`worker`]: the worker process: confine, then serve tool calls.
+//! - [`broker`]: listener, HTTP API, authorization, pools, worker launcher,
+//!   the LLM gateway (keys, retries, budgets) and its token ledger.
+//! - [`worker`]: the worker process: confine, then serve tool calls and run
+//!   the agent loop (model → tools → model …) of asks.
 //! - [`sandbox`]: privilege drop, Landlock, seccomp, process control. All
 //!   `unsafe` code and raw syscalls live here.
 //! - [`protocol`] and [`frame`]: broker ↔ worker messages and their framing.
 //! - [`cgroup`]: reading a worker's cgroup (v1 and v2).
 //! - [`api`] and [`client`]: client ↔ broker HTTP types and a small client.
 //! - [`cli`]: the client-side subcommands.
+//! - [`utc`]: UTC day and hour arithmetic for budgets and the ledger.
 //!
 //! # Threat model
 //!
@@ -25,6 +28,10 @@
 //! see or signal other workflows' processes, gain privileges, or outlive its
 //! call. The broker is trusted and holds what tools must not (keys, other
 //! tenants' data); clients are authenticated by the kernel (`SO_PEERCRED`).
+//! API keys live only in the broker: a worker asks it for completions over
+//! its socket pair and never sees a key, and token counts come from the
+//! provider's answers as the broker received them, so a worker cannot forge
+//! its usage.
 //! Kernel bugs and side channels are out of scope. Where the running kernel
 //! lacks a mechanism, the weaker result is reported, never hidden; a policy
 //! marked `required` refuses to start instead.
@@ -45,4 +52,5 @@ pub mod frame;
 pub mod policy;
 pub mod protocol;
 pub mod sandbox;
+pub mod utc;
 pub mod worker;

@@ -60,6 +60,46 @@ enum Command {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Ask a workflow's agent: `corral ask WORKFLOW "prompt"` prints the answer.
+    Ask {
+        #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the whole reply (answer, tool transcript, usage) as JSON.
+        #[arg(long)]
+        json: bool,
+        workflow: String,
+        prompt: String,
+    },
+    /// Tokens used, from the broker's ledger (reads the file directly).
+    Usage {
+        /// The broker's state directory (holds ledger.sqlite3).
+        #[arg(long, default_value = "/var/lib/corral")]
+        state_dir: PathBuf,
+        /// Only calls from this UTC date on, YYYY-MM-DD.
+        #[arg(long)]
+        since: Option<String>,
+        /// Group by workflow, tenant or model.
+        #[arg(long, value_enum, default_value = "workflow")]
+        by: corral::broker::ledger::GroupBy,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Probe a workflow end to end; exit 1 with a one-line reason when the
+    /// answer does not match or comes late.
+    Canary {
+        #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        workflow: String,
+        /// The prompt to send.
+        #[arg(long)]
+        prompt: String,
+        /// A regular expression the answer must match.
+        #[arg(long)]
+        expect: String,
+        /// Longest acceptable time for the whole ask, e.g. "5s".
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        max_latency: std::time::Duration,
+    },
     /// Show workflows, workers and their effective sandboxes.
     Status {
         #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -195,6 +235,11 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 },
                 Err(_) => None,
             };
+            // Keys: systemd's LoadCredential= directory, else the environment.
+            let credentials = corral::broker::llm::CredentialStore {
+                dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+                env: std::env::vars().collect(),
+            };
             let config = corral::broker::Config {
                 policies,
                 socket,
@@ -205,6 +250,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 log_filter,
                 systemd,
                 drain_timeout,
+                credentials,
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(corral::broker::run(config))
@@ -230,6 +276,48 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 send_stdin: stdin,
                 timeout_ms,
             }))
+        }
+        Command::Ask {
+            socket,
+            json,
+            workflow,
+            prompt,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(corral::cli::ask::run(&socket, &workflow, &prompt, json))
+        }
+        Command::Usage {
+            state_dir,
+            since,
+            by,
+            json,
+        } => corral::cli::usage::run(&state_dir, since.as_deref(), by, json),
+        Command::Canary {
+            socket,
+            workflow,
+            prompt,
+            expect,
+            max_latency,
+        } => {
+            let expect = match regex::Regex::new(&expect) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("canary {workflow}: FAIL: invalid --expect: {e}");
+                    return Ok(corral::cli::canary::EXIT_FAILED);
+                }
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(rt.block_on(corral::cli::canary::run(
+                &socket,
+                &workflow,
+                &prompt,
+                &expect,
+                max_latency,
+            )))
         }
         Command::Status { socket, json } => {
             let rt = tokio::runtime::Builder::new_current_thread()

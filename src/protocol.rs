@@ -4,7 +4,14 @@
 //! `postcard`. The broker speaks first: [`ToWorker::Init`] carries the
 //! sandbox the worker must put itself in; the worker answers with
 //! [`FromWorker::Ready`] (the sandbox it actually got) or
-//! [`FromWorker::Refused`], and only then serves [`ToWorker::Exec`] calls.
+//! [`FromWorker::Refused`], and only then serves [`ToWorker::Exec`] and
+//! [`ToWorker::Ask`] calls, one at a time.
+//!
+//! During an `Ask` the worker may send any number of
+//! [`FromWorker::Complete`] frames; the broker answers each with one
+//! [`ToWorker::Completion`] before the worker sends anything else, and the
+//! call ends with [`FromWorker::Answered`]. The broker, not the worker, talks
+//! to the model provider: the worker never sees a key, a URL or a budget.
 //! These types are the worker's only view of a policy: it never reads policy
 //! files itself.
 
@@ -19,6 +26,10 @@ pub enum ToWorker {
     Init(Box<SandboxSpec>),
     /// Run one tool call.
     Exec(ExecRequest),
+    /// Run the agent loop for one prompt.
+    Ask(AskRequest),
+    /// The broker's answer to a [`FromWorker::Complete`].
+    Completion(CompletionReply),
 }
 
 /// Worker → broker.
@@ -31,6 +42,10 @@ pub enum FromWorker {
     Refused(String),
     /// The result of an [`ExecRequest`].
     Done(ExecOutcome),
+    /// During an [`AskRequest`]: ask the broker for one model completion.
+    Complete(CompleteRequest),
+    /// The result of an [`AskRequest`].
+    Answered(AskOutcome),
 }
 
 /// Whether a sandbox layer is mandatory.
@@ -90,6 +105,8 @@ pub struct ToolLimits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub id: u64,
+    /// The API request this call belongs to, for the worker's log lines.
+    pub request_id: String,
     pub argv: Vec<String>,
     pub stdin: Vec<u8>,
     pub timeout_ms: u64,
@@ -146,4 +163,166 @@ pub struct EffectiveSandbox {
     pub network_blocked: bool,
     /// Everything that is weaker than the policy asked for, in words.
     pub notes: Vec<String>,
+}
+
+/// Tool calls the agent loop runs at most per model step; the rest of a
+/// step's calls are answered "refused" without running, so an ask's time
+/// stays bounded.
+pub const MAX_TOOL_CALLS_PER_STEP: u32 = 8;
+
+/// Who wrote a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+/// One message of a conversation with a model, in the shape every
+/// OpenAI-compatible endpoint understands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: Option<String>,
+    /// Tools the assistant asked for (assistant messages only).
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a tool message answers (tool messages only).
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role,
+            content: Some(content.into()),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A function call the model asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// JSON text, as the model wrote it (it may be invalid).
+    pub arguments: String,
+}
+
+/// A tool offered to the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments, as JSON text (postcard cannot carry a
+    /// free-form JSON value).
+    pub parameters: String,
+}
+
+/// Token counts, as the provider reported them to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, other: Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
+    }
+}
+
+/// One prompt for the agent loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AskRequest {
+    pub id: u64,
+    pub request_id: String,
+    pub prompt: String,
+    /// Earlier messages (system, user, assistant), oldest first.
+    pub conversation: Vec<ChatMessage>,
+    /// Model round trips at most; the loop stops there without an answer.
+    pub max_steps: u32,
+    /// For the worker's log only: the broker always uses the policy's model.
+    pub model: String,
+    /// Wall-clock limit of each tool call.
+    pub tool_timeout_ms: u64,
+    /// Limit of the whole ask, enforced by the broker.
+    pub timeout_ms: u64,
+}
+
+/// Worker → broker during an ask: the conversation so far and the tools.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    /// The ask this belongs to.
+    pub id: u64,
+    /// 1 for the first model call of the ask, then 2, …
+    pub step: u32,
+    pub messages: Vec<ChatMessage>,
+    pub tools: Vec<ToolSpec>,
+}
+
+/// What the model answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub message: ChatMessage,
+    pub finish_reason: Option<String>,
+    pub usage: Usage,
+}
+
+/// Broker → worker: the answer to one [`CompleteRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionReply {
+    pub id: u64,
+    pub step: u32,
+    /// `Err` says what went wrong and what to do; the loop ends with it.
+    pub result: Result<Completion, String>,
+}
+
+/// One tool call of an ask, as the transcript shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolRecord {
+    /// `shell`, `read_file`, `write_file`, `list_dir`, or the unknown name
+    /// the model used.
+    pub tool: String,
+    /// The command that ran (empty when the arguments were refused).
+    pub argv: Vec<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: u64,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub truncated: bool,
+    pub timed_out: bool,
+    /// Why the call did not run (bad arguments, not started).
+    pub error: Option<String>,
+}
+
+/// How an ask ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AskStop {
+    /// The model gave a final answer.
+    Answer,
+    /// `max_steps` model calls were made without a final answer.
+    MaxSteps,
+    /// A model call failed; the message is the broker's.
+    Failed(String),
+}
+
+/// The result of an [`AskRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AskOutcome {
+    pub id: u64,
+    pub answer: Option<String>,
+    pub stop: AskStop,
+    /// Model calls made.
+    pub steps: u32,
+    pub transcript: Vec<ToolRecord>,
+    /// As the worker added it up from the broker's answers; the broker
+    /// reports its own count, never this one.
+    pub usage: Usage,
 }

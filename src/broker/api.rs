@@ -1,6 +1,6 @@
-//! HTTP routes: `POST /v1/exec` and `GET /v1/status`, JSON in and out.
-//! Every error is an [`ErrorReply`] with a stable code and a message that
-//! says what to do.
+//! HTTP routes: `POST /v1/exec`, `POST /v1/ask`, `POST /v1/chat/completions`
+//! and `GET /v1/status`, JSON in and out. Every error is an [`ErrorReply`]
+//! with a stable code and a message that says what to do.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,37 +13,42 @@ use hyper::{Method, Request, Response, StatusCode};
 use tracing::Instrument;
 
 use super::auth::{describe_uid, Peer};
-use super::launcher::{signal_name, CallError};
+use super::launcher::{signal_name, Answer, Call, CallError};
 use super::pool::SubmitError;
-use super::Broker;
-use crate::api::{self, ErrorInfo, ErrorReply, ExecBody, ExecReply, EXEC_PATH, STATUS_PATH};
+use super::{Broker, Workflow};
+use crate::api::{
+    self, ErrorInfo, ErrorReply, ExecBody, ExecReply, ASK_PATH, CHAT_PATH, EXEC_PATH, STATUS_PATH,
+};
 use crate::protocol::{ExecRequest, Termination};
 
 /// Largest request body accepted (stdin travels base64-encoded at worst).
 const MAX_BODY: usize = 8 << 20;
 /// How long a call may wait in the queue for a worker, on top of its timeout.
-const QUEUE_WAIT_MAX: Duration = Duration::from_secs(30);
+pub(super) const QUEUE_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// A failed request, as sent to the client.
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+    pub(super) status: StatusCode,
+    pub(super) code: &'static str,
+    pub(super) message: String,
+    /// When a spent budget resets (`budget_exhausted`).
+    pub(super) resets_at: Option<String>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
             message: message.into(),
+            resets_at: None,
         }
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+pub(super) type Reply = Response<Full<Bytes>>;
 
-fn json<T: serde::Serialize>(status: StatusCode, body: &T, request_id: &str) -> Reply {
+pub(super) fn json<T: serde::Serialize>(status: StatusCode, body: &T, request_id: &str) -> Reply {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
@@ -64,6 +69,7 @@ fn error_reply(e: ApiError, request_id: &str) -> Reply {
             code: e.code.to_string(),
             message: e.message,
             request_id: Some(request_id.to_string()),
+            resets_at: e.resets_at,
         },
     };
     json(e.status, &body, request_id)
@@ -112,17 +118,23 @@ async fn route(
     }
     let result = match (method.clone(), path.as_str()) {
         (Method::POST, EXEC_PATH) => exec(broker, peer, req, request_id).await,
+        (Method::POST, ASK_PATH) => super::ask::ask_route(broker, peer, req, request_id).await,
+        (Method::POST, CHAT_PATH) => super::chat::route(broker, peer, req, request_id).await,
         (Method::GET, STATUS_PATH) => Ok(json(StatusCode::OK, &broker.status(&peer), request_id)),
-        (_, EXEC_PATH | STATUS_PATH) => Err(ApiError::new(
+        (_, EXEC_PATH | ASK_PATH | CHAT_PATH | STATUS_PATH) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            format!("{method} is not allowed on {path}: use POST {EXEC_PATH} or GET {STATUS_PATH}"),
+            format!(
+                "{method} is not allowed on {path}: use POST {EXEC_PATH}, POST {ASK_PATH}, \
+                 POST {CHAT_PATH} or GET {STATUS_PATH}"
+            ),
         )),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!(
-                "no such endpoint {path}: corral serves POST {EXEC_PATH} and GET {STATUS_PATH}"
+                "no such endpoint {path}: corral serves POST {EXEC_PATH}, POST {ASK_PATH}, \
+                 POST {CHAT_PATH} and GET {STATUS_PATH}"
             ),
         )),
     };
@@ -140,7 +152,9 @@ async fn route(
     }
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -170,20 +184,19 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     })
 }
 
-async fn exec(
+/// The workflow `name`, when `peer` may use it; records it on the request's
+/// span.
+pub(super) fn authorize(
     broker: &Broker,
-    peer: Peer,
-    req: Request<Incoming>,
-    request_id: &str,
-) -> Result<Reply, ApiError> {
-    let body: ExecBody = read_json(req).await?;
-    let wf = broker.workflow(&body.workflow).ok_or_else(|| {
+    peer: &Peer,
+    name: &str,
+) -> Result<Arc<Workflow>, ApiError> {
+    let wf = broker.workflow(name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_workflow",
             format!(
-                "no workflow named {:?}; known workflows: {}",
-                body.workflow,
+                "no workflow named {name:?}; known workflows: {}",
                 broker.workflow_names().join(", ")
             ),
         )
@@ -191,8 +204,7 @@ async fn exec(
     let span = tracing::Span::current();
     span.record("workflow", wf.name.as_str());
     span.record("tenant", wf.policy.tenant.as_str());
-    let _in_flight = super::InFlight::new(&broker.in_flight);
-    if !wf.clients.allows(&peer) {
+    if !wf.clients.allows(peer) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -205,6 +217,46 @@ async fn exec(
             ),
         ));
     }
+    Ok(wf)
+}
+
+/// Maps a submission failure to the API's error.
+pub(super) fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Busy { .. } => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string())
+        }
+        SubmitError::Unavailable { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+/// Maps a failed call to the API's error.
+pub(super) fn call_error(wf: &Workflow, e: CallError) -> ApiError {
+    match e {
+        CallError::Died(why) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "worker_died",
+            format!("the worker of {} running the call died: {why}; it is being replaced, retry the call", wf.name),
+        ),
+        e @ CallError::Stuck(_) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{e}; retry the call"))
+        }
+    }
+}
+
+async fn exec(
+    broker: &Broker,
+    peer: Peer,
+    req: Request<Incoming>,
+    request_id: &str,
+) -> Result<Reply, ApiError> {
+    let body: ExecBody = read_json(req).await?;
+    let wf = authorize(broker, &peer, &body.workflow)?;
+    let _in_flight = super::InFlight::new(&broker.in_flight);
     if body.argv.is_empty() || body.argv[0].is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -267,21 +319,16 @@ async fn exec(
     let id = broker.next_call_id();
     let call = ExecRequest {
         id,
+        request_id: request_id.to_string(),
         argv: body.argv.clone(),
         stdin,
         timeout_ms,
     };
     tracing::info!(workflow = %wf.name, argv0 = %body.argv[0], "exec");
-    let rx = wf.pool.submit(call).map_err(|e| match e {
-        SubmitError::Busy { .. } => {
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string())
-        }
-        SubmitError::Unavailable { .. } => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
-    })?;
+    let rx = wf
+        .pool
+        .submit(Call::Exec(call), None)
+        .map_err(submit_error)?;
     let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
     let result = tokio::time::timeout(wait, rx).await.map_err(|_| {
         ApiError::new(
@@ -294,18 +341,22 @@ async fn exec(
         )
     })?;
     let (worker, outcome, limit) = match result {
-        Err(_) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the call was dropped by the broker; retry it")),
-        Ok(Err(CallError::Died(why))) => {
+        Err(_) => {
             return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "worker_died",
-                format!("the worker of {} running the call died: {why}; it is being replaced, retry the call", wf.name),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the call was dropped by the broker; retry it",
             ))
         }
-        Ok(Err(e @ CallError::Stuck(_))) => {
-            return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{e}; retry the call")))
+        Ok(Err(e)) => return Err(call_error(&wf, e)),
+        Ok(Ok((worker, Answer::Done(outcome), limit))) => (worker, outcome, limit),
+        Ok(Ok((_, Answer::Answered(_), _))) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the worker answered an exec with an ask result; retry it",
+            ))
         }
-        Ok(Ok(done)) => done,
     };
     let (exit_code, signal) = match outcome.termination {
         Termination::Exited(c) => (Some(c), None),

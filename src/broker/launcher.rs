@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
 
 use super::scope::{Systemd, UnitLimits};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::protocol::{
-    EffectiveSandbox, ExecOutcome, ExecRequest, FromWorker, SandboxSpec, ToWorker,
+    AskOutcome, AskRequest, CompleteRequest, Completion, CompletionReply, EffectiveSandbox,
+    ExecOutcome, ExecRequest, FromWorker, SandboxSpec, ToWorker,
 };
 use crate::sandbox::process::pass_fd_as_worker_fd;
 
@@ -57,6 +59,47 @@ pub enum CallError {
     #[error("the worker did not answer within {0:?} and was killed")]
     Stuck(Duration),
 }
+
+/// What a worker is asked to do.
+#[derive(Debug, Clone)]
+pub enum Call {
+    Exec(ExecRequest),
+    Ask(AskRequest),
+}
+
+impl Call {
+    fn id(&self) -> u64 {
+        match self {
+            Call::Exec(r) => r.id,
+            Call::Ask(r) => r.id,
+        }
+    }
+
+    /// How long the call may take, before the backstop.
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(match self {
+            Call::Exec(r) => r.timeout_ms,
+            Call::Ask(r) => r.timeout_ms,
+        })
+    }
+}
+
+/// What a worker answered.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Done(ExecOutcome),
+    Answered(AskOutcome),
+}
+
+/// A completion a worker asked for during an ask, handed to whoever serves
+/// the ask (it holds the budget and the key, the pool does not).
+pub struct CompletionJob {
+    pub request: CompleteRequest,
+    pub reply: oneshot::Sender<Result<Completion, String>>,
+}
+
+/// Where a call's completion requests go.
+pub type Completions = mpsc::Sender<CompletionJob>;
 
 /// A ready, sandboxed worker.
 pub struct Worker {
@@ -148,7 +191,7 @@ pub async fn start(
             let _ = child.wait().await;
             Err(StartError::Refused(why))
         }
-        Ok(Ok(Some(FromWorker::Done(_)))) => {
+        Ok(Ok(Some(FromWorker::Done(_) | FromWorker::Answered(_) | FromWorker::Complete(_)))) => {
             Err(StartError::Died("answered before it was asked".into()))
         }
         Ok(Ok(None)) => {
@@ -165,34 +208,81 @@ pub async fn start(
 
 impl Worker {
     /// Runs one call. `backstop` is how long past the call's own timeout we
-    /// wait before declaring the worker stuck.
+    /// wait before declaring the worker stuck. During an ask, every
+    /// completion the worker asks for goes to `completions` and its answer
+    /// back to the worker; a worker that asks without an ask in flight
+    /// breaks the protocol and is killed.
     pub async fn call(
         &mut self,
-        req: ExecRequest,
+        call: Call,
         backstop: Duration,
-    ) -> Result<ExecOutcome, CallError> {
-        let id = req.id;
-        let limit = Duration::from_millis(req.timeout_ms) + backstop;
-        if write_frame_async(&mut self.sock, &ToWorker::Exec(req))
-            .await
-            .is_err()
-        {
+        completions: Option<&Completions>,
+    ) -> Result<Answer, CallError> {
+        let id = call.id();
+        let limit = call.timeout() + backstop;
+        let deadline = tokio::time::Instant::now() + limit;
+        let is_ask = matches!(call, Call::Ask(_));
+        let frame = match call {
+            Call::Exec(r) => ToWorker::Exec(r),
+            Call::Ask(r) => ToWorker::Ask(r),
+        };
+        if write_frame_async(&mut self.sock, &frame).await.is_err() {
             return Err(CallError::Died(self.reap().await));
         }
-        let answer =
-            tokio::time::timeout(limit, read_frame_async::<_, FromWorker>(&mut self.sock)).await;
-        match answer {
-            Ok(Ok(Some(FromWorker::Done(outcome)))) if outcome.id == id => Ok(outcome),
-            Ok(Ok(Some(_))) => {
-                self.kill().await;
-                Err(CallError::Died(
-                    "protocol violation: unexpected answer; worker killed".into(),
-                ))
-            }
-            Ok(Ok(None)) | Ok(Err(_)) => Err(CallError::Died(self.reap().await)),
-            Err(_) => {
-                self.kill().await;
-                Err(CallError::Stuck(limit))
+        loop {
+            let answer = tokio::time::timeout_at(
+                deadline,
+                read_frame_async::<_, FromWorker>(&mut self.sock),
+            )
+            .await;
+            let msg = match answer {
+                Ok(Ok(Some(msg))) => msg,
+                Ok(Ok(None)) | Ok(Err(_)) => return Err(CallError::Died(self.reap().await)),
+                Err(_) => {
+                    self.kill().await;
+                    return Err(CallError::Stuck(limit));
+                }
+            };
+            match msg {
+                FromWorker::Done(outcome) if !is_ask && outcome.id == id => {
+                    return Ok(Answer::Done(outcome))
+                }
+                FromWorker::Answered(outcome) if is_ask && outcome.id == id => {
+                    return Ok(Answer::Answered(outcome))
+                }
+                FromWorker::Complete(request) if is_ask && request.id == id => {
+                    let step = request.step;
+                    let result = match completions {
+                        Some(tx) => {
+                            let (reply, rx) = oneshot::channel();
+                            if tx.send(CompletionJob { request, reply }).await.is_err() {
+                                Err("the request was abandoned by its client".to_string())
+                            } else {
+                                match tokio::time::timeout_at(deadline, rx).await {
+                                    Ok(Ok(r)) => r,
+                                    Ok(Err(_)) => {
+                                        Err("the request was abandoned by its client".to_string())
+                                    }
+                                    Err(_) => {
+                                        self.kill().await;
+                                        return Err(CallError::Stuck(limit));
+                                    }
+                                }
+                            }
+                        }
+                        None => Err("no model is available for this call".to_string()),
+                    };
+                    let reply = ToWorker::Completion(CompletionReply { id, step, result });
+                    if write_frame_async(&mut self.sock, &reply).await.is_err() {
+                        return Err(CallError::Died(self.reap().await));
+                    }
+                }
+                _ => {
+                    self.kill().await;
+                    return Err(CallError::Died(
+                        "protocol violation: unexpected answer; worker killed".into(),
+                    ));
+                }
             }
         }
     }

@@ -3,13 +3,19 @@
 //!
 //! Parts: [`setup`] turns a policy into a pool configuration, [`pool`] runs
 //! the workers ([`launcher`] starts one, [`scope`] puts it in a systemd
-//! scope), [`auth`] decides who may call what, [`api`] serves the routes,
-//! [`listener`] accepts connections, [`notify`] talks to the service manager.
+//! scope), [`auth`] decides who may call what, [`api`] serves the routes
+//! ([`ask`] and [`chat`] the prompts), [`llm`] is the gateway to model
+//! providers and [`ledger`] its token ledger, [`listener`] accepts
+//! connections, [`notify`] talks to the service manager.
 
 mod api;
+mod ask;
 mod auth;
+mod chat;
 mod launcher;
+pub mod ledger;
 mod listener;
+pub mod llm;
 mod notify;
 mod pool;
 pub mod scope;
@@ -57,6 +63,8 @@ pub struct Config {
     pub systemd: SystemdMode,
     /// How long SIGTERM waits for calls in flight.
     pub drain_timeout: Duration,
+    /// Where the LLM gateway finds API keys.
+    pub credentials: llm::CredentialStore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +87,8 @@ pub enum BrokerError {
     NoSystemd(Box<scope::ScopeError>),
     #[error("failed to stop the scopes left by an earlier broker: {0}")]
     StaleScopes(Box<scope::ScopeError>),
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
 }
 
 /// One workflow as the request path needs it.
@@ -104,6 +114,7 @@ pub struct Broker {
     request_seq: AtomicU64,
     call_seq: AtomicU64,
     in_flight: AtomicUsize,
+    gateway: llm::Gateway,
 }
 
 /// Counts a call in flight for as long as it lives.
@@ -329,6 +340,13 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     // its user from reading its memory or attaching to it.
     let _ = nix::sys::prctl::set_dumpable(false);
 
+    let ledger = Arc::new(ledger::Ledger::open(&config.state_dir)?);
+    let gateway = llm::Gateway::new(
+        ledger,
+        std::mem::take(&mut config.credentials),
+        llm::RetryPolicy::default(),
+    );
+
     let (listener, bound) = match config.listener.take() {
         Some(l) => (listener::from_std(l)?, false),
         None => (listener::bind(&config.socket)?, true),
@@ -342,6 +360,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         request_seq: AtomicU64::new(1),
         call_seq: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
+        gateway,
     });
     let (initial, _) = broker.build(&loaded, &Workflows::new()).await;
     let count = initial.len();

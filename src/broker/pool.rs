@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch, Mutex as AsyncMutex};
 
-use super::launcher::{self, CallError, ScopePlan, StartError, Worker};
+use super::launcher::{self, Answer, Call, CallError, Completions, ScopePlan, StartError, Worker};
 use super::scope::{scope_name, Systemd, UnitLimits};
 use crate::api::{WorkerStatus, WorkflowStatus};
 use crate::cgroup::{self, Location, Stats};
-use crate::protocol::{EffectiveSandbox, ExecOutcome, ExecRequest, SandboxSpec};
+use crate::protocol::{EffectiveSandbox, SandboxSpec};
 
 /// First restart delay; doubles per consecutive failure up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -58,12 +58,14 @@ pub struct PoolConfig {
     pub tasks_max: u32,
 }
 
-/// What a caller gets back: the worker id, the outcome, and the limit the
+/// What a caller gets back: the worker id, the answer, and the limit the
 /// kernel enforced during the call, if any.
-pub type CallResult = Result<(u64, ExecOutcome, Option<String>), CallError>;
+pub type CallResult = Result<(u64, Answer, Option<String>), CallError>;
 
 struct Job {
-    req: ExecRequest,
+    call: Call,
+    /// Where an ask's completion requests go.
+    completions: Option<Completions>,
     reply: oneshot::Sender<CallResult>,
 }
 
@@ -148,7 +150,8 @@ impl Pool {
     /// cannot run.
     pub fn submit(
         self: &Arc<Self>,
-        req: ExecRequest,
+        call: Call,
+        completions: Option<Completions>,
     ) -> Result<oneshot::Receiver<CallResult>, SubmitError> {
         if let Some(reason) = self.state().unavailable.clone() {
             return Err(SubmitError::Unavailable {
@@ -158,7 +161,11 @@ impl Pool {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .try_send(Job { req, reply })
+            .try_send(Job {
+                call,
+                completions,
+                reply,
+            })
             .map_err(|_| SubmitError::Busy {
                 workflow: self.cfg.workflow.clone(),
                 workers: self.cfg.max_workers,
@@ -449,7 +456,9 @@ impl Pool {
             self.state().busy += 1;
             let loc = self.state().cgroups.get(&id).cloned();
             let before = loc.as_ref().map(cgroup::stats);
-            let result = worker.call(job.req, BACKSTOP).await;
+            let result = worker
+                .call(job.call, BACKSTOP, job.completions.as_ref())
+                .await;
             let after = loc.as_ref().map(cgroup::stats);
             let limit = self.limit_hit(&before, &after);
             if let Some(l) = &limit {

@@ -1,9 +1,13 @@
-//! The client-side commands: `exec`, `status`, `policy check`.
+//! The client-side commands: `exec`, `ask`, `canary`, `usage`, `status`,
+//! `policy check`, `doctor`.
 
+pub mod ask;
+pub mod canary;
 pub mod check;
 pub mod doctor;
 pub mod exec;
 pub mod status;
+pub mod usage;
 
 use crate::api::ErrorReply;
 

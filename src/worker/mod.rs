@@ -6,9 +6,10 @@
 //! forks may then run ordinary code between fork and exec.
 //!
 //! Life: read `Init` → confine itself ([`crate::sandbox::confine_worker`]) →
-//! report `Ready` (or `Refused` and exit) → serve `Exec` calls one at a time
-//! until the broker closes the socket.
+//! report `Ready` (or `Refused` and exit) → serve `Exec` calls and `Ask`s
+//! ([`agent`]) one at a time until the broker closes the socket.
 
+mod agent;
 mod tool;
 
 use std::fs::File;
@@ -59,8 +60,20 @@ pub fn run() -> Result<(), WorkerError> {
     while let Some(msg) = read_frame::<_, ToWorker>(&mut sock)? {
         match msg {
             ToWorker::Exec(req) => {
+                let span = tracing::info_span!("exec", request_id = %req.request_id, call = req.id);
+                let _enter = span.enter();
                 let outcome = tool::run(&spec, &req, &devnull);
+                tracing::debug!(termination = ?outcome.termination, wall_us = outcome.wall_us, "exec done");
                 write_frame(&mut sock, &FromWorker::Done(outcome))?;
+            }
+            ToWorker::Ask(req) => {
+                let span = tracing::info_span!("ask", request_id = %req.request_id, call = req.id);
+                let _enter = span.enter();
+                let outcome = agent::run(&mut sock, &spec, &req, &devnull)?;
+                write_frame(&mut sock, &FromWorker::Answered(outcome))?;
+            }
+            ToWorker::Completion(_) => {
+                return Err(WorkerError::Protocol("Completion outside an ask"))
             }
             ToWorker::Init(_) => return Err(WorkerError::Protocol("Init sent twice")),
         }

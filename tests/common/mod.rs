@@ -464,3 +464,249 @@ call_timeout = "10s"
         text,
     }
 }
+
+// ---------------------------------------------------------------------------
+// LLM gateway helpers: a scripted OpenAI-compatible stub server on loopback.
+
+/// One scripted answer of the [`Stub`].
+#[derive(Clone)]
+pub struct Scripted {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    /// Wait this long before answering.
+    pub delay: Duration,
+}
+
+impl Scripted {
+    pub fn json(status: u16, body: &Value) -> Scripted {
+        Scripted {
+            status,
+            headers: Vec::new(),
+            body: body.to_string(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Scripted {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn delayed(mut self, d: Duration) -> Scripted {
+        self.delay = d;
+        self
+    }
+}
+
+/// A final answer with the given usage.
+pub fn answer(text: &str, prompt_tokens: u64, completion_tokens: u64) -> Scripted {
+    Scripted::json(
+        200,
+        &serde_json::json!({
+            "id": "chatcmpl-stub", "object": "chat.completion", "created": 1, "model": "stub-model",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}
+        }),
+    )
+}
+
+/// A tool call of `name` with `arguments` (a JSON value), 10 + 5 tokens.
+pub fn tool_call(id: &str, name: &str, arguments: &Value) -> Scripted {
+    Scripted::json(
+        200,
+        &serde_json::json!({
+            "id": "chatcmpl-stub", "object": "chat.completion", "created": 1, "model": "stub-model",
+            "choices": [{"index": 0, "finish_reason": "tool_calls",
+                         "message": {"role": "assistant", "content": null,
+                                     "tool_calls": [{"id": id, "type": "function",
+                                        "function": {"name": name, "arguments": arguments.to_string()}}]}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        }),
+    )
+}
+
+/// An OpenAI-style error body.
+pub fn api_error(status: u16, message: &str) -> Scripted {
+    Scripted::json(
+        status,
+        &serde_json::json!({"error": {"message": message, "type": "error", "param": null, "code": null}}),
+    )
+}
+
+/// A request the stub received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub path: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: Value,
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct StubState {
+    script: std::collections::VecDeque<Scripted>,
+    received: Vec<Received>,
+}
+
+/// An OpenAI-compatible server on 127.0.0.1 that answers from a script and
+/// records every request (headers included). Stops with the test process.
+pub struct Stub {
+    pub addr: std::net::SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<StubState>>,
+}
+
+impl Stub {
+    pub fn start(script: Vec<Scripted>) -> Stub {
+        use std::sync::{Arc, Mutex};
+        let state = Arc::new(Mutex::new(StubState {
+            script: script.into(),
+            received: Vec::new(),
+        }));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::clone(&state);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let shared = Arc::clone(&shared);
+                            async move {
+                                Ok::<_, std::convert::Infallible>(stub_answer(shared, req).await)
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        let addr = rx.recv().unwrap();
+        Stub { addr, state }
+    }
+
+    /// The `base_url` of the stub for a policy.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    pub fn push(&self, s: Scripted) {
+        self.state.lock().unwrap().script.push_back(s);
+    }
+}
+
+async fn stub_answer(
+    state: std::sync::Arc<std::sync::Mutex<StubState>>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    use http_body_util::BodyExt;
+    let path = req.uri().path().to_string();
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let bytes = req.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let next = {
+        let mut s = state.lock().unwrap();
+        s.received.push(Received {
+            path,
+            headers,
+            body,
+            at: Instant::now(),
+        });
+        s.script.pop_front()
+    };
+    let next = next.unwrap_or_else(|| api_error(500, "stub script exhausted"));
+    if !next.delay.is_zero() {
+        tokio::time::sleep(next.delay).await;
+    }
+    let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(
+        next.body,
+    )));
+    *resp.status_mut() = hyper::StatusCode::from_u16(next.status).unwrap();
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    for (k, v) in next.headers {
+        resp.headers_mut().insert(
+            hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            hyper::header::HeaderValue::from_str(&v).unwrap(),
+        );
+    }
+    resp
+}
+
+/// A test policy (see [`policy`]) for user corral-test with an `[llm]`
+/// table pointing at `base_url`; `llm_extra` is appended to that table.
+pub fn llm_policy(name: &str, tenant: &str, base_url: &str, llm_extra: &str) -> PolicyFile {
+    let mut p = policy(
+        name,
+        tenant,
+        Some("corral-test"),
+        "",
+        "",
+        "min_idle = 1\nmax_workers = 1",
+    );
+    let steps = if llm_extra.contains("max_steps") {
+        ""
+    } else {
+        "max_steps = 4\n"
+    };
+    p.text.push_str(&format!(
+        "\n[llm]\nbase_url = \"{base_url}\"\nmodel = \"stub-model\"\n{steps}{llm_extra}\n"
+    ));
+    p
+}
+
+impl Broker {
+    /// A raw HTTP request: (status, headers, body bytes).
+    pub fn http_raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+        let (status, bytes) = rt
+            .block_on(corral::client::request(
+                &self.socket,
+                method,
+                path,
+                Some(body.to_vec()),
+            ))
+            .unwrap();
+        (status.as_u16(), bytes.to_vec())
+    }
+
+    /// `POST /v1/ask`: (status, reply).
+    pub fn ask(&self, workflow: &str, prompt: &str) -> (u16, Value) {
+        let body = serde_json::json!({"workflow": workflow, "prompt": prompt});
+        self.http("POST", "/v1/ask", Some(body.to_string().as_bytes()))
+    }
+
+    /// The broker's ledger, opened read-write (tests may edit rows).
+    pub fn ledger(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(self.state.join("ledger.sqlite3")).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+}

@@ -1,0 +1,403 @@
+//! The token ledger: an SQLite file in the state directory
+//! (`ledger.sqlite3`), written only by the broker.
+//!
+//! One row per model call the gateway made or refused (`model_calls`) and
+//! one per tool call of an ask (`tool_calls`). Budgets are sums over these
+//! rows since the last UTC midnight, so they are checked against what
+//! providers reported to the broker, never against what a worker says.
+//! Times are Unix seconds (UTC). `corral usage` opens the same file
+//! read-only.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OpenFlags};
+
+use crate::protocol::{ToolRecord, Usage};
+use crate::utc;
+
+/// The ledger's file name inside the state directory.
+pub const FILE_NAME: &str = "ledger.sqlite3";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS model_calls (
+    id                INTEGER PRIMARY KEY,
+    time              INTEGER NOT NULL,
+    request_id        TEXT NOT NULL,
+    workflow          TEXT NOT NULL,
+    tenant            TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    total_tokens      INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    tries             INTEGER NOT NULL,
+    outcome           TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS model_calls_workflow_time ON model_calls (workflow, time);
+CREATE INDEX IF NOT EXISTS model_calls_tenant_time ON model_calls (tenant, time);
+CREATE TABLE IF NOT EXISTS tool_calls (
+    id           INTEGER PRIMARY KEY,
+    time         INTEGER NOT NULL,
+    request_id   TEXT NOT NULL,
+    workflow     TEXT NOT NULL,
+    tenant       TEXT NOT NULL,
+    tool         TEXT NOT NULL,
+    argv         TEXT NOT NULL,
+    exit_code    INTEGER,
+    signal       INTEGER,
+    duration_ms  INTEGER NOT NULL,
+    stdout_bytes INTEGER NOT NULL,
+    stderr_bytes INTEGER NOT NULL,
+    truncated    INTEGER NOT NULL,
+    timed_out    INTEGER NOT NULL
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("failed to open the ledger {path}: {source}; check that the state directory exists and is writable by the broker")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("failed to create the ledger's tables in {path}: {source}")]
+    Schema {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("failed to restrict the ledger {path} to the broker: {source}")]
+    Permissions {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("failed to write to the ledger: {0}")]
+    Write(#[source] rusqlite::Error),
+    #[error("failed to read the ledger: {0}")]
+    Read(#[source] rusqlite::Error),
+}
+
+/// One model call, as recorded.
+#[derive(Debug, Clone)]
+pub struct ModelCall<'a> {
+    pub time: i64,
+    pub request_id: &'a str,
+    pub workflow: &'a str,
+    pub tenant: &'a str,
+    pub model: &'a str,
+    pub usage: Usage,
+    pub latency_ms: u64,
+    pub tries: u32,
+    /// `ok`, or the error code (`budget_exhausted`, `timeout`, …).
+    pub outcome: &'a str,
+}
+
+/// Whose tokens a budget counts.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    Workflow(&'a str),
+    Tenant(&'a str),
+}
+
+/// What `corral usage` groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    Workflow,
+    Tenant,
+    Model,
+}
+
+/// One line of `corral usage`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageRow {
+    pub key: String,
+    pub calls: u64,
+    pub failed: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// A workflow's current hour far above its trailing average.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spike {
+    pub hour_tokens: u64,
+    pub hourly_average: f64,
+}
+
+pub struct Ledger {
+    conn: Mutex<Connection>,
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl Ledger {
+    /// Opens (creating if needed) `state_dir/ledger.sqlite3`, mode 0600:
+    /// tools must not read other tenants' calls.
+    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+        let path = state_dir.join(FILE_NAME);
+        let conn = Connection::open(&path).map_err(|source| LedgerError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| LedgerError::Permissions {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .map_err(|source| LedgerError::Schema {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Ledger {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Opens an existing ledger read-only (for `corral usage`).
+    pub fn open_read_only(path: &Path) -> Result<Ledger, LedgerError> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
+            |source| LedgerError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+        let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
+        Ok(Ledger {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves a usable connection.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record_model_call(&self, c: &ModelCall<'_>) -> Result<(), LedgerError> {
+        self.conn()
+            .execute(
+                "INSERT INTO model_calls (time, request_id, workflow, tenant, model, prompt_tokens, \
+                 completion_tokens, total_tokens, latency_ms, tries, outcome) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    c.time,
+                    c.request_id,
+                    c.workflow,
+                    c.tenant,
+                    c.model,
+                    to_i64(c.usage.prompt_tokens),
+                    to_i64(c.usage.completion_tokens),
+                    to_i64(c.usage.total_tokens),
+                    to_i64(c.latency_ms),
+                    c.tries,
+                    c.outcome
+                ],
+            )
+            .map(drop)
+            .map_err(LedgerError::Write)
+    }
+
+    pub fn record_tool_call(
+        &self,
+        time: i64,
+        request_id: &str,
+        workflow: &str,
+        tenant: &str,
+        t: &ToolRecord,
+    ) -> Result<(), LedgerError> {
+        let argv = serde_json::to_string(&t.argv).unwrap_or_default();
+        self.conn()
+            .execute(
+                "INSERT INTO tool_calls (time, request_id, workflow, tenant, tool, argv, exit_code, \
+                 signal, duration_ms, stdout_bytes, stderr_bytes, truncated, timed_out) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    time,
+                    request_id,
+                    workflow,
+                    tenant,
+                    t.tool,
+                    argv,
+                    t.exit_code,
+                    t.signal,
+                    to_i64(t.duration_ms),
+                    to_i64(t.stdout_bytes),
+                    to_i64(t.stderr_bytes),
+                    t.truncated,
+                    t.timed_out
+                ],
+            )
+            .map(drop)
+            .map_err(LedgerError::Write)
+    }
+
+    /// Tokens of `scope` in `[from, to)`.
+    pub fn tokens(&self, scope: Scope<'_>, from: i64, to: i64) -> Result<u64, LedgerError> {
+        let (column, value) = match scope {
+            Scope::Workflow(w) => ("workflow", w),
+            Scope::Tenant(t) => ("tenant", t),
+        };
+        let sql = format!(
+            "SELECT COALESCE(SUM(total_tokens), 0) FROM model_calls \
+             WHERE {column} = ?1 AND time >= ?2 AND time < ?3"
+        );
+        self.conn()
+            .query_row(&sql, params![value, from, to], |r| r.get::<_, i64>(0))
+            .map(to_u64)
+            .map_err(LedgerError::Read)
+    }
+
+    /// Tokens of `scope` since the last UTC midnight before `now`.
+    pub fn tokens_today(&self, scope: Scope<'_>, now: i64) -> Result<u64, LedgerError> {
+        self.tokens(scope, utc::day_start(now), i64::MAX)
+    }
+
+    /// Whether `workflow`'s tokens in the hour of `now` exceed `factor`
+    /// times its hourly average over the 24 hours before that hour. No
+    /// history, no spike: a new workflow has nothing to compare with.
+    pub fn spike(
+        &self,
+        workflow: &str,
+        now: i64,
+        factor: f64,
+    ) -> Result<Option<Spike>, LedgerError> {
+        let hour = utc::hour_start(now);
+        let current = self.tokens(Scope::Workflow(workflow), hour, i64::MAX)?;
+        let trailing = self.tokens(Scope::Workflow(workflow), hour - utc::DAY, hour)?;
+        let average = trailing as f64 / 24.0;
+        Ok(
+            (average > 0.0 && current as f64 > factor * average).then_some(Spike {
+                hour_tokens: current,
+                hourly_average: average,
+            }),
+        )
+    }
+
+    /// Model calls since `since`, summed per workflow, tenant or model.
+    pub fn usage(&self, since: i64, by: GroupBy) -> Result<Vec<UsageRow>, LedgerError> {
+        let column = match by {
+            GroupBy::Workflow => "workflow",
+            GroupBy::Tenant => "tenant",
+            GroupBy::Model => "model",
+        };
+        let sql = format!(
+            "SELECT {column}, COUNT(*), SUM(outcome != 'ok'), SUM(prompt_tokens), \
+             SUM(completion_tokens), SUM(total_tokens) FROM model_calls WHERE time >= ?1 \
+             GROUP BY {column} ORDER BY {column}"
+        );
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql).map_err(LedgerError::Read)?;
+        let rows = stmt
+            .query_map(params![since], |r| {
+                Ok(UsageRow {
+                    key: r.get(0)?,
+                    calls: to_u64(r.get(1)?),
+                    failed: to_u64(r.get(2)?),
+                    prompt_tokens: to_u64(r.get(3)?),
+                    completion_tokens: to_u64(r.get(4)?),
+                    total_tokens: to_u64(r.get(5)?),
+                })
+            })
+            .map_err(LedgerError::Read)?;
+        rows.collect::<Result<_, _>>().map_err(LedgerError::Read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_ledger() -> (Ledger, PathBuf) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "corral-ledger-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (Ledger::open(&dir).unwrap(), dir)
+    }
+
+    fn call(ledger: &Ledger, time: i64, workflow: &str, tenant: &str, model: &str, tokens: u64) {
+        ledger
+            .record_model_call(&ModelCall {
+                time,
+                request_id: "r",
+                workflow,
+                tenant,
+                model,
+                usage: Usage {
+                    prompt_tokens: tokens / 2,
+                    completion_tokens: tokens - tokens / 2,
+                    total_tokens: tokens,
+                },
+                latency_ms: 1,
+                tries: 1,
+                outcome: "ok",
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn budgets_count_since_utc_midnight_and_usage_groups() {
+        let (l, dir) = temp_ledger();
+        let now = utc::parse_date("2025-03-02").unwrap() + 10 * utc::HOUR;
+        call(&l, now - utc::DAY, "w", "t", "m1", 1000); // yesterday
+        call(&l, now - 60, "w", "t", "m1", 10);
+        call(&l, now, "w2", "t", "m2", 5);
+        assert_eq!(l.tokens_today(Scope::Workflow("w"), now).unwrap(), 10);
+        assert_eq!(l.tokens_today(Scope::Tenant("t"), now).unwrap(), 15);
+        let by_model = l.usage(0, GroupBy::Model).unwrap();
+        assert_eq!(by_model.len(), 2);
+        assert_eq!(
+            (
+                by_model[0].key.as_str(),
+                by_model[0].total_tokens,
+                by_model[0].calls
+            ),
+            ("m1", 1010, 2)
+        );
+        let today = l.usage(utc::day_start(now), GroupBy::Tenant).unwrap();
+        assert_eq!(today[0].total_tokens, 15);
+        assert_eq!(today[0].prompt_tokens + today[0].completion_tokens, 15);
+        let mode = std::fs::metadata(dir.join(FILE_NAME))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn spike_needs_history_and_the_factor() {
+        let (l, dir) = temp_ledger();
+        let now = utc::parse_date("2025-03-02").unwrap() + 10 * utc::HOUR + 5;
+        call(&l, now, "w", "t", "m", 1000);
+        assert_eq!(
+            l.spike("w", now, 5.0).unwrap(),
+            None,
+            "no history, no spike"
+        );
+        // 24 tokens over the trailing day: 1 per hour on average.
+        for h in 1..=24 {
+            call(&l, utc::hour_start(now) - h * utc::HOUR, "w", "t", "m", 1);
+        }
+        let s = l.spike("w", now, 5.0).unwrap().unwrap();
+        assert_eq!(s.hour_tokens, 1000);
+        assert!((s.hourly_average - 1.0).abs() < 1e-9);
+        assert_eq!(l.spike("w", now, 2000.0).unwrap(), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,22 @@
+//! The LLM gateway: the only part of corral that talks to model providers.
+//!
+//! A worker running an ask sends the conversation over its socket; the
+//! broker ([`gateway`]) checks the workflow's and the tenant's daily token
+//! budgets in the [ledger](super::ledger), adds the API key
+//! ([`credentials`]), calls the provider's OpenAI-compatible
+//! `/chat/completions` ([`provider`], through [`transport`], which retries
+//! with [`retry`]), records the tokens the provider reported, and answers
+//! with the completion or an [`GatewayError`] that says what to do.
+//! Workers have no network and never hold a key.
+
+mod credentials;
+mod error;
+mod gateway;
+mod provider;
+mod retry;
+mod transport;
+
+pub use credentials::{CredentialError, CredentialStore};
+pub use error::GatewayError;
+pub use gateway::{CallContext, Gateway};
+pub use retry::RetryPolicy;
