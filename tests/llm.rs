@@ -691,3 +691,34 @@ fn cli_ask_and_canary_exit_codes() {
     let out = b.cli(None, &["ask", "nope", "hi"]);
     assert_eq!(out.status.code(), Some(125), "{out:?}");
 }
+
+#[test]
+fn tenant_budget_counts_every_workflow_of_the_tenant() {
+    if !full_sandbox() {
+        return;
+    }
+    let stub = Stub::start(vec![answer("spent", 100, 50)]);
+    let b = Broker::start(
+        "llm-tenant",
+        &[
+            llm_policy("big", "lab", &stub.base_url(), ""),
+            llm_policy(
+                "small",
+                "lab",
+                &stub.base_url(),
+                "tenant_daily_tokens = 100",
+            ),
+        ],
+    );
+    let (code, r) = b.ask("big", "spend");
+    ok_reply(code, &r, &b);
+    let (code, r) = b.ask("small", "and now?");
+    assert_eq!(code, 429, "{r:#}");
+    assert_eq!(r["error"]["code"], "budget_exhausted");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("tenant lab") && msg.contains("tenant_daily_tokens"),
+        "{msg}"
+    );
+    assert_eq!(stub.received().len(), 1);
+}
