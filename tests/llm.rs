@@ -507,12 +507,14 @@ fn the_key_never_reaches_a_tool() {
     let (half_a, half_b) = secret.split_at(secret.len() / 2);
     // The tool assembles the secret in a shell variable (never in an argv or
     // the environment, where it would find itself) and searches for it.
+    // Errors go to the workspace: the sandbox may not open /dev/null for
+    // writing.
     let script = format!(
         r#"A='{half_a}'; B='{half_b}'; P="$A$B"
 c=$(env); case "$c" in *"$P"*) echo "FOUND in env";; esac
-printf '%s\n' "$P" | grep -alF -f - /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | sed 's/^/FOUND in /'
-n=$(printf '%s\n' "$P" | grep -aLF -f - /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | wc -l)
-printf '%s\n' "$P" | grep -rlF -f - /etc /usr/local "$HOME" /tmp /var/tmp /run /dev/shm 2>/dev/null | sed 's/^/FOUND in file /'
+printf '%s\n' "$P" | grep -alF -f - /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>>"$HOME/scan.err" | sed 's/^/FOUND in /'
+n=$(printf '%s\n' "$P" | grep -aLF -f - /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>>"$HOME/scan.err" | wc -l)
+printf '%s\n' "$P" | grep -rlF -f - /etc /usr/local "$HOME" /tmp /var/tmp /run /dev/shm 2>>"$HOME/scan.err" | sed 's/^/FOUND in file /'
 echo "scanned $n proc files""#
     );
     let stub = Stub::start(vec![
