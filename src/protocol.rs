@@ -193,12 +193,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn text(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role,
-            content: Some(content.into()),
-            tool_calls: Vec::new(),
-            tool_call_id: None,
-        }
+        ChatMessage { role, content: Some(content.into()), tool_calls: Vec::new(), tool_call_id: None }
     }
 }
 

@@ -8,10 +8,7 @@ pub const DAY: i64 = 24 * HOUR;
 
 /// Seconds since the Unix epoch, now.
 pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 /// The UTC midnight at or before `ts`.
@@ -46,27 +43,14 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        if m <= 2 {
-            yoe + era * 400 + 1
-        } else {
-            yoe + era * 400
-        },
-        m,
-        d,
-    )
+    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn format(ts: i64) -> String {
     let (y, m, d) = civil_from_days(ts.div_euclid(DAY));
     let s = ts.rem_euclid(DAY);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / HOUR,
-        (s % HOUR) / 60,
-        s % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / HOUR, (s % HOUR) / 60, s % 60)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,9 +94,6 @@ mod tests {
         assert!(parse_date("2025-02-29").is_err());
         assert!(parse_date("2025-1-01").is_err());
         assert!(parse_date("yesterday").is_err());
-        assert_eq!(
-            format(parse_date("2038-01-19").unwrap()),
-            "2038-01-19T00:00:00Z"
-        );
+        assert_eq!(format(parse_date("2038-01-19").unwrap()), "2038-01-19T00:00:00Z");
     }
 }

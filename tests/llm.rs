@@ -12,19 +12,12 @@ use common::*;
 use serde_json::{json, Value};
 
 fn uid_of(user: &str) -> u32 {
-    nix::unistd::User::from_name(user)
-        .unwrap()
-        .unwrap()
-        .uid
-        .as_raw()
+    nix::unistd::User::from_name(user).unwrap().unwrap().uid.as_raw()
 }
 
 /// The messages the stub received in request `i`.
 fn messages(stub: &Stub, i: usize) -> Vec<Value> {
-    stub.received()[i].body["messages"]
-        .as_array()
-        .unwrap()
-        .clone()
+    stub.received()[i].body["messages"].as_array().unwrap().clone()
 }
 
 /// The content of the last tool message the stub received in request `i`.
@@ -48,10 +41,7 @@ fn plain_answer_with_non_ascii_and_no_key() {
         return;
     }
     let stub = Stub::start(vec![answer("Grüß dich 👋 — 日本語もOK", 12, 7)]);
-    let b = Broker::start(
-        "llm-plain",
-        &[llm_policy("chat", "lab", &stub.base_url(), "")],
-    );
+    let b = Broker::start("llm-plain", &[llm_policy("chat", "lab", &stub.base_url(), "")]);
     let (code, r) = b.ask("chat", "Sag Hallo auf Deutsch 🇩🇪, bitte: «ç»");
     ok_reply(code, &r, &b);
     assert_eq!(r["answer"], "Grüß dich 👋 — 日本語もOK");
@@ -65,16 +55,9 @@ fn plain_answer_with_non_ascii_and_no_key() {
     assert_eq!(got[0].path, "/v1/chat/completions");
     assert_eq!(got[0].body["model"], "stub-model");
     let msgs = messages(&stub, 0);
-    assert_eq!(
-        msgs.last().unwrap()["content"],
-        "Sag Hallo auf Deutsch 🇩🇪, bitte: «ç»"
-    );
-    let tools: Vec<&str> = got[0].body["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["function"]["name"].as_str().unwrap())
-        .collect();
+    assert_eq!(msgs.last().unwrap()["content"], "Sag Hallo auf Deutsch 🇩🇪, bitte: «ç»");
+    let tools: Vec<&str> =
+        got[0].body["tools"].as_array().unwrap().iter().map(|t| t["function"]["name"].as_str().unwrap()).collect();
     assert_eq!(tools, ["shell", "read_file", "write_file", "list_dir"]);
     assert!(
         !got[0].headers.contains_key("authorization"),
@@ -92,15 +75,7 @@ fn plain_answer_with_non_ascii_and_no_key() {
         .unwrap();
     assert_eq!(
         row,
-        (
-            r["request_id"].as_str().unwrap().to_string(),
-            "chat".into(),
-            "lab".into(),
-            12,
-            7,
-            1,
-            "ok".into()
-        )
+        (r["request_id"].as_str().unwrap().to_string(), "chat".into(), "lab".into(), 12, 7, 1, "ok".into())
     );
 }
 
@@ -110,23 +85,12 @@ fn tool_calls_run_in_the_sandbox_and_escapes_fail() {
         return;
     }
     let stub = Stub::start(vec![
-        tool_call(
-            "c1",
-            "shell",
-            &json!({"command": "id -u; echo hi > note.txt"}),
-        ),
+        tool_call("c1", "shell", &json!({"command": "id -u; echo hi > note.txt"})),
         tool_call("c2", "shell", &json!({"command": "cat /etc/shadow"})),
-        tool_call(
-            "c3",
-            "write_file",
-            &json!({"path": "ünï 🎉.txt", "content": "Grüße 🎉\n"}),
-        ),
+        tool_call("c3", "write_file", &json!({"path": "ünï 🎉.txt", "content": "Grüße 🎉\n"})),
         answer("done ✅", 20, 3),
     ]);
-    let b = Broker::start(
-        "llm-tools",
-        &[llm_policy("agent", "lab", &stub.base_url(), "")],
-    );
+    let b = Broker::start("llm-tools", &[llm_policy("agent", "lab", &stub.base_url(), "")]);
     let (code, r) = b.ask("agent", "make a note");
     ok_reply(code, &r, &b);
     assert_eq!(r["answer"], "done ✅");
@@ -149,18 +113,12 @@ fn tool_calls_run_in_the_sandbox_and_escapes_fail() {
     assert!(!second.contains("root:"), "{second}");
 
     // write_file with a non-ASCII name and content.
-    assert_eq!(
-        std::fs::read_to_string(ws.join("ünï 🎉.txt")).unwrap(),
-        "Grüße 🎉\n"
-    );
+    assert_eq!(std::fs::read_to_string(ws.join("ünï 🎉.txt")).unwrap(), "Grüße 🎉\n");
 
     // Transcript and ledger agree with what happened.
     let t = r["transcript"].as_array().unwrap();
     assert_eq!(t.len(), 3);
-    assert_eq!(
-        t[0]["argv"],
-        json!(["sh", "-c", "id -u; echo hi > note.txt"])
-    );
+    assert_eq!(t[0]["argv"], json!(["sh", "-c", "id -u; echo hi > note.txt"]));
     assert_eq!(t[0]["exit_code"], 0);
     assert_eq!(t[1]["argv"], json!(["sh", "-c", "cat /etc/shadow"]));
     assert_ne!(t[1]["exit_code"], 0);
@@ -175,18 +133,13 @@ fn tool_calls_run_in_the_sandbox_and_escapes_fail() {
         .collect();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0].0, "shell");
-    assert_eq!(
-        serde_json::from_str::<Value>(&rows[0].1).unwrap(),
-        t[0]["argv"]
-    );
+    assert_eq!(serde_json::from_str::<Value>(&rows[0].1).unwrap(), t[0]["argv"]);
     assert_eq!(rows[0].2, Some(0));
     assert_ne!(rows[1].2, Some(0));
     let (calls, tokens): (i64, i64) = ledger
-        .query_row(
-            "SELECT COUNT(*), SUM(total_tokens) FROM model_calls WHERE outcome = 'ok'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .query_row("SELECT COUNT(*), SUM(total_tokens) FROM model_calls WHERE outcome = 'ok'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .unwrap();
     assert_eq!((calls, tokens), (4, 3 * 15 + 23));
     assert_eq!(r["usage"]["total_tokens"], 3 * 15 + 23);
@@ -195,8 +148,7 @@ fn tool_calls_run_in_the_sandbox_and_escapes_fail() {
     let id = r["request_id"].as_str().unwrap();
     let log = b.log_text();
     assert!(
-        log.lines()
-            .any(|l| l.contains("tool call") && l.contains(&format!("request_id={id}"))),
+        log.lines().any(|l| l.contains("tool call") && l.contains(&format!("request_id={id}"))),
         "no worker tool-call line with request_id={id}:\n{log}"
     );
 }
@@ -206,14 +158,9 @@ fn max_steps_stops_the_loop() {
     if !full_sandbox() {
         return;
     }
-    let stub = Stub::start(vec![
-        tool_call("a", "shell", &json!({"command": "true"})),
-        tool_call("b", "list_dir", &json!({})),
-    ]);
-    let b = Broker::start(
-        "llm-steps",
-        &[llm_policy("loop", "lab", &stub.base_url(), "max_steps = 2")],
-    );
+    let stub =
+        Stub::start(vec![tool_call("a", "shell", &json!({"command": "true"})), tool_call("b", "list_dir", &json!({}))]);
+    let b = Broker::start("llm-steps", &[llm_policy("loop", "lab", &stub.base_url(), "max_steps = 2")]);
     let (code, r) = b.ask("loop", "loop forever");
     ok_reply(code, &r, &b);
     assert_eq!(r["stopped"], "max_steps");
@@ -226,10 +173,7 @@ fn max_steps_stops_the_loop() {
     stub.push(tool_call("d", "shell", &json!({"command": "true"})));
     let out = b.cli(None, &["ask", "loop", "again"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no answer after 2 model calls"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no answer after 2 model calls"), "{out:?}");
 }
 
 #[test]
@@ -237,10 +181,7 @@ fn rate_limit_is_retried_after_retry_after() {
     if !full_sandbox() {
         return;
     }
-    let stub = Stub::start(vec![
-        api_error(429, "slow down").header("Retry-After", "1"),
-        answer("patient", 5, 5),
-    ]);
+    let stub = Stub::start(vec![api_error(429, "slow down").header("Retry-After", "1"), answer("patient", 5, 5)]);
     let b = Broker::start("llm-429", &[llm_policy("rl", "lab", &stub.base_url(), "")]);
     let (code, r) = b.ask("rl", "hi");
     ok_reply(code, &r, &b);
@@ -250,10 +191,7 @@ fn rate_limit_is_retried_after_retry_after() {
     let waited = got[1].at - got[0].at;
     assert!(waited >= Duration::from_secs(1), "waited only {waited:?}");
     assert!(waited < Duration::from_secs(3), "waited {waited:?}");
-    let tries: i64 = b
-        .ledger()
-        .query_row("SELECT tries FROM model_calls", [], |r| r.get(0))
-        .unwrap();
+    let tries: i64 = b.ledger().query_row("SELECT tries FROM model_calls", [], |r| r.get(0)).unwrap();
     assert_eq!(tries, 2);
 }
 
@@ -263,10 +201,7 @@ fn server_error_is_retried_and_persistent_failure_is_explained() {
         return;
     }
     let stub = Stub::start(vec![api_error(500, "oops"), answer("recovered", 1, 1)]);
-    let b = Broker::start(
-        "llm-500",
-        &[llm_policy("flaky", "lab", &stub.base_url(), "")],
-    );
+    let b = Broker::start("llm-500", &[llm_policy("flaky", "lab", &stub.base_url(), "")]);
     let (code, r) = b.ask("flaky", "hi");
     ok_reply(code, &r, &b);
     assert_eq!(r["answer"], "recovered");
@@ -279,10 +214,7 @@ fn server_error_is_retried_and_persistent_failure_is_explained() {
     assert_eq!(code, 502, "{r:#}");
     assert_eq!(r["error"]["code"], "provider_down");
     let msg = r["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("503") && msg.contains("after 4 tries") && msg.contains("retry later"),
-        "{msg}"
-    );
+    assert!(msg.contains("503") && msg.contains("after 4 tries") && msg.contains("retry later"), "{msg}");
     assert_eq!(stub.received().len(), 2 + 4);
 }
 
@@ -291,36 +223,17 @@ fn slow_provider_times_out() {
     if !full_sandbox() {
         return;
     }
-    let stub = Stub::start(vec![
-        answer("too late", 1, 1).delayed(Duration::from_secs(4))
-    ]);
-    let b = Broker::start(
-        "llm-slow",
-        &[llm_policy(
-            "slow",
-            "lab",
-            &stub.base_url(),
-            "timeout = \"1s\"",
-        )],
-    );
+    let stub = Stub::start(vec![answer("too late", 1, 1).delayed(Duration::from_secs(4))]);
+    let b = Broker::start("llm-slow", &[llm_policy("slow", "lab", &stub.base_url(), "timeout = \"1s\"")]);
     let started = Instant::now();
     let (code, r) = b.ask("slow", "hi");
     let took = started.elapsed();
     assert_eq!(code, 504, "{r:#}");
     assert_eq!(r["error"]["code"], "provider_timeout");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("llm.timeout"),
-        "{r:#}"
-    );
+    assert!(r["error"]["message"].as_str().unwrap().contains("llm.timeout"), "{r:#}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert_eq!(stub.received().len(), 1, "timeouts are not retried");
-    let outcome: String = b
-        .ledger()
-        .query_row("SELECT outcome FROM model_calls", [], |r| r.get(0))
-        .unwrap();
+    let outcome: String = b.ledger().query_row("SELECT outcome FROM model_calls", [], |r| r.get(0)).unwrap();
     assert_eq!(outcome, "provider_timeout");
 }
 
@@ -331,56 +244,22 @@ fn malformed_answers_and_provider_errors_are_explained() {
     }
     let mut bad = answer("", 0, 0);
     bad.body = "{\"choices\": [oops".into();
-    let stub = Stub::start(vec![
-        bad,
-        api_error(401, "invalid api key"),
-        api_error(404, "model 'stub-model' not found"),
-    ]);
+    let stub =
+        Stub::start(vec![bad, api_error(401, "invalid api key"), api_error(404, "model 'stub-model' not found")]);
     let b = Broker::start(
         "llm-bad",
-        &[llm_policy(
-            "bad",
-            "lab",
-            &stub.base_url(),
-            "credential = \"CORRAL_TEST_NO_SUCH_KEY\"",
-        )],
+        &[llm_policy("bad", "lab", &stub.base_url(), "credential = \"CORRAL_TEST_NO_SUCH_KEY\"")],
     );
     let (code, r) = b.ask("bad", "hi");
     assert_eq!(code, 502, "{r:#}");
     assert_eq!(r["error"]["code"], "bad_provider_response");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not a chat completion"),
-        "{r:#}"
-    );
+    assert!(r["error"]["message"].as_str().unwrap().contains("not a chat completion"), "{r:#}");
     let (code, r) = b.ask("bad", "hi");
-    assert_eq!(
-        (code, r["error"]["code"].as_str()),
-        (502, Some("provider_unauthorized")),
-        "{r:#}"
-    );
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("CORRAL_TEST_NO_SUCH_KEY"),
-        "{r:#}"
-    );
+    assert_eq!((code, r["error"]["code"].as_str()), (502, Some("provider_unauthorized")), "{r:#}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("CORRAL_TEST_NO_SUCH_KEY"), "{r:#}");
     let (code, r) = b.ask("bad", "hi");
-    assert_eq!(
-        (code, r["error"]["code"].as_str()),
-        (502, Some("model_not_found")),
-        "{r:#}"
-    );
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("llm.model"),
-        "{r:#}"
-    );
+    assert_eq!((code, r["error"]["code"].as_str()), (502, Some("model_not_found")), "{r:#}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("llm.model"), "{r:#}");
     assert_eq!(stub.received().len(), 3, "4xx and bad JSON are not retried");
 }
 
@@ -390,15 +269,7 @@ fn daily_budget_is_enforced_and_resets() {
         return;
     }
     let stub = Stub::start(vec![answer("first", 100, 50)]);
-    let b = Broker::start(
-        "llm-budget",
-        &[llm_policy(
-            "budget",
-            "lab",
-            &stub.base_url(),
-            "daily_tokens = 100",
-        )],
-    );
+    let b = Broker::start("llm-budget", &[llm_policy("budget", "lab", &stub.base_url(), "daily_tokens = 100")]);
     let (code, r) = b.ask("budget", "hi");
     ok_reply(code, &r, &b);
     // 150 of 100 tokens used: the next call is refused before the provider.
@@ -409,15 +280,10 @@ fn daily_budget_is_enforced_and_resets() {
     let midnight = corral::utc::format(corral::utc::day_start(now) + corral::utc::DAY);
     assert_eq!(r["error"]["resets_at"], midnight.as_str());
     let msg = r["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("150 of 100") && msg.contains(&midnight),
-        "{msg}"
-    );
+    assert!(msg.contains("150 of 100") && msg.contains(&midnight), "{msg}");
     assert_eq!(stub.received().len(), 1);
     // The next day: yesterday's rows no longer count.
-    b.ledger()
-        .execute("UPDATE model_calls SET time = time - 86400", [])
-        .unwrap();
+    b.ledger().execute("UPDATE model_calls SET time = time - 86400", []).unwrap();
     stub.push(answer("a new day", 10, 10));
     let (code, r) = b.ask("budget", "hi");
     ok_reply(code, &r, &b);
@@ -429,19 +295,10 @@ fn usage_sums_by_workflow_tenant_and_model() {
     if !full_sandbox() {
         return;
     }
-    let stub = Stub::start(vec![
-        answer("1", 10, 1),
-        answer("2", 20, 2),
-        answer("3", 30, 3),
-    ]);
+    let stub = Stub::start(vec![answer("1", 10, 1), answer("2", 20, 2), answer("3", 30, 3)]);
     let mut two = llm_policy("two", "lab", &stub.base_url(), "");
-    two.text = two
-        .text
-        .replace("model = \"stub-model\"", "model = \"other-model\"");
-    let b = Broker::start(
-        "llm-usage",
-        &[llm_policy("one", "lab", &stub.base_url(), ""), two],
-    );
+    two.text = two.text.replace("model = \"stub-model\"", "model = \"other-model\"");
+    let b = Broker::start("llm-usage", &[llm_policy("one", "lab", &stub.base_url(), ""), two]);
     for wf in ["one", "one", "two"] {
         let (code, r) = b.ask(wf, "count");
         ok_reply(code, &r, &b);
@@ -463,38 +320,15 @@ fn usage_sums_by_workflow_tenant_and_model() {
     let wf = table("workflow");
     assert_eq!(cols(&wf, "one"), ["one", "2", "0", "30", "3", "33"]);
     assert_eq!(cols(&wf, "two"), ["two", "1", "0", "30", "3", "33"]);
-    assert_eq!(
-        cols(&table("tenant"), "lab"),
-        ["lab", "3", "0", "60", "6", "66"]
-    );
+    assert_eq!(cols(&table("tenant"), "lab"), ["lab", "3", "0", "60", "6", "66"]);
     let model = table("model");
     assert_eq!(cols(&model, "stub-model")[5], "33");
     assert_eq!(cols(&model, "other-model")[5], "33");
     let today = corral::utc::format(corral::utc::now());
-    let out = b.cli(
-        None,
-        &[
-            "usage",
-            "--state-dir",
-            &state,
-            "--since",
-            &today[..10],
-            "--json",
-        ],
-    );
+    let out = b.cli(None, &["usage", "--state-dir", &state, "--since", &today[..10], "--json"]);
     let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 2);
-    let out = b.cli(
-        None,
-        &[
-            "usage",
-            "--state-dir",
-            &state,
-            "--since",
-            "2999-01-01",
-            "--json",
-        ],
-    );
+    let out = b.cli(None, &["usage", "--state-dir", &state, "--since", "2999-01-01", "--json"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
 }
 
@@ -517,22 +351,11 @@ n=$(printf '%s\n' "$P" | grep -aLF -f - /proc/[0-9]*/environ /proc/[0-9]*/cmdlin
 printf '%s\n' "$P" | grep -rlF -f - /etc /usr/local "$HOME" /tmp /var/tmp /run /dev/shm 2>>"$HOME/scan.err" | sed 's/^/FOUND in file /'
 echo "scanned $n proc files""#
     );
-    let stub = Stub::start(vec![
-        tool_call("k1", "shell", &json!({"command": script})),
-        answer("nothing found", 1, 1),
-    ]);
+    let stub = Stub::start(vec![tool_call("k1", "shell", &json!({"command": script})), answer("nothing found", 1, 1)]);
     let b = Broker::start_with(
         "llm-key",
-        &[llm_policy(
-            "keyed",
-            "lab",
-            &stub.base_url(),
-            "credential = \"CORRAL_TEST_API_KEY\"",
-        )],
-        BrokerOptions {
-            env: vec![("CORRAL_TEST_API_KEY".into(), secret.clone())],
-            ..BrokerOptions::default()
-        },
+        &[llm_policy("keyed", "lab", &stub.base_url(), "credential = \"CORRAL_TEST_API_KEY\"")],
+        BrokerOptions { env: vec![("CORRAL_TEST_API_KEY".into(), secret.clone())], ..BrokerOptions::default() },
     );
     let (code, r) = b.ask("keyed", "look for the key");
     ok_reply(code, &r, &b);
@@ -543,26 +366,13 @@ echo "scanned $n proc files""#
         "the provider got the key"
     );
     let result = last_tool_result(&stub, 1);
-    assert!(
-        result.contains("scanned"),
-        "the search did not finish: {result}"
-    );
-    let scanned: u32 = result
-        .split("scanned ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    assert!(
-        scanned >= 2,
-        "the tool could read its own /proc files: {result}"
-    );
+    assert!(result.contains("scanned"), "the search did not finish: {result}");
+    let scanned: u32 =
+        result.split("scanned ").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(scanned >= 2, "the tool could read its own /proc files: {result}");
     assert!(!result.contains("FOUND"), "{result}");
     assert!(!result.contains(&secret), "{result}");
-    assert!(
-        !b.log_text().contains(&secret),
-        "the key is in the broker's log"
-    );
+    assert!(!b.log_text().contains(&secret), "the key is in the broker's log");
 }
 
 #[test]
@@ -571,19 +381,12 @@ fn chat_completions_plain_and_streamed() {
         return;
     }
     let stub = Stub::start(vec![answer("Bonjour 🥐", 3, 2), answer("Streamed ✓", 4, 1)]);
-    let b = Broker::start(
-        "llm-chat",
-        &[llm_policy("chat", "lab", &stub.base_url(), "")],
-    );
+    let b = Broker::start("llm-chat", &[llm_policy("chat", "lab", &stub.base_url(), "")]);
     let body = json!({"model": "chat", "temperature": 0.2, "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Salut ?"}
     ]});
-    let (code, r) = b.http(
-        "POST",
-        "/v1/chat/completions",
-        Some(body.to_string().as_bytes()),
-    );
+    let (code, r) = b.http("POST", "/v1/chat/completions", Some(body.to_string().as_bytes()));
     ok_reply(code, &r, &b);
     assert_eq!(r["object"], "chat.completion");
     assert_eq!(r["model"], "chat");
@@ -603,41 +406,20 @@ fn chat_completions_plain_and_streamed() {
     let events: Vec<&str> = text
         .split("\n\n")
         .filter(|e| !e.is_empty())
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not SSE: {text}"))
-        })
+        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("not SSE: {text}")))
         .collect();
     assert_eq!(*events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    let content: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(content, "Streamed ✓");
-    assert!(chunks
-        .iter()
-        .all(|c| c["object"] == "chat.completion.chunk"));
-    assert_eq!(
-        chunks.last().unwrap()["choices"][0]["finish_reason"],
-        "stop"
-    );
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
     assert_eq!(messages(&stub, 1).last().unwrap()["content"], "stream it");
 
     // Unknown workflow: the usual error.
     let body = json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]});
-    let (code, r) = b.http(
-        "POST",
-        "/v1/chat/completions",
-        Some(body.to_string().as_bytes()),
-    );
-    assert_eq!(
-        (code, r["error"]["code"].as_str()),
-        (404, Some("unknown_workflow"))
-    );
+    let (code, r) = b.http("POST", "/v1/chat/completions", Some(body.to_string().as_bytes()));
+    assert_eq!((code, r["error"]["code"].as_str()), (404, Some("unknown_workflow")));
 }
 
 #[test]
@@ -656,19 +438,7 @@ fn cli_ask_and_canary_exit_codes() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "The answer is 42.\n");
     let canary = |expect: &str, latency: &str| {
-        b.cli(
-            None,
-            &[
-                "canary",
-                "cli",
-                "--prompt",
-                "6×7?",
-                "--expect",
-                expect,
-                "--max-latency",
-                latency,
-            ],
-        )
+        b.cli(None, &["canary", "cli", "--prompt", "6×7?", "--expect", expect, "--max-latency", latency])
     };
     let ok = canary(r"\b42\b", "10s");
     assert_eq!(ok.status.code(), Some(0), "{ok:?}");
@@ -679,17 +449,11 @@ fn cli_ask_and_canary_exit_codes() {
     assert!(err.contains("does not match"), "{err}");
     let late = canary(r"42", "1s");
     assert_eq!(late.status.code(), Some(1), "{late:?}");
-    assert!(
-        String::from_utf8_lossy(&late.stderr).contains("--max-latency"),
-        "{late:?}"
-    );
+    assert!(String::from_utf8_lossy(&late.stderr).contains("--max-latency"), "{late:?}");
     // A workflow that does not exist: also one line, also non-zero.
     let missing = b.cli(None, &["canary", "nope", "--prompt", "p", "--expect", "x"]);
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
-    assert!(
-        String::from_utf8_lossy(&missing.stderr).contains("no workflow named"),
-        "{missing:?}"
-    );
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no workflow named"), "{missing:?}");
     let out = b.cli(None, &["ask", "nope", "hi"]);
     assert_eq!(out.status.code(), Some(125), "{out:?}");
 }
@@ -704,12 +468,7 @@ fn tenant_budget_counts_every_workflow_of_the_tenant() {
         "llm-tenant",
         &[
             llm_policy("big", "lab", &stub.base_url(), ""),
-            llm_policy(
-                "small",
-                "lab",
-                &stub.base_url(),
-                "tenant_daily_tokens = 100",
-            ),
+            llm_policy("small", "lab", &stub.base_url(), "tenant_daily_tokens = 100"),
         ],
     );
     let (code, r) = b.ask("big", "spend");
@@ -718,9 +477,6 @@ fn tenant_budget_counts_every_workflow_of_the_tenant() {
     assert_eq!(code, 429, "{r:#}");
     assert_eq!(r["error"]["code"], "budget_exhausted");
     let msg = r["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("tenant lab") && msg.contains("tenant_daily_tokens"),
-        "{msg}"
-    );
+    assert!(msg.contains("tenant lab") && msg.contains("tenant_daily_tokens"), "{msg}");
     assert_eq!(stub.received().len(), 1);
 }

@@ -16,9 +16,7 @@ use super::auth::{describe_uid, Peer};
 use super::launcher::{signal_name, Answer, Call, CallError};
 use super::pool::SubmitError;
 use super::{Broker, Workflow};
-use crate::api::{
-    self, ErrorInfo, ErrorReply, ExecBody, ExecReply, ASK_PATH, CHAT_PATH, EXEC_PATH, STATUS_PATH,
-};
+use crate::api::{self, ErrorInfo, ErrorReply, ExecBody, ExecReply, ASK_PATH, CHAT_PATH, EXEC_PATH, STATUS_PATH};
 use crate::protocol::{ExecRequest, Termination};
 
 /// Largest request body accepted (stdin travels base64-encoded at worst).
@@ -37,12 +35,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            resets_at: None,
-        }
+        ApiError { status, code, message: message.into(), resets_at: None }
     }
 }
 
@@ -53,10 +46,7 @@ pub(super) fn json<T: serde::Serialize>(status: StatusCode, body: &T, request_id
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
         headers.insert(api::REQUEST_ID_HEADER, v);
     }
@@ -76,11 +66,7 @@ fn error_reply(e: ApiError, request_id: &str) -> Reply {
 }
 
 /// Entry point for every request on a connection from `peer`.
-pub async fn handle(
-    broker: Arc<Broker>,
-    peer: Peer,
-    req: Request<Incoming>,
-) -> Result<Reply, Infallible> {
+pub async fn handle(broker: Arc<Broker>, peer: Peer, req: Request<Incoming>) -> Result<Reply, Infallible> {
     let request_id = broker.next_request_id();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     // Field names become journal fields CORRAL_REQUEST_ID, CORRAL_WORKFLOW, …
@@ -94,9 +80,7 @@ pub async fn handle(
         %method,
         %path
     );
-    Ok(route(&broker, peer, req, &request_id, method, path)
-        .instrument(span)
-        .await)
+    Ok(route(&broker, peer, req, &request_id, method, path).instrument(span).await)
 }
 
 async fn route(
@@ -141,40 +125,24 @@ async fn route(
     match result {
         Ok(reply) => reply,
         Err(e) => {
-            tracing::info!(
-                code = e.code,
-                status = e.status.as_u16(),
-                "request failed: {}",
-                e.message
-            );
+            tracing::info!(code = e.code, status = e.status.as_u16(), "request failed: {}", e.message);
             error_reply(e, request_id)
         }
     }
 }
 
-pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
-    req: Request<Incoming>,
-) -> Result<T, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    format!("request body exceeds {MAX_BODY} bytes; send less stdin"),
-                )
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("failed to read request body: {e}"),
-                )
-            }
-        })?;
+pub(super) async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body exceeds {MAX_BODY} bytes; send less stdin"),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("failed to read request body: {e}"))
+        }
+    })?;
     serde_json::from_slice(&body.to_bytes()).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -186,19 +154,12 @@ pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
 
 /// The workflow `name`, when `peer` may use it; records it on the request's
 /// span.
-pub(super) fn authorize(
-    broker: &Broker,
-    peer: &Peer,
-    name: &str,
-) -> Result<Arc<Workflow>, ApiError> {
+pub(super) fn authorize(broker: &Broker, peer: &Peer, name: &str) -> Result<Arc<Workflow>, ApiError> {
     let wf = broker.workflow(name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_workflow",
-            format!(
-                "no workflow named {name:?}; known workflows: {}",
-                broker.workflow_names().join(", ")
-            ),
+            format!("no workflow named {name:?}; known workflows: {}", broker.workflow_names().join(", ")),
         )
     })?;
     let span = tracing::Span::current();
@@ -223,14 +184,8 @@ pub(super) fn authorize(
 /// Maps a submission failure to the API's error.
 pub(super) fn submit_error(e: SubmitError) -> ApiError {
     match e {
-        SubmitError::Busy { .. } => {
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string())
-        }
-        SubmitError::Unavailable { .. } => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
+        SubmitError::Busy { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
+        SubmitError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     }
 }
 
@@ -248,12 +203,7 @@ pub(super) fn call_error(wf: &Workflow, e: CallError) -> ApiError {
     }
 }
 
-async fn exec(
-    broker: &Broker,
-    peer: Peer,
-    req: Request<Incoming>,
-    request_id: &str,
-) -> Result<Reply, ApiError> {
+async fn exec(broker: &Broker, peer: Peer, req: Request<Incoming>, request_id: &str) -> Result<Reply, ApiError> {
     let body: ExecBody = read_json(req).await?;
     let wf = authorize(broker, &peer, &body.workflow)?;
     let _in_flight = super::InFlight::new(&broker.in_flight);
@@ -280,15 +230,9 @@ async fn exec(
             ))
         }
         (Some(text), None) => text.as_bytes().to_vec(),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("stdin_base64 is not valid base64: {e}"),
-                )
-            })?,
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("stdin_base64 is not valid base64: {e}"))
+        })?,
         (None, None) => Vec::new(),
     };
     if stdin.len() as u64 > wf.stdin_max {
@@ -317,27 +261,15 @@ async fn exec(
         Some(t) => t,
     };
     let id = broker.next_call_id();
-    let call = ExecRequest {
-        id,
-        request_id: request_id.to_string(),
-        argv: body.argv.clone(),
-        stdin,
-        timeout_ms,
-    };
+    let call = ExecRequest { id, request_id: request_id.to_string(), argv: body.argv.clone(), stdin, timeout_ms };
     tracing::info!(workflow = %wf.name, argv0 = %body.argv[0], "exec");
-    let rx = wf
-        .pool
-        .submit(Call::Exec(call), None)
-        .map_err(submit_error)?;
+    let rx = wf.pool.submit(Call::Exec(call), None).map_err(submit_error)?;
     let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
     let result = tokio::time::timeout(wait, rx).await.map_err(|_| {
         ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
-            format!(
-                "no worker of {} answered within {wait:?}; see `corral status` for its workers",
-                wf.name
-            ),
+            format!("no worker of {} answered within {wait:?}; see `corral status` for its workers", wf.name),
         )
     })?;
     let (worker, outcome, limit) = match result {

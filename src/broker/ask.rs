@@ -9,17 +9,13 @@ use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use tokio::sync::mpsc;
 
-use super::api::{
-    authorize, call_error, json, read_json, submit_error, ApiError, Reply, QUEUE_WAIT_MAX,
-};
+use super::api::{authorize, call_error, json, read_json, submit_error, ApiError, Reply, QUEUE_WAIT_MAX};
 use super::auth::Peer;
 use super::launcher::{Answer, Call, CompletionJob};
 use super::llm::{CallContext, GatewayError};
 use super::Broker;
 use crate::api::{AskBody, AskReply, ToolCallReport, UsageReport};
-use crate::protocol::{
-    AskOutcome, AskRequest, AskStop, ChatMessage, Role, Usage, MAX_TOOL_CALLS_PER_STEP,
-};
+use crate::protocol::{AskOutcome, AskRequest, AskStop, ChatMessage, Role, Usage, MAX_TOOL_CALLS_PER_STEP};
 use crate::utc;
 
 /// Cap on the time of one ask, whatever the policy's numbers multiply to.
@@ -86,37 +82,18 @@ pub fn gateway_error(e: &GatewayError) -> ApiError {
 }
 
 /// Runs `input` on a worker of its workflow, for `peer`.
-pub async fn run(
-    broker: &Broker,
-    peer: &Peer,
-    input: AskInput,
-    request_id: &str,
-) -> Result<AskResult, ApiError> {
+pub async fn run(broker: &Broker, peer: &Peer, input: AskInput, request_id: &str) -> Result<AskResult, ApiError> {
     let wf = authorize(broker, peer, &input.workflow)?;
     let _in_flight = super::InFlight::new(&broker.in_flight);
-    let llm = wf.policy.llm.as_ref().ok_or_else(|| {
-        gateway_error(&GatewayError::NoLlm {
-            workflow: wf.name.clone(),
-        })
-    })?;
+    let llm =
+        wf.policy.llm.as_ref().ok_or_else(|| gateway_error(&GatewayError::NoLlm { workflow: wf.name.clone() }))?;
     if input.prompt.contains('\0') {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the prompt contains a NUL byte",
-        ));
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "the prompt contains a NUL byte"));
     }
     let gateway = &broker.gateway;
-    let ctx = CallContext {
-        request_id,
-        workflow: &wf.name,
-        tenant: wf.policy.tenant.as_str(),
-        llm: Some(llm),
-    };
+    let ctx = CallContext { request_id, workflow: &wf.name, tenant: wf.policy.tenant.as_str(), llm: Some(llm) };
     // Fail fast, before a worker is busy with it.
-    gateway
-        .check_budget(&ctx, utc::now())
-        .map_err(|e| gateway_error(&e))?;
+    gateway.check_budget(&ctx, utc::now()).map_err(|e| gateway_error(&e))?;
 
     let step_time = gateway.worst_case(llm) + wf.call_timeout * MAX_TOOL_CALLS_PER_STEP;
     let timeout = (step_time * llm.max_steps).min(ASK_TIMEOUT_MAX);
@@ -132,10 +109,7 @@ pub async fn run(
     };
     tracing::info!(workflow = %wf.name, model = %llm.model, max_steps = llm.max_steps, "ask");
     let (tx, mut rx) = mpsc::channel::<CompletionJob>(1);
-    let mut done = wf
-        .pool
-        .submit(Call::Ask(call), Some(tx))
-        .map_err(submit_error)?;
+    let mut done = wf.pool.submit(Call::Ask(call), Some(tx)).map_err(submit_error)?;
     let deadline = tokio::time::Instant::now() + timeout + QUEUE_WAIT_MAX;
     let mut usage = Usage::default();
     let mut model_calls = 0u32;
@@ -193,13 +167,7 @@ pub async fn run(
     };
     let now = utc::now();
     for t in &outcome.transcript {
-        if let Err(e) = gateway.ledger().record_tool_call(
-            now,
-            request_id,
-            &wf.name,
-            wf.policy.tenant.as_str(),
-            t,
-        ) {
+        if let Err(e) = gateway.ledger().record_tool_call(now, request_id, &wf.name, wf.policy.tenant.as_str(), t) {
             tracing::error!("{e}");
         }
     }
@@ -215,13 +183,7 @@ pub async fn run(
     }
     tracing::info!(workflow = %wf.name, steps = outcome.steps, tool_calls = outcome.transcript.len(),
         total_tokens = usage.total_tokens, stop = ?outcome.stop, "ask done");
-    Ok(AskResult {
-        workflow: wf.name.clone(),
-        model: llm.model.clone(),
-        outcome,
-        usage,
-        model_calls,
-    })
+    Ok(AskResult { workflow: wf.name.clone(), model: llm.model.clone(), outcome, usage, model_calls })
 }
 
 /// `POST /v1/ask`.
@@ -237,11 +199,7 @@ pub async fn ask_route(
         .iter()
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let input = AskInput {
-        workflow: body.workflow,
-        prompt: body.prompt,
-        conversation,
-    };
+    let input = AskInput { workflow: body.workflow, prompt: body.prompt, conversation };
     let r = run(broker, &peer, input, request_id).await?;
     let reply = AskReply {
         request_id: request_id.to_string(),

@@ -14,8 +14,8 @@ use super::ask::{self, AskInput};
 use super::auth::Peer;
 use super::Broker;
 use crate::api::{
-    ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply,
-    ChatReplyMessage, ChatUsage, REQUEST_ID_HEADER,
+    ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply, ChatReplyMessage, ChatUsage,
+    REQUEST_ID_HEADER,
 };
 use crate::protocol::{AskStop, ChatMessage, Role};
 use crate::utc;
@@ -25,11 +25,9 @@ fn text(content: &serde_json::Value) -> Result<String, ApiError> {
     match content {
         serde_json::Value::String(s) => Ok(s.clone()),
         serde_json::Value::Null => Ok(String::new()),
-        serde_json::Value::Array(parts) => Ok(parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
-            .collect::<Vec<_>>()
-            .join("\n")),
+        serde_json::Value::Array(parts) => {
+            Ok(parts.iter().filter_map(|p| p.get("text").and_then(|t| t.as_str())).collect::<Vec<_>>().join("\n"))
+        }
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -38,12 +36,7 @@ fn text(content: &serde_json::Value) -> Result<String, ApiError> {
     }
 }
 
-pub async fn route(
-    broker: &Broker,
-    peer: Peer,
-    req: Request<Incoming>,
-    request_id: &str,
-) -> Result<Reply, ApiError> {
+pub async fn route(broker: &Broker, peer: Peer, req: Request<Incoming>, request_id: &str) -> Result<Reply, ApiError> {
     let body: ChatBody = read_json(req).await?;
     let mut messages = Vec::with_capacity(body.messages.len());
     for m in &body.messages {
@@ -52,23 +45,16 @@ pub async fn route(
         }
         messages.push(ChatMessage::text(ask::role(&m.role)?, text(&m.content)?));
     }
-    let last_user = messages
-        .iter()
-        .rposition(|m| m.role == Role::User)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "messages has no user message: the last user message is the prompt",
-            )
-        })?;
+    let last_user = messages.iter().rposition(|m| m.role == Role::User).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "messages has no user message: the last user message is the prompt",
+        )
+    })?;
     let prompt = messages.remove(last_user).content.unwrap_or_default();
     messages.truncate(last_user);
-    let input = AskInput {
-        workflow: body.model.clone(),
-        prompt,
-        conversation: messages,
-    };
+    let input = AskInput { workflow: body.model.clone(), prompt, conversation: messages };
     let r = ask::run(broker, &peer, input, request_id).await?;
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
@@ -90,17 +76,11 @@ pub async fn route(
             model: body.model,
             choices: vec![ChatChoice {
                 index: 0,
-                message: ChatReplyMessage {
-                    role: "assistant".into(),
-                    content,
-                },
+                message: ChatReplyMessage { role: "assistant".into(), content },
                 finish_reason: finish.into(),
             }],
             usage,
-            corral: ChatExtras {
-                request_id: request_id.to_string(),
-                transcript: r.transcript(),
-            },
+            corral: ChatExtras { request_id: request_id.to_string(), transcript: r.transcript() },
         };
         return Ok(json(StatusCode::OK, &reply, request_id));
     }
@@ -109,30 +89,12 @@ pub async fn route(
         object: "chat.completion.chunk".into(),
         created,
         model: body.model.clone(),
-        choices: vec![ChatChunkChoice {
-            index: 0,
-            delta,
-            finish_reason: finish.map(str::to_string),
-        }],
+        choices: vec![ChatChunkChoice { index: 0, delta, finish_reason: finish.map(str::to_string) }],
         usage,
     };
     let events = [
-        chunk(
-            ChatDelta {
-                role: Some("assistant".into()),
-                content: Some(String::new()),
-            },
-            None,
-            None,
-        ),
-        chunk(
-            ChatDelta {
-                role: None,
-                content: Some(content),
-            },
-            None,
-            None,
-        ),
+        chunk(ChatDelta { role: Some("assistant".into()), content: Some(String::new()) }, None, None),
+        chunk(ChatDelta { role: None, content: Some(content) }, None, None),
         chunk(ChatDelta::default(), Some(finish), Some(usage)),
     ];
     let mut sse = String::new();
@@ -144,14 +106,8 @@ pub async fn route(
     sse.push_str("data: [DONE]\n\n");
     let mut resp = Response::new(Full::new(Bytes::from(sse)));
     let headers = resp.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(
-        hyper::header::CACHE_CONTROL,
-        hyper::header::HeaderValue::from_static("no-cache"),
-    );
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/event-stream"));
+    headers.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-cache"));
     if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
         headers.insert(REQUEST_ID_HEADER, v);
     }

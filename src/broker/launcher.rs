@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::scope::{Systemd, UnitLimits};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::protocol::{
-    AskOutcome, AskRequest, CompleteRequest, Completion, CompletionReply, EffectiveSandbox,
-    ExecOutcome, ExecRequest, FromWorker, SandboxSpec, ToWorker,
+    AskOutcome, AskRequest, CompleteRequest, Completion, CompletionReply, EffectiveSandbox, ExecOutcome, ExecRequest,
+    FromWorker, SandboxSpec, ToWorker,
 };
 use crate::sandbox::process::pass_fd_as_worker_fd;
 
@@ -120,9 +120,7 @@ pub fn describe_exit(status: ExitStatus) -> String {
 }
 
 pub fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| format!("SIG{sig}"))
+    nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("SIG{sig}"))
 }
 
 /// Starts `exe worker`, hands it `spec` and waits until it is confined.
@@ -143,10 +141,7 @@ pub async fn start(
         .process_group(0)
         .kill_on_drop(true);
     pass_fd_as_worker_fd(&mut cmd, theirs.as_raw_fd());
-    let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
-        exe: exe.display().to_string(),
-        source,
-    })?;
+    let mut child = cmd.spawn().map_err(|source| StartError::Spawn { exe: exe.display().to_string(), source })?;
     drop(theirs);
     let pid = child.id().unwrap_or(0);
     ours.set_nonblocking(true).map_err(StartError::Socket)?;
@@ -157,11 +152,7 @@ pub async fn start(
     // INVARIANT: the worker blocks reading Init, so nothing runs before it is
     // inside its scope (and it checks that it is, itself).
     if let Some(plan) = scope {
-        if let Err(e) = plan
-            .systemd
-            .create_scope(&plan.unit, plan.slice, pid, &plan.description, plan.limits)
-            .await
-        {
+        if let Err(e) = plan.systemd.create_scope(&plan.unit, plan.slice, pid, &plan.description, plan.limits).await {
             let _ = child.start_kill();
             let _ = child.wait().await;
             return Err(StartError::Scope(e.to_string()));
@@ -181,12 +172,7 @@ pub async fn start(
     };
     match answer {
         Err(_) => Err(StartError::Timeout),
-        Ok(Ok(Some(FromWorker::Ready(effective)))) => Ok(Worker {
-            pid,
-            effective,
-            child,
-            sock,
-        }),
+        Ok(Ok(Some(FromWorker::Ready(effective)))) => Ok(Worker { pid, effective, child, sock }),
         Ok(Ok(Some(FromWorker::Refused(why)))) => {
             let _ = child.wait().await;
             Err(StartError::Refused(why))
@@ -195,11 +181,7 @@ pub async fn start(
             Err(StartError::Died("answered before it was asked".into()))
         }
         Ok(Ok(None)) => {
-            let status = child
-                .wait()
-                .await
-                .map(describe_exit)
-                .unwrap_or_else(|e| e.to_string());
+            let status = child.wait().await.map(describe_exit).unwrap_or_else(|e| e.to_string());
             Err(StartError::Died(status))
         }
         Ok(Err(e)) => Err(e.into()),
@@ -230,11 +212,7 @@ impl Worker {
             return Err(CallError::Died(self.reap().await));
         }
         loop {
-            let answer = tokio::time::timeout_at(
-                deadline,
-                read_frame_async::<_, FromWorker>(&mut self.sock),
-            )
-            .await;
+            let answer = tokio::time::timeout_at(deadline, read_frame_async::<_, FromWorker>(&mut self.sock)).await;
             let msg = match answer {
                 Ok(Ok(Some(msg))) => msg,
                 Ok(Ok(None)) | Ok(Err(_)) => return Err(CallError::Died(self.reap().await)),
@@ -244,12 +222,8 @@ impl Worker {
                 }
             };
             match msg {
-                FromWorker::Done(outcome) if !is_ask && outcome.id == id => {
-                    return Ok(Answer::Done(outcome))
-                }
-                FromWorker::Answered(outcome) if is_ask && outcome.id == id => {
-                    return Ok(Answer::Answered(outcome))
-                }
+                FromWorker::Done(outcome) if !is_ask && outcome.id == id => return Ok(Answer::Done(outcome)),
+                FromWorker::Answered(outcome) if is_ask && outcome.id == id => return Ok(Answer::Answered(outcome)),
                 FromWorker::Complete(request) if is_ask && request.id == id => {
                     let step = request.step;
                     let result = match completions {
@@ -260,9 +234,7 @@ impl Worker {
                             } else {
                                 match tokio::time::timeout_at(deadline, rx).await {
                                     Ok(Ok(r)) => r,
-                                    Ok(Err(_)) => {
-                                        Err("the request was abandoned by its client".to_string())
-                                    }
+                                    Ok(Err(_)) => Err("the request was abandoned by its client".to_string()),
                                     Err(_) => {
                                         self.kill().await;
                                         return Err(CallError::Stuck(limit));
@@ -279,9 +251,7 @@ impl Worker {
                 }
                 _ => {
                     self.kill().await;
-                    return Err(CallError::Died(
-                        "protocol violation: unexpected answer; worker killed".into(),
-                    ));
+                    return Err(CallError::Died("protocol violation: unexpected answer; worker killed".into()));
                 }
             }
         }

@@ -58,20 +58,11 @@ CREATE TABLE IF NOT EXISTS tool_calls (
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("failed to open the ledger {path}: {source}; check that the state directory exists and is writable by the broker")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Open { path: PathBuf, source: rusqlite::Error },
     #[error("failed to create the ledger's tables in {path}: {source}")]
-    Schema {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Schema { path: PathBuf, source: rusqlite::Error },
     #[error("failed to restrict the ledger {path} to the broker: {source}")]
-    Permissions {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Permissions { path: PathBuf, source: std::io::Error },
     #[error("failed to write to the ledger: {0}")]
     Write(#[source] rusqlite::Error),
     #[error("failed to read the ledger: {0}")]
@@ -143,40 +134,22 @@ impl Ledger {
     /// tools must not read other tenants' calls.
     pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
         let path = state_dir.join(FILE_NAME);
-        let conn = Connection::open(&path).map_err(|source| LedgerError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| LedgerError::Permissions {
-                path: path.clone(),
-                source,
-            },
-        )?;
+        let conn = Connection::open(&path).map_err(|source| LedgerError::Open { path: path.clone(), source })?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| LedgerError::Permissions { path: path.clone(), source })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
             .and_then(|()| conn.execute_batch(SCHEMA))
-            .map_err(|source| LedgerError::Schema {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(Ledger {
-            conn: Mutex::new(conn),
-        })
+            .map_err(|source| LedgerError::Schema { path: path.clone(), source })?;
+        Ok(Ledger { conn: Mutex::new(conn) })
     }
 
     /// Opens an existing ledger read-only (for `corral usage`).
     pub fn open_read_only(path: &Path) -> Result<Ledger, LedgerError> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
-            |source| LedgerError::Open {
-                path: path.to_path_buf(),
-                source,
-            },
-        )?;
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|source| LedgerError::Open { path: path.to_path_buf(), source })?;
         let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
-        Ok(Ledger {
-            conn: Mutex::new(conn),
-        })
+        Ok(Ledger { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -266,22 +239,13 @@ impl Ledger {
     /// Whether `workflow`'s tokens in the hour of `now` exceed `factor`
     /// times its hourly average over the 24 hours before that hour. No
     /// history, no spike: a new workflow has nothing to compare with.
-    pub fn spike(
-        &self,
-        workflow: &str,
-        now: i64,
-        factor: f64,
-    ) -> Result<Option<Spike>, LedgerError> {
+    pub fn spike(&self, workflow: &str, now: i64, factor: f64) -> Result<Option<Spike>, LedgerError> {
         let hour = utc::hour_start(now);
         let current = self.tokens(Scope::Workflow(workflow), hour, i64::MAX)?;
         let trailing = self.tokens(Scope::Workflow(workflow), hour - utc::DAY, hour)?;
         let average = trailing as f64 / 24.0;
-        Ok(
-            (average > 0.0 && current as f64 > factor * average).then_some(Spike {
-                hour_tokens: current,
-                hourly_average: average,
-            }),
-        )
+        Ok((average > 0.0 && current as f64 > factor * average)
+            .then_some(Spike { hour_tokens: current, hourly_average: average }))
     }
 
     /// Model calls since `since`, summed per workflow, tenant or model.
@@ -361,21 +325,11 @@ mod tests {
         assert_eq!(l.tokens_today(Scope::Tenant("t"), now).unwrap(), 15);
         let by_model = l.usage(0, GroupBy::Model).unwrap();
         assert_eq!(by_model.len(), 2);
-        assert_eq!(
-            (
-                by_model[0].key.as_str(),
-                by_model[0].total_tokens,
-                by_model[0].calls
-            ),
-            ("m1", 1010, 2)
-        );
+        assert_eq!((by_model[0].key.as_str(), by_model[0].total_tokens, by_model[0].calls), ("m1", 1010, 2));
         let today = l.usage(utc::day_start(now), GroupBy::Tenant).unwrap();
         assert_eq!(today[0].total_tokens, 15);
         assert_eq!(today[0].prompt_tokens + today[0].completion_tokens, 15);
-        let mode = std::fs::metadata(dir.join(FILE_NAME))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.join(FILE_NAME)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -385,11 +339,7 @@ mod tests {
         let (l, dir) = temp_ledger();
         let now = utc::parse_date("2025-03-02").unwrap() + 10 * utc::HOUR + 5;
         call(&l, now, "w", "t", "m", 1000);
-        assert_eq!(
-            l.spike("w", now, 5.0).unwrap(),
-            None,
-            "no history, no spike"
-        );
+        assert_eq!(l.spike("w", now, 5.0).unwrap(), None, "no history, no spike");
         // 24 tokens over the trailing day: 1 per hour on average.
         for h in 1..=24 {
             call(&l, utc::hour_start(now) - h * utc::HOUR, "w", "t", "m", 1);

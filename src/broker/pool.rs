@@ -72,11 +72,7 @@ struct Job {
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error("workflow {workflow} is busy: all {workers} workers are occupied and its queue of {queue} calls is full; retry later, or raise pool.max_workers / pool.queue in its policy")]
-    Busy {
-        workflow: String,
-        workers: u32,
-        queue: u32,
-    },
+    Busy { workflow: String, workers: u32, queue: u32 },
     #[error("workflow {workflow} cannot run calls: {reason}")]
     Unavailable { workflow: String, reason: String },
 }
@@ -107,10 +103,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(cfg: PoolConfig, exe: PathBuf, log_filter: String) -> Arc<Pool> {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1) as usize);
-        let state = State {
-            unavailable: cfg.unavailable.clone(),
-            ..State::default()
-        };
+        let state = State { unavailable: cfg.unavailable.clone(), ..State::default() };
         Arc::new(Pool {
             cfg,
             exe,
@@ -154,23 +147,14 @@ impl Pool {
         completions: Option<Completions>,
     ) -> Result<oneshot::Receiver<CallResult>, SubmitError> {
         if let Some(reason) = self.state().unavailable.clone() {
-            return Err(SubmitError::Unavailable {
-                workflow: self.cfg.workflow.clone(),
-                reason,
-            });
+            return Err(SubmitError::Unavailable { workflow: self.cfg.workflow.clone(), reason });
         }
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Job {
-                call,
-                completions,
-                reply,
-            })
-            .map_err(|_| SubmitError::Busy {
-                workflow: self.cfg.workflow.clone(),
-                workers: self.cfg.max_workers,
-                queue: self.cfg.queue,
-            })?;
+        self.tx.try_send(Job { call, completions, reply }).map_err(|_| SubmitError::Busy {
+            workflow: self.cfg.workflow.clone(),
+            workers: self.cfg.max_workers,
+            queue: self.cfg.queue,
+        })?;
         let grow = {
             let s = self.state();
             s.idle_slots == 0 && s.live_slots < self.cfg.max_workers && !s.shutting_down
@@ -221,11 +205,7 @@ impl Pool {
 
     /// PIDs of the live worker processes.
     pub fn worker_pids(&self) -> Vec<u32> {
-        self.state()
-            .workers
-            .values()
-            .filter_map(|w| w.pid)
-            .collect()
+        self.state().workers.values().filter_map(|w| w.pid).collect()
     }
 
     /// The uid the workers run as, when they switch.
@@ -257,15 +237,9 @@ impl Pool {
 
     async fn launch(&self, id: u64) -> (Result<Worker, StartError>, Option<String>) {
         let Some(setup) = &self.cfg.scope else {
-            return (
-                launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, None).await,
-                None,
-            );
+            return (launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, None).await, None);
         };
-        let unit = scope_name(
-            &self.cfg.workflow,
-            self.next_scope.fetch_add(1, Ordering::Relaxed),
-        );
+        let unit = scope_name(&self.cfg.workflow, self.next_scope.fetch_add(1, Ordering::Relaxed));
         let line = self.systemd_run_line(&unit, setup);
         self.update(id, |w| {
             w.scope = Some(unit.clone());
@@ -276,15 +250,9 @@ impl Pool {
             unit: unit.clone(),
             slice: &setup.slice,
             limits: &setup.limits,
-            description: format!(
-                "corral worker {id} of {} (tenant {})",
-                self.cfg.workflow, self.cfg.tenant
-            ),
+            description: format!("corral worker {id} of {} (tenant {})", self.cfg.workflow, self.cfg.tenant),
         };
-        (
-            launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, Some(plan)).await,
-            Some(unit),
-        )
+        (launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, Some(plan)).await, Some(unit))
     }
 
     /// One slot: start a worker, serve, restart with backoff; until retired
@@ -329,13 +297,8 @@ impl Pool {
                         tracing::warn!(workflow = %wf, worker = id, "sandbox weaker than asked: {note}");
                     }
                     if unit.is_some() {
-                        if let Ok(text) =
-                            std::fs::read_to_string(format!("/proc/{}/cgroup", worker.pid))
-                        {
-                            self.state().cgroups.insert(
-                                id,
-                                cgroup::locate(std::path::Path::new(cgroup::ROOT), &text),
-                            );
+                        if let Ok(text) = std::fs::read_to_string(format!("/proc/{}/cgroup", worker.pid)) {
+                            self.state().cgroups.insert(id, cgroup::locate(std::path::Path::new(cgroup::ROOT), &text));
                         }
                     }
                     self.update(id, |w| {
@@ -373,9 +336,7 @@ impl Pool {
             if started.elapsed() >= HEALTHY_AFTER {
                 failures = 0;
             }
-            let delay = BACKOFF_MIN
-                .saturating_mul(1 << failures.min(9))
-                .min(BACKOFF_MAX);
+            let delay = BACKOFF_MIN.saturating_mul(1 << failures.min(9)).min(BACKOFF_MAX);
             failures += 1;
             self.update(id, |w| {
                 w.state = "backoff".into();
@@ -426,10 +387,7 @@ impl Pool {
         }
         let refused = grew(b.tasks_refused, a.tasks_refused);
         if refused > 0 {
-            return Some(format!(
-                "tasks_max {} reached: {refused} fork(s) refused",
-                self.cfg.tasks_max
-            ));
+            return Some(format!("tasks_max {} reached: {refused} fork(s) refused", self.cfg.tasks_max));
         }
         None
     }
@@ -456,9 +414,7 @@ impl Pool {
             self.state().busy += 1;
             let loc = self.state().cgroups.get(&id).cloned();
             let before = loc.as_ref().map(cgroup::stats);
-            let result = worker
-                .call(job.call, BACKSTOP, job.completions.as_ref())
-                .await;
+            let result = worker.call(job.call, BACKSTOP, job.completions.as_ref()).await;
             let after = loc.as_ref().map(cgroup::stats);
             let limit = self.limit_hit(&before, &after);
             if let Some(l) = &limit {

@@ -29,12 +29,7 @@ trait Manager {
         aux: &[(&str, &[(&str, Value<'_>)])],
     ) -> zbus::Result<OwnedObjectPath>;
 
-    fn set_unit_properties(
-        &self,
-        name: &str,
-        runtime: bool,
-        properties: &[(&str, Value<'_>)],
-    ) -> zbus::Result<()>;
+    fn set_unit_properties(&self, name: &str, runtime: bool, properties: &[(&str, Value<'_>)]) -> zbus::Result<()>;
 
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
 
@@ -44,18 +39,7 @@ trait Manager {
         states: &[&str],
         patterns: &[&str],
     ) -> zbus::Result<
-        Vec<(
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            OwnedObjectPath,
-            u32,
-            String,
-            OwnedObjectPath,
-        )>,
+        Vec<(String, String, String, String, String, String, OwnedObjectPath, u32, String, OwnedObjectPath)>,
     >;
 
     #[zbus(property)]
@@ -169,12 +153,8 @@ pub struct Systemd {
 impl Systemd {
     /// Connects to the system bus and to systemd on it.
     pub async fn connect() -> Result<Systemd, ScopeError> {
-        let conn = zbus::Connection::system()
-            .await
-            .map_err(ScopeError::Connect)?;
-        let manager = ManagerProxy::new(&conn)
-            .await
-            .map_err(ScopeError::Connect)?;
+        let conn = zbus::Connection::system().await.map_err(ScopeError::Connect)?;
+        let manager = ManagerProxy::new(&conn).await.map_err(ScopeError::Connect)?;
         let version = manager.version().await.map_err(ScopeError::Connect)?;
         Ok(Systemd { manager, version })
     }
@@ -183,29 +163,16 @@ impl Systemd {
     pub async fn ensure_slice(&self, name: &str, limits: &UnitLimits) -> Result<(), ScopeError> {
         let mut props = limits.properties();
         props.push(("Description", Value::from("corral tenant")));
-        match self
-            .manager
-            .start_transient_unit(name, "fail", &props, &[])
-            .await
-        {
+        match self.manager.start_transient_unit(name, "fail", &props, &[]).await {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.to_string().contains("already exists")
-                    || e.to_string().contains("UnitExists") =>
-            {
+            Err(e) if e.to_string().contains("already exists") || e.to_string().contains("UnitExists") => {
                 let props = limits.properties();
                 self.manager
                     .set_unit_properties(name, true, &props)
                     .await
-                    .map_err(|source| ScopeError::Create {
-                        unit: name.to_string(),
-                        source,
-                    })
+                    .map_err(|source| ScopeError::Create { unit: name.to_string(), source })
             }
-            Err(source) => Err(ScopeError::Create {
-                unit: name.to_string(),
-                source,
-            }),
+            Err(source) => Err(ScopeError::Create { unit: name.to_string(), source }),
         }
     }
 
@@ -230,10 +197,7 @@ impl Systemd {
         self.manager
             .start_transient_unit(unit, "fail", &props, &[])
             .await
-            .map_err(|source| ScopeError::Create {
-                unit: unit.to_string(),
-                source,
-            })?;
+            .map_err(|source| ScopeError::Create { unit: unit.to_string(), source })?;
         let deadline = Instant::now() + JOIN_TIMEOUT;
         while Instant::now() < deadline {
             if in_unit(pid, unit) {
@@ -241,10 +205,7 @@ impl Systemd {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Err(ScopeError::Join {
-            unit: unit.to_string(),
-            pid,
-        })
+        Err(ScopeError::Join { unit: unit.to_string(), pid })
     }
 
     pub async fn stop(&self, unit: &str) -> Result<(), ScopeError> {
@@ -252,21 +213,14 @@ impl Systemd {
             .stop_unit(unit, "replace")
             .await
             .map(drop)
-            .map_err(|source| ScopeError::Stop {
-                unit: unit.to_string(),
-                source,
-            })
+            .map_err(|source| ScopeError::Stop { unit: unit.to_string(), source })
     }
 
     /// Stops every `corral-*.scope` that exists: on start they can only be
     /// left over from an earlier broker instance (crash, kill -9), and may
     /// still hold orphaned tool processes.
     pub async fn stop_stale_scopes(&self) -> Result<Vec<String>, ScopeError> {
-        let units = self
-            .manager
-            .list_units_by_patterns(&[], &["corral-*.scope"])
-            .await
-            .map_err(ScopeError::List)?;
+        let units = self.manager.list_units_by_patterns(&[], &["corral-*.scope"]).await.map_err(ScopeError::List)?;
         let mut stopped = Vec::new();
         for u in units {
             self.stop(&u.0).await?;
@@ -306,12 +260,7 @@ mod tests {
         };
         assert_eq!(
             l.systemd_run_options(),
-            [
-                "-p MemoryMax=268435456",
-                "-p MemorySwapMax=0",
-                "-p CPUQuota=50%",
-                "-p TasksMax=64"
-            ]
+            ["-p MemoryMax=268435456", "-p MemorySwapMax=0", "-p CPUQuota=50%", "-p TasksMax=64"]
         );
         let names: Vec<_> = l.properties().into_iter().map(|(k, _)| k).collect();
         assert!(names.contains(&"CPUQuotaPerSecUSec") && names.contains(&"MemoryMax"));

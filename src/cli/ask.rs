@@ -14,27 +14,17 @@ use crate::client;
 pub const EXIT_NO_ANSWER: u8 = 1;
 
 /// Sends one ask. `Err` is a one-line reason (connection, broker error).
-pub async fn ask(
-    socket: &Path,
-    workflow: &str,
-    prompt: &str,
-) -> Result<(AskReply, Duration), String> {
-    let body = AskBody {
-        workflow: workflow.to_string(),
-        prompt: prompt.to_string(),
-        conversation: Vec::new(),
-    };
+pub async fn ask(socket: &Path, workflow: &str, prompt: &str) -> Result<(AskReply, Duration), String> {
+    let body = AskBody { workflow: workflow.to_string(), prompt: prompt.to_string(), conversation: Vec::new() };
     let started = Instant::now();
     let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-    let (status, reply) = client::request(socket, Method::POST, ASK_PATH, Some(bytes))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (status, reply) =
+        client::request(socket, Method::POST, ASK_PATH, Some(bytes)).await.map_err(|e| e.to_string())?;
     let elapsed = started.elapsed();
     if !status.is_success() {
         return Err(describe_error(status, &reply));
     }
-    let reply = serde_json::from_slice(&reply)
-        .map_err(|e| format!("unreadable reply from the broker: {e}"))?;
+    let reply = serde_json::from_slice(&reply).map_err(|e| format!("unreadable reply from the broker: {e}"))?;
     Ok((reply, elapsed))
 }
 

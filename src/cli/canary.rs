@@ -11,13 +11,7 @@ use super::ask::ask;
 /// Exit code of a failed canary.
 pub const EXIT_FAILED: u8 = 1;
 
-pub async fn run(
-    socket: &Path,
-    workflow: &str,
-    prompt: &str,
-    expect: &regex::Regex,
-    max_latency: Duration,
-) -> u8 {
+pub async fn run(socket: &Path, workflow: &str, prompt: &str, expect: &regex::Regex, max_latency: Duration) -> u8 {
     let fail = |why: String| {
         eprintln!("canary {workflow}: FAIL: {why}");
         EXIT_FAILED
@@ -28,18 +22,11 @@ pub async fn run(
     };
     let ms = elapsed.as_millis();
     let Some(answer) = &reply.answer else {
-        return fail(format!(
-            "no answer after {} model calls (request {})",
-            reply.steps, reply.request_id
-        ));
+        return fail(format!("no answer after {} model calls (request {})", reply.steps, reply.request_id));
     };
     if !expect.is_match(answer) {
         let shown: String = answer.chars().take(120).collect();
-        return fail(format!(
-            "answer {shown:?} does not match /{}/ (request {})",
-            expect.as_str(),
-            reply.request_id
-        ));
+        return fail(format!("answer {shown:?} does not match /{}/ (request {})", expect.as_str(), reply.request_id));
     }
     if elapsed > max_latency {
         return fail(format!(
@@ -48,9 +35,6 @@ pub async fn run(
             reply.request_id
         ));
     }
-    println!(
-        "canary {workflow}: ok in {ms} ms, {} tokens (request {})",
-        reply.usage.total_tokens, reply.request_id
-    );
+    println!("canary {workflow}: ok in {ms} ms, {} tokens (request {})", reply.usage.total_tokens, reply.request_id);
     0
 }

@@ -26,10 +26,7 @@ pub async fn run(socket: &Path, json: bool) -> anyhow::Result<u8> {
 }
 
 fn sandbox_summary(s: &EffectiveSandbox) -> String {
-    let mut parts = vec![
-        format!("uid {}", s.uid),
-        format!("landlock {} (ABI {})", s.landlock, s.landlock_abi),
-    ];
+    let mut parts = vec![format!("uid {}", s.uid), format!("landlock {} (ABI {})", s.landlock, s.landlock_abi)];
     if s.landlock_tcp {
         parts.push("tcp ports".into());
     }
@@ -39,11 +36,7 @@ fn sandbox_summary(s: &EffectiveSandbox) -> String {
     if s.seccomp {
         parts.push("seccomp".into());
     }
-    parts.push(if s.network_blocked {
-        "no network".into()
-    } else {
-        "tcp allowed by policy".into()
-    });
+    parts.push(if s.network_blocked { "no network".into() } else { "tcp allowed by policy".into() });
     if s.capabilities_cleared && s.no_new_privs && s.non_dumpable {
         parts.push("no caps, no_new_privs, non-dumpable".into());
     }
@@ -65,11 +58,7 @@ pub fn render(st: &Status) -> String {
     );
     let _ = writeln!(out, "resource control: {}", b.resource_control);
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "{:<16} {:<10} {:<16} {:>9}  WORKERS",
-        "WORKFLOW", "TENANT", "USER", "QUEUE"
-    );
+    let _ = writeln!(out, "{:<16} {:<10} {:<16} {:>9}  WORKERS", "WORKFLOW", "TENANT", "USER", "QUEUE");
     for w in &st.workflows {
         let user = w.user.as_deref().unwrap_or("(broker's)");
         let _ = writeln!(

@@ -29,12 +29,7 @@ pub fn run(state_dir: &Path, since: Option<&str>, by: GroupBy, json: bool) -> an
         GroupBy::Tenant => "TENANT",
         GroupBy::Model => "MODEL",
     };
-    let width = rows
-        .iter()
-        .map(|r| r.key.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(head.len());
+    let width = rows.iter().map(|r| r.key.chars().count()).max().unwrap_or(0).max(head.len());
     println!(
         "{head:<width$}  {:>7}  {:>6}  {:>12}  {:>12}  {:>12}",
         "CALLS", "FAILED", "PROMPT", "COMPLETION", "TOTAL"
@@ -45,13 +40,7 @@ pub fn run(state_dir: &Path, since: Option<&str>, by: GroupBy, json: bool) -> an
             "{:<width$}  {:>7}  {:>6}  {:>12}  {:>12}  {:>12}",
             r.key, r.calls, r.failed, r.prompt_tokens, r.completion_tokens, r.total_tokens
         );
-        for (t, v) in total.iter_mut().zip([
-            r.calls,
-            r.failed,
-            r.prompt_tokens,
-            r.completion_tokens,
-            r.total_tokens,
-        ]) {
+        for (t, v) in total.iter_mut().zip([r.calls, r.failed, r.prompt_tokens, r.completion_tokens, r.total_tokens]) {
             *t += v;
         }
     }

@@ -111,23 +111,14 @@ pub fn capbset_read(cap: u32) -> Option<bool> {
 /// Drops `cap` from the bounding set (needs CAP_SETPCAP).
 pub fn capbset_drop(cap: u32) -> io::Result<()> {
     // SAFETY: PR_CAPBSET_DROP takes an integer.
-    check_int(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) })
-        .map(drop)
+    check_int(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) }).map(drop)
 }
 
 /// Clears the ambient capability set.
 pub fn ambient_clear() -> io::Result<()> {
     // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
-    check_int(unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    })
-    .map(drop)
+    check_int(unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) })
+        .map(drop)
 }
 
 /// Takes a listening Unix stream socket that systemd passed (socket
@@ -138,9 +129,7 @@ pub fn listener_from_fd(fd: RawFd) -> io::Result<std::os::unix::net::UnixListene
         let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
         // SAFETY: getsockopt writes at most `len` bytes into `val`, a live
         // local; it only inspects the descriptor.
-        check_int(unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut val).cast(), &mut len)
-        })?;
+        check_int(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut val).cast(), &mut len) })?;
         Ok(val)
     };
     if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX

@@ -14,9 +14,8 @@ use serde_json::{json, Value};
 use super::{tool, WorkerError};
 use crate::frame::{read_frame, write_frame};
 use crate::protocol::{
-    AskOutcome, AskRequest, AskStop, ChatMessage, CompleteRequest, ExecOutcome, ExecRequest,
-    FromWorker, Role, SandboxSpec, Termination, ToWorker, ToolCall, ToolRecord, ToolSpec, Usage,
-    MAX_TOOL_CALLS_PER_STEP,
+    AskOutcome, AskRequest, AskStop, ChatMessage, CompleteRequest, ExecOutcome, ExecRequest, FromWorker, Role,
+    SandboxSpec, Termination, ToWorker, ToolCall, ToolRecord, ToolSpec, Usage, MAX_TOOL_CALLS_PER_STEP,
 };
 
 /// Bytes of each output stream fed back to the model (the transcript
@@ -63,13 +62,9 @@ fn workspace_path(args: &Value, key: &str, default: Option<&str>) -> Result<Stri
         None => return Err(format!("missing string argument {key:?}")),
     };
     let path = Path::new(p);
-    let escapes = path
-        .components()
-        .any(|c| matches!(c, Component::ParentDir | Component::RootDir));
+    let escapes = path.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir));
     if p.is_empty() || p.contains('\0') || escapes {
-        return Err(format!(
-            "{key} {p:?} is not a path inside the workspace: give a relative path without '..'"
-        ));
+        return Err(format!("{key} {p:?} is not a path inside the workspace: give a relative path without '..'"));
     }
     Ok(p.to_string())
 }
@@ -85,10 +80,7 @@ fn command(call: &ToolCall) -> Result<(Vec<String>, Vec<u8>), String> {
     let s = |v: &str| v.to_string();
     match call.name.as_str() {
         "shell" => {
-            let cmd = args
-                .get("command")
-                .and_then(Value::as_str)
-                .ok_or("missing string argument \"command\"")?;
+            let cmd = args.get("command").and_then(Value::as_str).ok_or("missing string argument \"command\"")?;
             if cmd.contains('\0') {
                 return Err("the command contains a NUL byte".into());
             }
@@ -100,22 +92,14 @@ fn command(call: &ToolCall) -> Result<(Vec<String>, Vec<u8>), String> {
         }
         "write_file" => {
             let p = workspace_path(&args, "path", None)?;
-            let content = args
-                .get("content")
-                .and_then(Value::as_str)
-                .ok_or("missing string argument \"content\"")?;
-            Ok((
-                vec![s("sh"), s("-c"), s("cat > \"$1\""), s("sh"), p],
-                content.as_bytes().to_vec(),
-            ))
+            let content = args.get("content").and_then(Value::as_str).ok_or("missing string argument \"content\"")?;
+            Ok((vec![s("sh"), s("-c"), s("cat > \"$1\""), s("sh"), p], content.as_bytes().to_vec()))
         }
         "list_dir" => {
             let p = workspace_path(&args, "path", Some("."))?;
             Ok((vec![s("ls"), s("-la"), s("--"), p], Vec::new()))
         }
-        other => Err(format!(
-            "unknown tool {other:?}: the tools are shell, read_file, write_file and list_dir"
-        )),
+        other => Err(format!("unknown tool {other:?}: the tools are shell, read_file, write_file and list_dir")),
     }
 }
 
@@ -140,10 +124,7 @@ fn result_text(o: &ExecOutcome, timeout_ms: u64) -> String {
         match o.termination {
             Termination::Exited(c) => format!("exit code {c}"),
             Termination::Signaled(s) => format!("killed by signal {s}"),
-            Termination::NotStarted => format!(
-                "not started: {}",
-                o.error.as_deref().unwrap_or("unknown reason")
-            ),
+            Termination::NotStarted => format!("not started: {}", o.error.as_deref().unwrap_or("unknown reason")),
         }
     };
     format!(
@@ -171,12 +152,7 @@ fn refused(tool: &str, why: String) -> (ToolRecord, String) {
 
 /// Runs one tool call of the model; returns its record and the text fed
 /// back.
-fn run_tool(
-    spec: &SandboxSpec,
-    req: &AskRequest,
-    call: &ToolCall,
-    devnull: &File,
-) -> (ToolRecord, String) {
+fn run_tool(spec: &SandboxSpec, req: &AskRequest, call: &ToolCall, devnull: &File) -> (ToolRecord, String) {
     let (argv, stdin) = match command(call) {
         Ok(c) => c,
         Err(why) => return refused(&call.name, why),
@@ -221,35 +197,16 @@ pub fn run(
     messages.push(ChatMessage::text(Role::User, req.prompt.clone()));
     let mut transcript = Vec::new();
     let mut usage = Usage::default();
-    let outcome = |answer, stop, steps, transcript, usage| AskOutcome {
-        id: req.id,
-        answer,
-        stop,
-        steps,
-        transcript,
-        usage,
-    };
+    let outcome =
+        |answer, stop, steps, transcript, usage| AskOutcome { id: req.id, answer, stop, steps, transcript, usage };
     tracing::info!(model = %req.model, max_steps = req.max_steps, "ask started");
     for step in 1..=req.max_steps {
-        let ask = CompleteRequest {
-            id: req.id,
-            step,
-            messages: messages.clone(),
-            tools: tools.clone(),
-        };
+        let ask = CompleteRequest { id: req.id, step, messages: messages.clone(), tools: tools.clone() };
         write_frame(sock, &FromWorker::Complete(ask))?;
         let reply = match read_frame::<_, ToWorker>(sock)? {
             Some(ToWorker::Completion(r)) if r.id == req.id && r.step == step => r,
-            Some(_) => {
-                return Err(WorkerError::Protocol(
-                    "expected the Completion of this step",
-                ))
-            }
-            None => {
-                return Err(WorkerError::Protocol(
-                    "the broker closed the socket during an ask",
-                ))
-            }
+            Some(_) => return Err(WorkerError::Protocol("expected the Completion of this step")),
+            None => return Err(WorkerError::Protocol("the broker closed the socket during an ask")),
         };
         let completion = match reply.result {
             Ok(c) => c,
@@ -263,13 +220,7 @@ pub fn run(
         if message.tool_calls.is_empty() {
             tracing::info!(step, tool_calls = transcript.len(), "final answer");
             let answer = message.content.unwrap_or_default();
-            return Ok(outcome(
-                Some(answer),
-                AskStop::Answer,
-                step,
-                transcript,
-                usage,
-            ));
+            return Ok(outcome(Some(answer), AskStop::Answer, step, transcript, usage));
         }
         let calls = message.tool_calls.clone();
         messages.push(message);
@@ -277,10 +228,7 @@ pub fn run(
             let (record, text) = if u32::try_from(i).unwrap_or(u32::MAX) < MAX_TOOL_CALLS_PER_STEP {
                 run_tool(spec, req, call, devnull)
             } else {
-                refused(
-                    &call.name,
-                    format!("more than {MAX_TOOL_CALLS_PER_STEP} tool calls in one step; not run"),
-                )
+                refused(&call.name, format!("more than {MAX_TOOL_CALLS_PER_STEP} tool calls in one step; not run"))
             };
             tracing::info!(step, tool = %record.tool, argv = ?record.argv, exit_code = ?record.exit_code,
                 duration_ms = record.duration_ms, timed_out = record.timed_out, "tool call");
@@ -293,17 +241,8 @@ pub fn run(
             });
         }
     }
-    tracing::info!(
-        steps = req.max_steps,
-        "max_steps reached without a final answer"
-    );
-    Ok(outcome(
-        None,
-        AskStop::MaxSteps,
-        req.max_steps,
-        transcript,
-        usage,
-    ))
+    tracing::info!(steps = req.max_steps, "max_steps reached without a final answer");
+    Ok(outcome(None, AskStop::MaxSteps, req.max_steps, transcript, usage))
 }
 
 #[cfg(test)]
@@ -311,38 +250,22 @@ mod tests {
     use super::*;
 
     fn call(name: &str, arguments: &str) -> ToolCall {
-        ToolCall {
-            id: "c1".into(),
-            name: name.into(),
-            arguments: arguments.into(),
-        }
+        ToolCall { id: "c1".into(), name: name.into(), arguments: arguments.into() }
     }
 
     #[test]
     fn tool_calls_become_commands() {
-        let (argv, stdin) = command(&call(
-            "write_file",
-            r#"{"path":"a/b.txt","content":"hé ✓"}"#,
-        ))
-        .unwrap();
+        let (argv, stdin) = command(&call("write_file", r#"{"path":"a/b.txt","content":"hé ✓"}"#)).unwrap();
         assert_eq!(argv, ["sh", "-c", "cat > \"$1\"", "sh", "a/b.txt"]);
         assert_eq!(stdin, "hé ✓".as_bytes());
         let (argv, _) = command(&call("list_dir", "{}")).unwrap();
         assert_eq!(argv, ["ls", "-la", "--", "."]);
         let (argv, _) = command(&call("read_file", r#"{"path":"-n"}"#)).unwrap();
-        assert_eq!(
-            argv,
-            ["cat", "--", "-n"],
-            "an option-like name stays a path"
-        );
+        assert_eq!(argv, ["cat", "--", "-n"], "an option-like name stays a path");
         assert!(command(&call("read_file", r#"{"path":"/etc/shadow"}"#)).is_err());
         assert!(command(&call("read_file", r#"{"path":"x/../../y"}"#)).is_err());
-        assert!(command(&call("shell", "not json"))
-            .unwrap_err()
-            .contains("not valid JSON"));
-        assert!(command(&call("rm_rf", "{}"))
-            .unwrap_err()
-            .contains("unknown tool"));
+        assert!(command(&call("shell", "not json")).unwrap_err().contains("not valid JSON"));
+        assert!(command(&call("rm_rf", "{}")).unwrap_err().contains("unknown tool"));
         for t in tool_specs() {
             serde_json::from_str::<Value>(&t.parameters).unwrap();
         }

@@ -72,9 +72,7 @@ pub fn run() -> Result<(), WorkerError> {
                 let outcome = agent::run(&mut sock, &spec, &req, &devnull)?;
                 write_frame(&mut sock, &FromWorker::Answered(outcome))?;
             }
-            ToWorker::Completion(_) => {
-                return Err(WorkerError::Protocol("Completion outside an ask"))
-            }
+            ToWorker::Completion(_) => return Err(WorkerError::Protocol("Completion outside an ask")),
             ToWorker::Init(_) => return Err(WorkerError::Protocol("Init sent twice")),
         }
     }

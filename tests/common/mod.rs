@@ -19,15 +19,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_corral");
 
 /// Users the tests expect (created by `scripts/setup-test-host.sh`).
 pub const WORKER_USER: &str = "corral-worker";
-pub const USERS: &[&str] = &[
-    "corral-worker",
-    "corral-alice",
-    "corral-kid",
-    "corral-test",
-    "alice",
-    "kid",
-    "mallory",
-];
+pub const USERS: &[&str] = &["corral-worker", "corral-alice", "corral-kid", "corral-test", "alice", "kid", "mallory"];
 
 fn feature_present(feature: &str) -> Result<(), String> {
     match feature {
@@ -70,16 +62,12 @@ fn feature_present(feature: &str) -> Result<(), String> {
             }
         }
         "users" => {
-            let missing: Vec<_> = USERS
-                .iter()
-                .filter(|u| nix::unistd::User::from_name(u).ok().flatten().is_none())
-                .collect();
+            let missing: Vec<_> =
+                USERS.iter().filter(|u| nix::unistd::User::from_name(u).ok().flatten().is_none()).collect();
             if missing.is_empty() {
                 Ok(())
             } else {
-                Err(format!(
-                    "users {missing:?} missing: run scripts/setup-test-host.sh"
-                ))
+                Err(format!("users {missing:?} missing: run scripts/setup-test-host.sh"))
             }
         }
         "python3" => which("python3"),
@@ -89,10 +77,7 @@ fn feature_present(feature: &str) -> Result<(), String> {
 }
 
 fn which(prog: &str) -> Result<(), String> {
-    let found = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .any(|d| Path::new(d).join(prog).is_file());
+    let found = std::env::var("PATH").unwrap_or_default().split(':').any(|d| Path::new(d).join(prog).is_file());
     if found {
         Ok(())
     } else {
@@ -111,9 +96,7 @@ pub fn require(features: &[&str]) -> bool {
             if required.contains(f) || required.contains(&"all") {
                 panic!("required test feature {f} is missing: {why}");
             }
-            eprintln!(
-                "SKIP: feature {f} missing: {why} (set CORRAL_TEST_REQUIRE to make this fatal)"
-            );
+            eprintln!("SKIP: feature {f} missing: {why} (set CORRAL_TEST_REQUIRE to make this fatal)");
             return false;
         }
     }
@@ -132,11 +115,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// systemd in other tests.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("corral-tests");
-    let dir = base.join(format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = base.join(format!("{name}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     // Every ancestor up to / must be searchable by the workers' users.
@@ -199,11 +178,7 @@ pub struct BrokerOptions {
 
 impl Default for BrokerOptions {
     fn default() -> Self {
-        BrokerOptions {
-            env: Vec::new(),
-            wait_ready: true,
-            pre_exec: None,
-        }
+        BrokerOptions { env: Vec::new(), wait_ready: true, pre_exec: None }
     }
 }
 
@@ -244,13 +219,7 @@ impl Broker {
             unsafe { cmd.pre_exec(hook) };
         }
         let child = cmd.spawn().unwrap();
-        let broker = Broker {
-            dir,
-            socket,
-            state,
-            child,
-            log,
-        };
+        let broker = Broker { dir, socket, state, child, log };
         broker.wait_socket();
         if opts.wait_ready {
             broker.wait_ready();
@@ -278,20 +247,13 @@ impl Broker {
             let ready = st["workflows"].as_array().unwrap().iter().all(|w| {
                 !w["unavailable"].is_null()
                     || w["min_idle"].as_u64() == Some(0)
-                    || w["workers"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|k| k["state"] == "idle")
+                    || w["workers"].as_array().unwrap().iter().any(|k| k["state"] == "idle")
             });
             if ready {
                 return;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "workers did not become ready: {st:#}\nlog:\n{}",
-                    self.log_text()
-                );
+                panic!("workers did not become ready: {st:#}\nlog:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -307,19 +269,10 @@ impl Broker {
 
     /// A raw HTTP request over the socket: (status code, JSON body).
     pub fn http(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
-        let (status, bytes) = rt
-            .block_on(corral::client::request(
-                &self.socket,
-                method,
-                path,
-                body.map(<[u8]>::to_vec),
-            ))
-            .unwrap();
+        let (status, bytes) =
+            rt.block_on(corral::client::request(&self.socket, method, path, body.map(<[u8]>::to_vec))).unwrap();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status.as_u16(), json)
     }
@@ -337,14 +290,8 @@ impl Broker {
 
     /// Runs `argv` in `workflow` and expects a 200 reply.
     pub fn exec(&self, workflow: &str, argv: &[&str]) -> Value {
-        let (code, reply) =
-            self.exec_body(&serde_json::json!({ "workflow": workflow, "argv": argv }));
-        assert_eq!(
-            code,
-            200,
-            "exec {argv:?} in {workflow} failed: {reply:#}\nlog:\n{}",
-            self.log_text()
-        );
+        let (code, reply) = self.exec_body(&serde_json::json!({ "workflow": workflow, "argv": argv }));
+        assert_eq!(code, 200, "exec {argv:?} in {workflow} failed: {reply:#}\nlog:\n{}", self.log_text());
         reply
     }
 
@@ -363,9 +310,7 @@ impl Broker {
             }
             None => Command::new(BIN),
         };
-        cmd.args(args)
-            .env("CORRAL_SOCKET", &self.socket)
-            .stdin(Stdio::null());
+        cmd.args(args).env("CORRAL_SOCKET", &self.socket).stdin(Stdio::null());
         cmd.output().unwrap()
     }
 
@@ -434,9 +379,7 @@ pub fn policy(
     limits: &str,
     pool: &str,
 ) -> PolicyFile {
-    let user_line = user
-        .map(|u| format!("user = \"{u}\"\n"))
-        .unwrap_or_default();
+    let user_line = user.map(|u| format!("user = \"{u}\"\n")).unwrap_or_default();
     let text = format!(
         r#"[workflow]
 name = "{name}"
@@ -459,10 +402,7 @@ call_timeout = "10s"
 {pool}
 "#
     );
-    PolicyFile {
-        name: format!("{name}.toml"),
-        text,
-    }
+    PolicyFile { name: format!("{name}.toml"), text }
 }
 
 // ---------------------------------------------------------------------------
@@ -480,12 +420,7 @@ pub struct Scripted {
 
 impl Scripted {
     pub fn json(status: u16, body: &Value) -> Scripted {
-        Scripted {
-            status,
-            headers: Vec::new(),
-            body: body.to_string(),
-            delay: Duration::ZERO,
-        }
+        Scripted { status, headers: Vec::new(), body: body.to_string(), delay: Duration::ZERO }
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Scripted {
@@ -561,17 +496,11 @@ pub struct Stub {
 impl Stub {
     pub fn start(script: Vec<Scripted>) -> Stub {
         use std::sync::{Arc, Mutex};
-        let state = Arc::new(Mutex::new(StubState {
-            script: script.into(),
-            received: Vec::new(),
-        }));
+        let state = Arc::new(Mutex::new(StubState { script: script.into(), received: Vec::new() }));
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::clone(&state);
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
@@ -583,9 +512,7 @@ impl Stub {
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             let shared = Arc::clone(&shared);
-                            async move {
-                                Ok::<_, std::convert::Infallible>(stub_answer(shared, req).await)
-                            }
+                            async move { Ok::<_, std::convert::Infallible>(stub_answer(shared, req).await) }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -618,35 +545,22 @@ async fn stub_answer(
 ) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
     use http_body_util::BodyExt;
     let path = req.uri().path().to_string();
-    let headers = req
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-        .collect();
+    let headers =
+        req.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect();
     let bytes = req.into_body().collect().await.unwrap().to_bytes();
     let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let next = {
         let mut s = state.lock().unwrap();
-        s.received.push(Received {
-            path,
-            headers,
-            body,
-            at: Instant::now(),
-        });
+        s.received.push(Received { path, headers, body, at: Instant::now() });
         s.script.pop_front()
     };
     let next = next.unwrap_or_else(|| api_error(500, "stub script exhausted"));
     if !next.delay.is_zero() {
         tokio::time::sleep(next.delay).await;
     }
-    let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(
-        next.body,
-    )));
+    let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(next.body)));
     *resp.status_mut() = hyper::StatusCode::from_u16(next.status).unwrap();
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     for (k, v) in next.headers {
         resp.headers_mut().insert(
             hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
@@ -659,41 +573,19 @@ async fn stub_answer(
 /// A test policy (see [`policy`]) for user corral-test with an `[llm]`
 /// table pointing at `base_url`; `llm_extra` is appended to that table.
 pub fn llm_policy(name: &str, tenant: &str, base_url: &str, llm_extra: &str) -> PolicyFile {
-    let mut p = policy(
-        name,
-        tenant,
-        Some("corral-test"),
-        "",
-        "",
-        "min_idle = 1\nmax_workers = 1",
-    );
-    let steps = if llm_extra.contains("max_steps") {
-        ""
-    } else {
-        "max_steps = 4\n"
-    };
-    p.text.push_str(&format!(
-        "\n[llm]\nbase_url = \"{base_url}\"\nmodel = \"stub-model\"\n{steps}{llm_extra}\n"
-    ));
+    let mut p = policy(name, tenant, Some("corral-test"), "", "", "min_idle = 1\nmax_workers = 1");
+    let steps = if llm_extra.contains("max_steps") { "" } else { "max_steps = 4\n" };
+    p.text.push_str(&format!("\n[llm]\nbase_url = \"{base_url}\"\nmodel = \"stub-model\"\n{steps}{llm_extra}\n"));
     p
 }
 
 impl Broker {
     /// A raw HTTP request: (status, headers, body bytes).
     pub fn http_raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
-        let (status, bytes) = rt
-            .block_on(corral::client::request(
-                &self.socket,
-                method,
-                path,
-                Some(body.to_vec()),
-            ))
-            .unwrap();
+        let (status, bytes) =
+            rt.block_on(corral::client::request(&self.socket, method, path, Some(body.to_vec()))).unwrap();
         (status.as_u16(), bytes.to_vec())
     }
 

@@ -26,10 +26,7 @@ impl fmt::Debug for Key {
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     #[error("failed to read credential {path}: {source}; check the LoadCredential= line of corral.service")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
 }
 
 /// Where keys come from. Built by `main` from the process environment: the
@@ -58,18 +55,12 @@ impl CredentialStore {
         if let Some(dir) = &self.dir {
             let path = dir.join(name);
             match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    return Ok(Some(Key(text.trim().to_string())).filter(|k| !k.0.is_empty()))
-                }
+                Ok(text) => return Ok(Some(Key(text.trim().to_string())).filter(|k| !k.0.is_empty())),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => return Err(CredentialError::Read { path, source }),
             }
         }
-        Ok(self
-            .env
-            .get(name)
-            .map(|v| Key(v.trim().to_string()))
-            .filter(|k| !k.0.is_empty()))
+        Ok(self.env.get(name).map(|v| Key(v.trim().to_string())).filter(|k| !k.0.is_empty()))
     }
 }
 
@@ -84,12 +75,9 @@ mod tests {
         std::fs::write(dir.join("openai"), "sk-file\n").unwrap();
         let store = CredentialStore {
             dir: Some(dir.clone()),
-            env: [
-                ("openai".to_string(), "sk-env".to_string()),
-                ("groq".to_string(), "gsk".to_string()),
-            ]
-            .into_iter()
-            .collect(),
+            env: [("openai".to_string(), "sk-env".to_string()), ("groq".to_string(), "gsk".to_string())]
+                .into_iter()
+                .collect(),
         };
         assert_eq!(store.lookup("openai").unwrap().unwrap().expose(), "sk-file");
         assert_eq!(store.lookup("groq").unwrap().unwrap().expose(), "gsk");

@@ -9,9 +9,7 @@ use super::credentials::CredentialError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error(
-        "workflow {workflow} has no [llm] table: add one with base_url and model to its policy"
-    )]
+    #[error("workflow {workflow} has no [llm] table: add one with base_url and model to its policy")]
     NoLlm { workflow: String },
     #[error(
         "the daily token budget of {scope} is spent ({used} of {limit} tokens today); it resets at \
@@ -35,40 +33,18 @@ pub enum GatewayError {
             None => "no key was sent: name one with llm.credential in the policy".to_string(),
         }
     )]
-    Unauthorized {
-        base_url: String,
-        status: u16,
-        message: String,
-        credential: Option<String>,
-        key_found: bool,
-    },
+    Unauthorized { base_url: String, status: u16, message: String, credential: Option<String>, key_found: bool },
     #[error("the provider at {base_url} does not know model {model:?} (404: {message}); check llm.model in the policy (for Ollama: `ollama pull {model}`) and that base_url ends in /v1")]
-    ModelNotFound {
-        base_url: String,
-        model: String,
-        message: String,
-    },
+    ModelNotFound { base_url: String, model: String, message: String },
     #[error("the provider at {base_url} is rate limiting this key (429 after {tries} tries{after}); retry later or lower the request rate",
         after = retry_after.map(|d| format!(", Retry-After {}s", d.as_secs())).unwrap_or_default())]
-    RateLimited {
-        base_url: String,
-        tries: u32,
-        retry_after: Option<Duration>,
-    },
+    RateLimited { base_url: String, tries: u32, retry_after: Option<Duration> },
     #[error("the provider at {base_url} is down: {detail} (after {tries} tries); retry later, or check that the provider is running and base_url is right")]
-    ProviderDown {
-        base_url: String,
-        tries: u32,
-        detail: String,
-    },
+    ProviderDown { base_url: String, tries: u32, detail: String },
     #[error("the provider at {base_url} did not answer within {} (llm.timeout); raise llm.timeout in the policy or use a faster model", crate::policy::format_duration(*.timeout))]
     Timeout { base_url: String, timeout: Duration },
     #[error("the provider at {base_url} rejected the request with {status}: {message}")]
-    Rejected {
-        base_url: String,
-        status: u16,
-        message: String,
-    },
+    Rejected { base_url: String, status: u16, message: String },
     #[error("the provider at {base_url} sent an answer that is not a chat completion: {detail}; check that base_url points at an OpenAI-compatible API (…/v1)")]
     BadResponse { base_url: String, detail: String },
     #[error(transparent)]

@@ -86,43 +86,22 @@ impl Gateway {
         };
         let resets_at = utc::day_start(now) + utc::DAY;
         let checks = [
-            (
-                llm.daily_tokens,
-                Scope::Workflow(ctx.workflow),
-                "workflow",
-                ctx.workflow,
-            ),
-            (
-                llm.tenant_daily_tokens,
-                Scope::Tenant(ctx.tenant),
-                "tenant",
-                ctx.tenant,
-            ),
+            (llm.daily_tokens, Scope::Workflow(ctx.workflow), "workflow", ctx.workflow),
+            (llm.tenant_daily_tokens, Scope::Tenant(ctx.tenant), "tenant", ctx.tenant),
         ];
         for (limit, scope, kind, name) in checks {
             let Some(limit) = limit else { continue };
             let used = self.ledger.tokens_today(scope, now)?;
             if used >= limit {
-                return Err(GatewayError::BudgetExhausted {
-                    scope: format!("{kind} {name}"),
-                    used,
-                    limit,
-                    resets_at,
-                });
+                return Err(GatewayError::BudgetExhausted { scope: format!("{kind} {name}"), used, limit, resets_at });
             }
         }
         Ok(())
     }
 
     /// One completion for a worker of `ctx.workflow`.
-    pub async fn complete(
-        &self,
-        ctx: &CallContext<'_>,
-        req: &CompleteRequest,
-    ) -> Result<Completion, GatewayError> {
-        let llm = ctx.llm.ok_or_else(|| GatewayError::NoLlm {
-            workflow: ctx.workflow.to_string(),
-        })?;
+    pub async fn complete(&self, ctx: &CallContext<'_>, req: &CompleteRequest) -> Result<Completion, GatewayError> {
+        let llm = ctx.llm.ok_or_else(|| GatewayError::NoLlm { workflow: ctx.workflow.to_string() })?;
         let now = utc::now();
         let record = |usage: Usage, latency_ms: u64, tries: u32, outcome: &str| {
             let row = ModelCall {
@@ -164,15 +143,8 @@ impl Gateway {
         };
         let http = self.client(llm.timeout)?;
         let started = Instant::now();
-        let (result, tries) = provider::complete(
-            &http,
-            self.retry,
-            &endpoint,
-            &req.messages,
-            &req.tools,
-            ctx.request_id,
-        )
-        .await;
+        let (result, tries) =
+            provider::complete(&http, self.retry, &endpoint, &req.messages, &req.tools, ctx.request_id).await;
         let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &result {
             Ok(c) => {

@@ -8,14 +8,12 @@ use std::time::Duration;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
-    ChatCompletionMessageToolCall, ChatCompletionMessageToolCalls,
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent,
-    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionMessageToolCall, ChatCompletionMessageToolCalls, ChatCompletionRequestAssistantMessage,
+    ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
     ChatCompletionRequestSystemMessageContent, ChatCompletionRequestToolMessage,
-    ChatCompletionRequestToolMessageContent, ChatCompletionRequestUserMessage,
-    ChatCompletionRequestUserMessageContent, ChatCompletionTool, ChatCompletionTools,
-    CreateChatCompletionRequest, CreateChatCompletionResponse, FinishReason, FunctionCall,
-    FunctionObject,
+    ChatCompletionRequestToolMessageContent, ChatCompletionRequestUserMessage, ChatCompletionRequestUserMessageContent,
+    ChatCompletionTool, ChatCompletionTools, CreateChatCompletionRequest, CreateChatCompletionResponse, FinishReason,
+    FunctionCall, FunctionObject,
 };
 
 use super::credentials::Key;
@@ -55,18 +53,12 @@ fn to_openai(m: &ChatMessage) -> ChatCompletionRequestMessage {
                 .map(|c| {
                     ChatCompletionMessageToolCalls::Function(ChatCompletionMessageToolCall {
                         id: c.id.clone(),
-                        function: FunctionCall {
-                            name: c.name.clone(),
-                            arguments: c.arguments.clone(),
-                        },
+                        function: FunctionCall { name: c.name.clone(), arguments: c.arguments.clone() },
                     })
                 })
                 .collect();
             ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
-                content: m
-                    .content
-                    .clone()
-                    .map(ChatCompletionRequestAssistantMessageContent::Text),
+                content: m.content.clone().map(ChatCompletionRequestAssistantMessageContent::Text),
                 tool_calls: (!calls.is_empty()).then_some(calls),
                 ..Default::default()
             })
@@ -86,11 +78,7 @@ fn tool_to_openai(t: &ToolSpec) -> ChatCompletionTools {
 }
 
 /// The request body: corral's conversation and tools for `model`.
-pub fn request(
-    model: &str,
-    messages: &[ChatMessage],
-    tools: &[ToolSpec],
-) -> CreateChatCompletionRequest {
+pub fn request(model: &str, messages: &[ChatMessage], tools: &[ToolSpec]) -> CreateChatCompletionRequest {
     CreateChatCompletionRequest {
         model: model.to_string(),
         messages: messages.iter().map(to_openai).collect(),
@@ -101,22 +89,16 @@ pub fn request(
 
 /// The first choice of a response as corral's [`Completion`].
 pub fn completion(resp: CreateChatCompletionResponse) -> Result<Completion, String> {
-    let choice = resp
-        .choices
-        .into_iter()
-        .next()
-        .ok_or("the answer has no choices")?;
+    let choice = resp.choices.into_iter().next().ok_or("the answer has no choices")?;
     let tool_calls = choice
         .message
         .tool_calls
         .unwrap_or_default()
         .into_iter()
         .filter_map(|c| match c {
-            ChatCompletionMessageToolCalls::Function(f) => Some(ToolCall {
-                id: f.id,
-                name: f.function.name,
-                arguments: f.function.arguments,
-            }),
+            ChatCompletionMessageToolCalls::Function(f) => {
+                Some(ToolCall { id: f.id, name: f.function.name, arguments: f.function.arguments })
+            }
             ChatCompletionMessageToolCalls::Custom(_) => None,
         })
         .collect();
@@ -139,12 +121,7 @@ pub fn completion(resp: CreateChatCompletionResponse) -> Result<Completion, Stri
         .to_string()
     });
     Ok(Completion {
-        message: ChatMessage {
-            role: Role::Assistant,
-            content: choice.message.content,
-            tool_calls,
-            tool_call_id: None,
-        },
+        message: ChatMessage { role: Role::Assistant, content: choice.message.content, tool_calls, tool_call_id: None },
         finish_reason,
         usage,
     })
@@ -176,17 +153,13 @@ pub async fn complete(
         .with_org_id("")
         .with_project_id("");
     let client = async_openai::Client::build(http.clone(), config).with_http_service(transport);
-    let result = client
-        .chat()
-        .create(request(ep.model, messages, tools))
-        .await;
+    let result = client.chat().create(request(ep.model, messages, tools)).await;
     let attempts = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tries = attempts.tries.max(1);
     let outcome = match result {
-        Ok(resp) => completion(resp).map_err(|detail| GatewayError::BadResponse {
-            base_url: ep.base_url.to_string(),
-            detail,
-        }),
+        Ok(resp) => {
+            completion(resp).map_err(|detail| GatewayError::BadResponse { base_url: ep.base_url.to_string(), detail })
+        }
         Err(e) => Err(classify(e, ep, &attempts)),
     };
     (outcome, tries)
@@ -212,11 +185,7 @@ fn classify(e: OpenAIError, ep: &Endpoint<'_>, attempts: &Attempts) -> GatewayEr
             credential: ep.credential.map(str::to_string),
             key_found: ep.key.is_some(),
         },
-        404 => GatewayError::ModelNotFound {
-            base_url: base_url.clone(),
-            model: ep.model.to_string(),
-            message,
-        },
+        404 => GatewayError::ModelNotFound { base_url: base_url.clone(), model: ep.model.to_string(), message },
         429 => GatewayError::RateLimited {
             base_url: base_url.clone(),
             tries: attempts.tries,
@@ -227,42 +196,25 @@ fn classify(e: OpenAIError, ep: &Endpoint<'_>, attempts: &Attempts) -> GatewayEr
             tries: attempts.tries,
             detail: format!("it answered {s}: {message}"),
         },
-        s => GatewayError::Rejected {
-            base_url: base_url.clone(),
-            status: s,
-            message,
-        },
+        s => GatewayError::Rejected { base_url: base_url.clone(), status: s, message },
     };
     match e {
-        OpenAIError::ApiError(api) => {
-            by_status(api.status_code.as_u16(), snippet(&api.api_error.message))
-        }
-        OpenAIError::Reqwest(err) if err.is_timeout() => GatewayError::Timeout {
-            base_url,
-            timeout: ep.timeout,
-        },
+        OpenAIError::ApiError(api) => by_status(api.status_code.as_u16(), snippet(&api.api_error.message)),
+        OpenAIError::Reqwest(err) if err.is_timeout() => GatewayError::Timeout { base_url, timeout: ep.timeout },
         OpenAIError::Reqwest(err) if err.is_connect() => GatewayError::ProviderDown {
             base_url,
             tries: attempts.tries,
             detail: format!("cannot connect: {}", error_chain(&err)),
         },
-        OpenAIError::Reqwest(err) => GatewayError::ProviderDown {
-            base_url,
-            tries: attempts.tries,
-            detail: error_chain(&err),
-        },
+        OpenAIError::Reqwest(err) => {
+            GatewayError::ProviderDown { base_url, tries: attempts.tries, detail: error_chain(&err) }
+        }
         OpenAIError::JSONDeserialize(err, content) => match attempts.last_status {
             // An error status with a body that is not OpenAI's error JSON.
             Some(status) if status >= 400 => by_status(status, snippet(&content)),
-            _ => GatewayError::BadResponse {
-                base_url,
-                detail: format!("{err} in {:?}", snippet(&content)),
-            },
+            _ => GatewayError::BadResponse { base_url, detail: format!("{err} in {:?}", snippet(&content)) },
         },
-        other => GatewayError::BadResponse {
-            base_url,
-            detail: other.to_string(),
-        },
+        other => GatewayError::BadResponse { base_url, detail: other.to_string() },
     }
 }
 

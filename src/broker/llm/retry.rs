@@ -44,12 +44,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 /// A random number for jitter (std's per-process random hash keys).
 pub fn random_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.finish()
 }
 
@@ -63,10 +58,7 @@ impl RetryPolicy {
         match retry_after {
             Some(after) => after + after.mul_f64(0.1 * frac),
             None => {
-                let exp = self
-                    .base
-                    .saturating_mul(1u32 << retry.saturating_sub(1).min(16))
-                    .min(self.cap);
+                let exp = self.base.saturating_mul(1u32 << retry.saturating_sub(1).min(16)).min(self.cap);
                 exp / 2 + (exp / 2).mul_f64(frac)
             }
         }
@@ -95,10 +87,7 @@ mod tests {
     fn retry_after_is_honoured_never_shortened() {
         let p = RetryPolicy::default();
         let d = p.delay(1, Some(Duration::from_secs(1)), 999);
-        assert!(
-            d >= Duration::from_secs(1) && d <= Duration::from_millis(1100),
-            "{d:?}"
-        );
+        assert!(d >= Duration::from_secs(1) && d <= Duration::from_millis(1100), "{d:?}");
         assert_eq!(parse_retry_after(" 3 "), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert!(retryable_status(429) && retryable_status(503));
