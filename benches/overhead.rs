@@ -52,12 +52,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let iters: usize = std::env::var("CORRAL_BENCH_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(400);
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("corral-bench-{}", std::process::id()));
+    let iters: usize = std::env::var("CORRAL_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::write(dir.join("policies/bench.toml"), POLICY).unwrap();
     let socket = dir.join("s.sock");
@@ -74,38 +70,21 @@ fn main() {
         .spawn()
         .unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let body = br#"{"workflow":"bench","argv":["/bin/true"]}"#.to_vec();
     let call = |rt: &tokio::runtime::Runtime| {
         let (status, bytes) = rt
-            .block_on(corral::client::request(
-                &socket,
-                hyper::Method::POST,
-                "/v1/exec",
-                Some(body.clone()),
-            ))
+            .block_on(corral::client::request(&socket, hyper::Method::POST, "/v1/exec", Some(body.clone())))
             .expect("broker call");
         assert!(status.is_success(), "{}", String::from_utf8_lossy(&bytes));
-        assert!(
-            bytes.windows(14).any(|w| w == b"\"exit_code\":0,"),
-            "{}",
-            String::from_utf8_lossy(&bytes)
-        );
+        assert!(bytes.windows(14).any(|w| w == b"\"exit_code\":0,"), "{}", String::from_utf8_lossy(&bytes));
     };
     // Wait for the broker and a warm worker.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
             let (s, _) = rt
-                .block_on(corral::client::request(
-                    &socket,
-                    hyper::Method::POST,
-                    "/v1/exec",
-                    Some(body.clone()),
-                ))
+                .block_on(corral::client::request(&socket, hyper::Method::POST, "/v1/exec", Some(body.clone())))
                 .unwrap_or((hyper::StatusCode::SERVICE_UNAVAILABLE, Default::default()));
             if s.is_success() {
                 break;
@@ -114,23 +93,11 @@ fn main() {
         assert!(Instant::now() < deadline, "broker did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let bwrap = Command::new("bwrap")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let bwrap = Command::new("bwrap").arg("--version").output().is_ok_and(|o| o.status.success());
 
-    let mut bare = Series {
-        name: "fork+exec+wait /bin/true",
-        samples: Vec::new(),
-    };
-    let mut corral = Series {
-        name: "corral exec (HTTP, worker, tool child)",
-        samples: Vec::new(),
-    };
-    let mut bw = Series {
-        name: "bwrap --unshare-all --ro-bind / / /bin/true",
-        samples: Vec::new(),
-    };
+    let mut bare = Series { name: "fork+exec+wait /bin/true", samples: Vec::new() };
+    let mut corral = Series { name: "corral exec (HTTP, worker, tool child)", samples: Vec::new() };
+    let mut bw = Series { name: "bwrap --unshare-all --ro-bind / / /bin/true", samples: Vec::new() };
     for _ in 0..20 {
         call(&rt); // warm-up
     }
@@ -146,10 +113,8 @@ fn main() {
 
         if bwrap {
             let t = Instant::now();
-            let st = Command::new("bwrap")
-                .args(["--unshare-all", "--ro-bind", "/", "/", "/bin/true"])
-                .status()
-                .unwrap();
+            let st =
+                Command::new("bwrap").args(["--unshare-all", "--ro-bind", "/", "/", "/bin/true"]).status().unwrap();
             bw.samples.push(t.elapsed());
             assert!(st.success());
         }
@@ -168,13 +133,7 @@ fn main() {
     }
     for s in &mut rows {
         let (p50, p99) = (s.p(500), s.p(990));
-        println!(
-            "| {} | {:.3} | {:.3} | {:.2}x |",
-            s.name,
-            ms(p50),
-            ms(p99),
-            p50.as_secs_f64() / bare50.as_secs_f64()
-        );
+        println!("| {} | {:.3} | {:.3} | {:.2}x |", s.name, ms(p50), ms(p99), p50.as_secs_f64() / bare50.as_secs_f64());
     }
     let c50 = rows[1].p(500);
     let c99 = rows[1].p(990);
@@ -185,10 +144,7 @@ fn main() {
     );
     if bwrap {
         let b50 = rows[2].p(500);
-        println!(
-            "corral p50 / bwrap p50: {:.2}",
-            c50.as_secs_f64() / b50.as_secs_f64()
-        );
+        println!("corral p50 / bwrap p50: {:.2}", c50.as_secs_f64() / b50.as_secs_f64());
     } else {
         println!("bwrap not installed: no bwrap baseline (apt-get install bubblewrap)");
     }

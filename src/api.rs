@@ -67,10 +67,9 @@ pub struct ExecReply {
 pub fn encode_bytes(bytes: &[u8]) -> (String, Option<String>) {
     match std::str::from_utf8(bytes) {
         Ok(s) => (s.to_owned(), None),
-        Err(_) => (
-            String::from_utf8_lossy(bytes).into_owned(),
-            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-        ),
+        Err(_) => {
+            (String::from_utf8_lossy(bytes).into_owned(), Some(base64::engine::general_purpose::STANDARD.encode(bytes)))
+        }
     }
 }
 
@@ -138,6 +137,8 @@ pub struct WorkerStatus {
     /// `starting`, `idle`, `busy` or `backoff`.
     pub state: String,
     pub served: u64,
+    /// CPU time of the calls this worker ran (their rusage), in ms.
+    pub calls_cpu_ms: f64,
     pub restarts: u64,
     pub last_exit: Option<String>,
     /// The last limit the kernel enforced on this worker's calls.

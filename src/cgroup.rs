@@ -35,6 +35,12 @@ pub fn locate(root: &Path, proc_cgroup: &str) -> Location {
             }
             continue;
         }
+        // A controller at the root group does not account for the worker: on
+        // some hosts (cpu and cpuacct mounted apart) systemd places a unit in
+        // one and leaves the other at "/", which would report the machine.
+        if rel.is_empty() {
+            continue;
+        }
         for c in controllers.split(',') {
             match c {
                 "memory" => loc.memory = Some(root.join("memory").join(rel)),
@@ -85,31 +91,12 @@ pub fn stats(loc: &Location) -> Stats {
         };
     }
     Stats {
-        memory_current: loc
-            .memory
-            .as_ref()
-            .and_then(|g| read_u64(&g.join("memory.usage_in_bytes"))),
-        memory_peak: loc
-            .memory
-            .as_ref()
-            .and_then(|g| read_u64(&g.join("memory.max_usage_in_bytes"))),
-        cpu_usage_us: loc
-            .cpu
-            .as_ref()
-            .and_then(|g| read_u64(&g.join("cpuacct.usage")))
-            .map(|ns| ns / 1000),
-        tasks_current: loc
-            .pids
-            .as_ref()
-            .and_then(|g| read_u64(&g.join("pids.current"))),
-        oom_kills: loc
-            .memory
-            .as_ref()
-            .and_then(|g| keyed(&g.join("memory.oom_control"), "oom_kill")),
-        tasks_refused: loc
-            .pids
-            .as_ref()
-            .and_then(|g| keyed(&g.join("pids.events"), "max")),
+        memory_current: loc.memory.as_ref().and_then(|g| read_u64(&g.join("memory.usage_in_bytes"))),
+        memory_peak: loc.memory.as_ref().and_then(|g| read_u64(&g.join("memory.max_usage_in_bytes"))),
+        cpu_usage_us: loc.cpu.as_ref().and_then(|g| read_u64(&g.join("cpuacct.usage"))).map(|ns| ns / 1000),
+        tasks_current: loc.pids.as_ref().and_then(|g| read_u64(&g.join("pids.current"))),
+        oom_kills: loc.memory.as_ref().and_then(|g| keyed(&g.join("memory.oom_control"), "oom_kill")),
+        tasks_refused: loc.pids.as_ref().and_then(|g| keyed(&g.join("pids.events"), "max")),
     }
 }
 
@@ -122,8 +109,7 @@ pub fn stats_of(pid: u32) -> Option<Stats> {
 /// The cgroup version in use here: "v2", "v1" or "hybrid".
 pub fn version(root: &Path) -> &'static str {
     let unified = root.join("cgroup.controllers").is_file();
-    let v1 =
-        root.join("memory").join("memory.limit_in_bytes").is_file() || root.join("pids").is_dir();
+    let v1 = root.join("memory").join("memory.limit_in_bytes").is_file() || root.join("pids").is_dir();
     match (unified, v1) {
         (true, _) => "v2",
         (false, true) => "v1",
@@ -152,17 +138,11 @@ mod tests {
                 vec![
                     ("memory.usage_in_bytes", "1000\n"),
                     ("memory.max_usage_in_bytes", "5000\n"),
-                    (
-                        "memory.oom_control",
-                        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
-                    ),
+                    ("memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"),
                 ],
             ),
             ("cpuacct", vec![("cpuacct.usage", "3000000\n")]),
-            (
-                "pids",
-                vec![("pids.current", "4\n"), ("pids.events", "max 7\n")],
-            ),
+            ("pids", vec![("pids.current", "4\n"), ("pids.events", "max 7\n")]),
         ] {
             let d = root.join(ctl).join(scope);
             std::fs::create_dir_all(&d).unwrap();
@@ -170,12 +150,11 @@ mod tests {
                 std::fs::write(d.join(f), v).unwrap();
             }
         }
-        let proc = format!("12:pids:/{scope}\n9:memory:/{scope}\n4:cpu,cpuacct:/{scope}\n1:name=systemd:/{scope}\n0::/{scope}\n");
-        let loc = locate(&root, &proc);
-        assert!(
-            loc.unified.is_none(),
-            "hybrid: the unified line has no controllers"
+        let proc = format!(
+            "12:pids:/{scope}\n9:memory:/{scope}\n4:cpu,cpuacct:/{scope}\n1:name=systemd:/{scope}\n0::/{scope}\n"
         );
+        let loc = locate(&root, &proc);
+        assert!(loc.unified.is_none(), "hybrid: the unified line has no controllers");
         let s = stats(&loc);
         assert_eq!(s.memory_current, Some(1000));
         assert_eq!(s.memory_peak, Some(5000));
@@ -183,6 +162,11 @@ mod tests {
         assert_eq!(s.tasks_current, Some(4));
         assert_eq!(s.oom_kills, Some(2));
         assert_eq!(s.tasks_refused, Some(7));
+        // cpuacct left at the root group (cpu and cpuacct mounted apart):
+        // no CPU figure rather than the whole machine's.
+        let apart = locate(&root, &format!("2:cpuacct:/\n1:cpu:/{scope}\n4:memory:/{scope}\n"));
+        assert_eq!(apart.cpu, None);
+        assert!(apart.memory.is_some());
         std::fs::remove_dir_all(&root).unwrap();
     }
 

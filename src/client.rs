@@ -14,10 +14,7 @@ pub enum ClientError {
         "failed to connect to the broker at {path}: {source}; is it running? Start it with `corral broker` \
          (or `systemctl start corral`), or point --socket / CORRAL_SOCKET at its socket"
     )]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Connect { path: PathBuf, source: std::io::Error },
     #[error("HTTP exchange with the broker failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("failed to build request: {0}")]
@@ -33,10 +30,7 @@ pub async fn request(
 ) -> Result<(StatusCode, Bytes), ClientError> {
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|source| ClientError::Connect {
-            path: socket.to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| ClientError::Connect { path: socket.to_path_buf(), source })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;

@@ -37,10 +37,7 @@ pub enum FrameError {
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut buf = postcard::to_extend(msg, vec![0u8; HEADER]).map_err(FrameError::Encode)?;
     let len = buf.len() - HEADER;
-    let len32 = u32::try_from(len)
-        .ok()
-        .filter(|_| len <= MAX_FRAME)
-        .ok_or(FrameError::TooLarge(len))?;
+    let len32 = u32::try_from(len).ok().filter(|_| len <= MAX_FRAME).ok_or(FrameError::TooLarge(len))?;
     buf[..HEADER].copy_from_slice(&len32.to_be_bytes());
     Ok(buf)
 }
@@ -104,9 +101,7 @@ where
         }
     }
     let mut payload = vec![0u8; checked_len(header)?];
-    r.read_exact(&mut payload)
-        .await
-        .map_err(eof_is_truncation)?;
+    r.read_exact(&mut payload).await.map_err(eof_is_truncation)?;
     decode(&payload).map(Some)
 }
 
@@ -135,12 +130,7 @@ mod tests {
     use crate::protocol::{ExecRequest, ToWorker};
 
     fn exec(stdin: Vec<u8>) -> ToWorker {
-        ToWorker::Exec(ExecRequest {
-            id: 7,
-            argv: vec!["echo".into(), "héllo ✓".into()],
-            stdin,
-            timeout_ms: 1000,
-        })
+        ToWorker::Exec(ExecRequest { id: 7, argv: vec!["echo".into(), "héllo ✓".into()], stdin, timeout_ms: 1000 })
     }
 
     #[test]
@@ -149,18 +139,9 @@ mod tests {
         write_frame(&mut buf, &exec(vec![0, 255, 10])).unwrap();
         write_frame(&mut buf, &exec(Vec::new())).unwrap();
         let mut r = io::Cursor::new(buf);
-        assert_eq!(
-            read_frame::<_, ToWorker>(&mut r).unwrap(),
-            Some(exec(vec![0, 255, 10]))
-        );
-        assert_eq!(
-            read_frame::<_, ToWorker>(&mut r).unwrap(),
-            Some(exec(Vec::new()))
-        );
-        assert!(
-            read_frame::<_, ToWorker>(&mut r).unwrap().is_none(),
-            "clean EOF is None"
-        );
+        assert_eq!(read_frame::<_, ToWorker>(&mut r).unwrap(), Some(exec(vec![0, 255, 10])));
+        assert_eq!(read_frame::<_, ToWorker>(&mut r).unwrap(), Some(exec(Vec::new())));
+        assert!(read_frame::<_, ToWorker>(&mut r).unwrap().is_none(), "clean EOF is None");
     }
 
     #[tokio::test]
@@ -179,10 +160,7 @@ mod tests {
         let frame = encode(&exec(vec![9; 10])).unwrap();
         for cut in [1, 3, HEADER + 1, frame.len() - 1] {
             let err = read_frame::<_, ToWorker>(&mut &frame[..cut]).unwrap_err();
-            assert!(
-                matches!(err, FrameError::Truncated),
-                "cut at {cut}: {err:?}"
-            );
+            assert!(matches!(err, FrameError::Truncated), "cut at {cut}: {err:?}");
         }
     }
 
@@ -194,10 +172,7 @@ mod tests {
         let err = read_frame::<_, ToWorker>(&mut &bogus[..]).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge(n) if n == u32::MAX as usize));
         let just_over = u32::try_from(MAX_FRAME + 1).unwrap().to_be_bytes();
-        assert!(matches!(
-            read_frame::<_, ToWorker>(&mut &just_over[..]),
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(read_frame::<_, ToWorker>(&mut &just_over[..]), Err(FrameError::TooLarge(_))));
     }
 
     #[test]

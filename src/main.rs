@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 const DEFAULT_SOCKET: &str = "/run/corral/corral.sock";
 
 #[derive(Parser)]
-#[command(
-    name = "corral",
-    version,
-    about = "A containerless sandboxed worker pool for AI assistants"
-)]
+#[command(name = "corral", version, about = "A containerless sandboxed worker pool for AI assistants")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,6 +38,10 @@ enum Command {
         /// How long SIGTERM waits for calls in flight, e.g. "10s".
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         drain_timeout: std::time::Duration,
+        /// Name this broker's scopes corral-INSTANCE-… (several brokers under
+        /// one systemd, e.g. tests).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Run one command in a workflow's sandbox: `corral exec WORKFLOW -- CMD ARGS…`.
     Exec {
@@ -118,10 +118,7 @@ fn init_logging() {
     if stderr_is_journal() {
         if let Ok(layer) = tracing_journald::layer() {
             let layer = layer.with_field_prefix(Some("CORRAL".into()));
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(layer)
-                .init();
+            tracing_subscriber::registry().with(filter).with(layer).init();
             return;
         }
     }
@@ -146,10 +143,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Command::Policy {
-        command: PolicyCommand::Check { dir },
-    } = &cli.command
-    {
+    if let Command::Policy { command: PolicyCommand::Check { dir } } = &cli.command {
         return ExitCode::from(corral::cli::check::run(dir));
     }
     match run_async(cli.command) {
@@ -174,23 +168,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn run_async(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Broker {
-            policies,
-            socket,
-            state_dir,
-            worker_user,
-            systemd,
-            drain_timeout,
-        } => {
+        Command::Broker { policies, socket, state_dir, worker_user, systemd, drain_timeout, instance } => {
             init_logging();
-            let exe = std::env::current_exe()
-                .context("failed to find the corral binary to start workers")?;
+            let exe = std::env::current_exe().context("failed to find the corral binary to start workers")?;
             let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
             let listener = match sd_notify::listen_fds() {
                 Ok(mut fds) => match fds.next() {
-                    Some(fd) => Some(
-                        corral::sandbox::sys::listener_from_fd(fd).context("socket activation")?,
-                    ),
+                    Some(fd) => Some(corral::sandbox::sys::listener_from_fd(fd).context("socket activation")?),
                     None => None,
                 },
                 Err(_) => None,
@@ -205,23 +189,14 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 log_filter,
                 systemd,
                 drain_timeout,
+                instance,
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            rt.block_on(corral::broker::run(config))
-                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
             Ok(0)
         }
-        Command::Exec {
-            socket,
-            json,
-            stdin,
-            timeout_ms,
-            workflow,
-            argv,
-        } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+        Command::Exec { socket, json, stdin, timeout_ms, workflow, argv } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(corral::cli::exec::run(corral::cli::exec::Args {
                 socket: &socket,
                 workflow,
@@ -232,18 +207,11 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             }))
         }
         Command::Status { socket, json } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(corral::cli::status::run(&socket, json))
         }
-        Command::Doctor {
-            policies,
-            worker_user,
-        } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+        Command::Doctor { policies, worker_user } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             Ok(rt.block_on(corral::cli::doctor::run(&policies, &worker_user)))
         }
         Command::Policy { .. } | Command::Worker => Ok(0),

@@ -60,11 +60,7 @@ fn field<'a>(out: &'a str, key: &str) -> &'a str {
 }
 
 fn uid_of(user: &str) -> u32 {
-    nix::unistd::User::from_name(user)
-        .unwrap()
-        .unwrap_or_else(|| panic!("user {user} missing"))
-        .uid
-        .as_raw()
+    nix::unistd::User::from_name(user).unwrap().unwrap_or_else(|| panic!("user {user} missing")).uid.as_raw()
 }
 
 /// A syscall probe is x86_64-specific; on other arches the test says so.
@@ -121,11 +117,7 @@ fn writing_outside_the_workspace_fails_but_the_workspace_works() {
     for (wf, ws, user) in [
         ("homework", &kid_ws, "corral-kid"),
         ("family-chat", &alice_ws, "corral-alice"),
-        (
-            "shell-tools",
-            &b.workspace("ops", "shell-tools"),
-            WORKER_USER,
-        ),
+        ("shell-tools", &b.workspace("ops", "shell-tools"), WORKER_USER),
     ] {
         let r = b.sh(wf, "echo mine > \"$HOME/own.txt\" && cat \"$HOME/own.txt\"");
         assert_ok(&r);
@@ -152,31 +144,19 @@ fn links_from_the_workspace_do_not_reach_outside() {
     let s = secret.display();
 
     // Sanity: the uid alone could read it.
-    let out = std::process::Command::new("runuser")
-        .args(["-u", WORKER_USER, "--", "cat"])
-        .arg(&secret)
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new("runuser").args(["-u", WORKER_USER, "--", "cat"]).arg(&secret).output().unwrap();
     assert!(out.status.success(), "{out:?}");
 
-    let r = b.sh(
-        "shell-tools",
-        &format!("ln -s {s} \"$HOME/l\" && cat \"$HOME/l\""),
-    );
+    let r = b.sh("shell-tools", &format!("ln -s {s} \"$HOME/l\" && cat \"$HOME/l\""));
     assert_denied(&r, "Permission denied");
     assert!(!stdout(&r).contains("top-secret"), "{r:#}");
 
-    let r = b.sh(
-        "shell-tools",
-        &format!("ln {s} \"$HOME/h\"; cat \"$HOME/h\""),
-    );
+    let r = b.sh("shell-tools", &format!("ln {s} \"$HOME/h\"; cat \"$HOME/h\""));
     assert_ne!(exit_code(&r), Some(0), "{r:#}");
     // Landlock refuses a link that would give the file more rights than it
     // has where it is: EXDEV.
-    assert!(
-        stderr(&r).contains("ln: failed to create hard link"),
-        "{r:#}"
-    );
+    assert!(stderr(&r).contains("ln: failed to create hard link"), "{r:#}");
     assert!(stderr(&r).contains("Invalid cross-device link"), "{r:#}");
     assert!(!stdout(&r).contains("top-secret"), "{r:#}");
     assert!(!b.workspace("ops", "shell-tools").join("h").exists());
@@ -197,10 +177,7 @@ fn broker_proc_environ_and_mem_are_unreadable() {
         return;
     }
     let secret = format!("s3cr3t-{}-environ", std::process::id());
-    let opts = BrokerOptions {
-        env: vec![("CORRAL_TEST_SECRET".into(), secret.clone())],
-        ..Default::default()
-    };
+    let opts = BrokerOptions { env: vec![("CORRAL_TEST_SECRET".into(), secret.clone())], ..Default::default() };
     let b = Broker::start_with("environ", &shipped_policies(), opts);
     let pid = b.pid();
     // Sanity: the secret is really in the broker's environment.
@@ -288,11 +265,7 @@ fn signals_to_other_processes_fail_but_own_children_work() {
 
 /// A TCP port that was free a moment ago.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -307,14 +280,7 @@ fn tcp_is_refused_without_rules_and_limited_to_listed_ports() {
     let bind_ok = free_port();
     let bind_no = free_port();
     let mut policies = shipped_policies();
-    policies.push(policy(
-        "net",
-        "ops",
-        None,
-        &format!("tcp_connect = [{p}]\ntcp_bind = [{bind_ok}]"),
-        "",
-        "",
-    ));
+    policies.push(policy("net", "ops", None, &format!("tcp_connect = [{p}]\ntcp_bind = [{bind_ok}]"), "", ""));
     let b = Broker::start("tcp", &policies);
 
     let probe = format!(
@@ -352,10 +318,7 @@ attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close(
         assert_eq!(field(&out, name), eperm, "{name}: {out}");
     }
     assert_eq!(field(&out, "unix"), "ok", "{out}");
-    let r = b.exec(
-        "shell-tools",
-        &["bash", "-c", &format!("echo x > /dev/tcp/127.0.0.1/{p}")],
-    );
+    let r = b.exec("shell-tools", &["bash", "-c", &format!("echo x > /dev/tcp/127.0.0.1/{p}")]);
     assert_denied(&r, "Operation not permitted");
     lp.set_nonblocking(true).unwrap();
     assert!(lp.accept().is_err(), "shell-tools reached the listener");
@@ -406,16 +369,9 @@ else:
     print("os-unshare absent")  # Python < 3.12: the libc probe above stands in
 "#,
     );
-    assert_eq!(
-        field(&out, "libc-unshare"),
-        format!("-1 {}", libc::EPERM),
-        "{out}"
-    );
+    assert_eq!(field(&out, "libc-unshare"), format!("-1 {}", libc::EPERM), "{out}");
     let os_unshare = field(&out, "os-unshare");
-    assert!(
-        os_unshare == libc::EPERM.to_string() || os_unshare == "absent",
-        "{out}"
-    );
+    assert!(os_unshare == libc::EPERM.to_string() || os_unshare == "absent", "{out}");
     // Neighbour: a plain fork.
     let r = b.sh("shell-tools", "(true) && echo ok");
     assert_ok(&r);
@@ -429,18 +385,12 @@ fn mount_fails_but_mkdir_in_the_workspace_works() {
     }
     let b = Broker::start("mount", &shipped_policies());
     // Neighbour first: the mount point can be made.
-    let r = b.sh(
-        "shell-tools",
-        "mkdir \"$HOME/m\" && test -d \"$HOME/m\" && echo made",
-    );
+    let r = b.sh("shell-tools", "mkdir \"$HOME/m\" && test -d \"$HOME/m\" && echo made");
     assert_ok(&r);
     assert_eq!(stdout(&r), "made\n");
     let ws = b.workspace("ops", "shell-tools");
     let m = ws.join("m");
-    let r = b.exec(
-        "shell-tools",
-        &["mount", "-t", "tmpfs", "none", m.to_str().unwrap()],
-    );
+    let r = b.exec("shell-tools", &["mount", "-t", "tmpfs", "none", m.to_str().unwrap()]);
     // util-linux's answer to EPERM from mount(2) (exit 32: mount failure).
     assert_eq!(exit_code(&r), Some(32), "{r:#}");
     assert!(stderr(&r).contains("must be superuser"), "{r:#}");
@@ -482,12 +432,8 @@ fn setuid_root_binary_does_not_elevate() {
     let d = bin.display();
 
     // Sanity: without no_new_privs the binary elevates.
-    let out = std::process::Command::new("runuser")
-        .args(["-u", WORKER_USER, "--"])
-        .arg(&id)
-        .arg("-u")
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new("runuser").args(["-u", WORKER_USER, "--"]).arg(&id).arg("-u").output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n", "{out:?}");
 
@@ -499,9 +445,7 @@ fn setuid_root_binary_does_not_elevate() {
         "",
         "",
     );
-    p.text = p
-        .text
-        .replace(r#""/dev/urandom"]"#, &format!(r#""/dev/urandom", "{d}"]"#));
+    p.text = p.text.replace(r#""/dev/urandom"]"#, &format!(r#""/dev/urandom", "{d}"]"#));
     assert!(p.text.contains(&format!(r#""{d}"]"#)), "{}", p.text);
     let b = Broker::start("suid", &[p]);
     let r = b.exec("suid", &[id.to_str().unwrap(), "-u"]);
@@ -586,11 +530,7 @@ r, e = sc(290, 0, 0)
 print("eventfd2", r >= 0, e)
 "#,
     );
-    assert_eq!(
-        field(&out, "io_uring_setup"),
-        format!("-1 {}", libc::EPERM),
-        "{out}"
-    );
+    assert_eq!(field(&out, "io_uring_setup"), format!("-1 {}", libc::EPERM), "{out}");
     assert_eq!(field(&out, "eventfd2"), "True 0", "{out}");
 }
 
@@ -600,10 +540,7 @@ fn binaries_outside_the_exec_rules_do_not_run() {
         return;
     }
     let b = Broker::start("exec", &shipped_policies());
-    let r = b.sh(
-        "shell-tools",
-        "cp /bin/true \"$HOME/t\" && chmod +x \"$HOME/t\" && \"$HOME/t\"",
-    );
+    let r = b.sh("shell-tools", "cp /bin/true \"$HOME/t\" && chmod +x \"$HOME/t\" && \"$HOME/t\"");
     assert_eq!(exit_code(&r), Some(126), "{r:#}");
     assert!(stderr(&r).contains("Permission denied"), "{r:#}");
     let t = b.workspace("ops", "shell-tools").join("t");
@@ -614,9 +551,7 @@ fn binaries_outside_the_exec_rules_do_not_run() {
         "argv": [t.to_str().unwrap()],
     }));
     assert_eq!(code, 200, "{reply:#}");
-    let err = reply["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error: {reply:#}"));
+    let err = reply["error"].as_str().unwrap_or_else(|| panic!("no error: {reply:#}"));
     assert!(err.contains("Permission denied"), "{reply:#}");
     assert!(reply["exit_code"].is_null(), "{reply:#}");
 
@@ -650,24 +585,10 @@ r, e = sc(39)
 print("getpid", r == os.getpid(), e)
 "#,
     );
-    for name in [
-        "bpf",
-        "perf_event_open",
-        "keyctl",
-        "userfaultfd",
-        "process_vm_readv",
-    ] {
-        assert_eq!(
-            field(&out, name),
-            format!("-1 {}", libc::EPERM),
-            "{name}: {out}"
-        );
+    for name in ["bpf", "perf_event_open", "keyctl", "userfaultfd", "process_vm_readv"] {
+        assert_eq!(field(&out, name), format!("-1 {}", libc::EPERM), "{name}: {out}");
     }
-    assert_eq!(
-        field(&out, "clone3"),
-        format!("-1 {}", libc::ENOSYS),
-        "{out}"
-    );
+    assert_eq!(field(&out, "clone3"), format!("-1 {}", libc::ENOSYS), "{out}");
     assert_eq!(field(&out, "getpid"), "True 0", "{out}");
 }
 
@@ -677,18 +598,12 @@ fn landlock_required_is_honoured() {
     use corral::sandbox::{enforcement, SandboxError};
     // Ports on a kernel without Landlock TCP: required refuses, best effort
     // runs with no network at all and says so.
-    assert!(matches!(
-        enforcement(Requirement::Required, true, 3),
-        Err(SandboxError::TcpNeedsAbi(3))
-    ));
+    assert!(matches!(enforcement(Requirement::Required, true, 3), Err(SandboxError::TcpNeedsAbi(3))));
     let rows = enforcement(Requirement::BestEffort, true, 3).unwrap();
     let net = rows.iter().find(|r| r.promise == "network").unwrap();
     assert!(net.by.starts_with("none"), "{}", net.by);
     // No Landlock at all.
-    assert!(matches!(
-        enforcement(Requirement::Required, false, 0),
-        Err(SandboxError::LandlockUnavailable)
-    ));
+    assert!(matches!(enforcement(Requirement::Required, false, 0), Err(SandboxError::LandlockUnavailable)));
     assert!(enforcement(Requirement::BestEffort, false, 0).is_ok());
     // Neighbour: on a kernel with TCP rules, required ports are fine.
     let rows = enforcement(Requirement::Required, true, 4).unwrap();
@@ -699,10 +614,7 @@ fn landlock_required_is_honoured() {
     if !require(&["root", "landlock-tcp", "users"]) {
         return;
     }
-    let b = Broker::start(
-        "required",
-        &[policy("req", "ops", None, "tcp_connect = [1]", "", "")],
-    );
+    let b = Broker::start("required", &[policy("req", "ops", None, "tcp_connect = [1]", "", "")]);
     let r = b.exec("req", &["true"]);
     assert_ok(&r);
 }

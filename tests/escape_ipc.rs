@@ -17,11 +17,7 @@ fn tool_inherits_only_its_stdio() {
     // python lists its own descriptors: only 0, 1, 2 (and the listing's own).
     let r = b.exec(
         "shell-tools",
-        &[
-            "python3",
-            "-c",
-            "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))",
-        ],
+        &["python3", "-c", "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"],
     );
     assert_eq!(exit_code(&r), Some(0), "{r:#}");
     let fds: Vec<u32> = serde_json::from_str(stdout(&r).trim()).unwrap();
@@ -56,23 +52,13 @@ fn tool_cannot_call_the_broker_through_its_socket() {
     let b = Broker::start("selfcall", &shipped_policies());
     let sock = b.socket.to_str().unwrap().to_string();
     let r = b.exec("shell-tools", &["python3", "-c", CALL_BROKER, &sock]);
-    assert_eq!(
-        exit_code(&r),
-        Some(0),
-        "the connection itself is possible (ABI < 9): {r:#}"
-    );
+    assert_eq!(exit_code(&r), Some(0), "the connection itself is possible (ABI < 9): {r:#}");
     let answer = stdout(&r);
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(answer.contains("inside a corral sandbox"), "{answer}");
-    assert!(
-        !answer.contains("uid="),
-        "the inner call must not run: {answer}"
-    );
+    assert!(!answer.contains("uid="), "the inner call must not run: {answer}");
     // The neighbour: the same request from outside any sandbox works.
-    let outside = std::process::Command::new("python3")
-        .args(["-c", CALL_BROKER, &sock])
-        .output()
-        .unwrap();
+    let outside = std::process::Command::new("python3").args(["-c", CALL_BROKER, &sock]).output().unwrap();
     let text = String::from_utf8_lossy(&outside.stdout);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("uid="), "{text}");
@@ -85,25 +71,12 @@ fn status_shows_a_tenant_only_its_own_workflows() {
     }
     let b = Broker::start("status-tenant", &shipped_policies());
     let out = b.cli(Some("kid"), &["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = st["workflows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = st["workflows"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["homework"], "kid sees only homework");
     // root sees every workflow.
-    let all: Vec<String> = b.status()["workflows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["name"].as_str().unwrap().to_string())
-        .collect();
+    let all: Vec<String> =
+        b.status()["workflows"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(all, ["family-chat", "homework", "shell-tools"]);
 }

@@ -33,11 +33,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError { status, code, message: message.into() }
     }
 }
 
@@ -48,10 +44,7 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T, request_id: &str) -> 
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
         headers.insert(api::REQUEST_ID_HEADER, v);
     }
@@ -60,21 +53,13 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T, request_id: &str) -> 
 
 fn error_reply(e: ApiError, request_id: &str) -> Reply {
     let body = ErrorReply {
-        error: ErrorInfo {
-            code: e.code.to_string(),
-            message: e.message,
-            request_id: Some(request_id.to_string()),
-        },
+        error: ErrorInfo { code: e.code.to_string(), message: e.message, request_id: Some(request_id.to_string()) },
     };
     json(e.status, &body, request_id)
 }
 
 /// Entry point for every request on a connection from `peer`.
-pub async fn handle(
-    broker: Arc<Broker>,
-    peer: Peer,
-    req: Request<Incoming>,
-) -> Result<Reply, Infallible> {
+pub async fn handle(broker: Arc<Broker>, peer: Peer, req: Request<Incoming>) -> Result<Reply, Infallible> {
     let request_id = broker.next_request_id();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     // Field names become journal fields CORRAL_REQUEST_ID, CORRAL_WORKFLOW, …
@@ -88,9 +73,7 @@ pub async fn handle(
         %method,
         %path
     );
-    Ok(route(&broker, peer, req, &request_id, method, path)
-        .instrument(span)
-        .await)
+    Ok(route(&broker, peer, req, &request_id, method, path).instrument(span).await)
 }
 
 async fn route(
@@ -121,46 +104,30 @@ async fn route(
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!(
-                "no such endpoint {path}: corral serves POST {EXEC_PATH} and GET {STATUS_PATH}"
-            ),
+            format!("no such endpoint {path}: corral serves POST {EXEC_PATH} and GET {STATUS_PATH}"),
         )),
     };
     match result {
         Ok(reply) => reply,
         Err(e) => {
-            tracing::info!(
-                code = e.code,
-                status = e.status.as_u16(),
-                "request failed: {}",
-                e.message
-            );
+            tracing::info!(code = e.code, status = e.status.as_u16(), "request failed: {}", e.message);
             error_reply(e, request_id)
         }
     }
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    format!("request body exceeds {MAX_BODY} bytes; send less stdin"),
-                )
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("failed to read request body: {e}"),
-                )
-            }
-        })?;
+    let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body exceeds {MAX_BODY} bytes; send less stdin"),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("failed to read request body: {e}"))
+        }
+    })?;
     serde_json::from_slice(&body.to_bytes()).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -170,22 +137,13 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     })
 }
 
-async fn exec(
-    broker: &Broker,
-    peer: Peer,
-    req: Request<Incoming>,
-    request_id: &str,
-) -> Result<Reply, ApiError> {
+async fn exec(broker: &Broker, peer: Peer, req: Request<Incoming>, request_id: &str) -> Result<Reply, ApiError> {
     let body: ExecBody = read_json(req).await?;
     let wf = broker.workflow(&body.workflow).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_workflow",
-            format!(
-                "no workflow named {:?}; known workflows: {}",
-                body.workflow,
-                broker.workflow_names().join(", ")
-            ),
+            format!("no workflow named {:?}; known workflows: {}", body.workflow, broker.workflow_names().join(", ")),
         )
     })?;
     let span = tracing::Span::current();
@@ -228,15 +186,9 @@ async fn exec(
             ))
         }
         (Some(text), None) => text.as_bytes().to_vec(),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("stdin_base64 is not valid base64: {e}"),
-                )
-            })?,
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("stdin_base64 is not valid base64: {e}"))
+        })?,
         (None, None) => Vec::new(),
     };
     if stdin.len() as u64 > wf.stdin_max {
@@ -265,36 +217,28 @@ async fn exec(
         Some(t) => t,
     };
     let id = broker.next_call_id();
-    let call = ExecRequest {
-        id,
-        argv: body.argv.clone(),
-        stdin,
-        timeout_ms,
-    };
+    let call = ExecRequest { id, argv: body.argv.clone(), stdin, timeout_ms };
     tracing::info!(workflow = %wf.name, argv0 = %body.argv[0], "exec");
     let rx = wf.pool.submit(call).map_err(|e| match e {
-        SubmitError::Busy { .. } => {
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string())
-        }
-        SubmitError::Unavailable { .. } => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
+        SubmitError::Busy { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
+        SubmitError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     })?;
     let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
     let result = tokio::time::timeout(wait, rx).await.map_err(|_| {
         ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
-            format!(
-                "no worker of {} answered within {wait:?}; see `corral status` for its workers",
-                wf.name
-            ),
+            format!("no worker of {} answered within {wait:?}; see `corral status` for its workers", wf.name),
         )
     })?;
     let (worker, outcome, limit) = match result {
-        Err(_) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the call was dropped by the broker; retry it")),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the call was dropped by the broker; retry it",
+            ))
+        }
         Ok(Err(CallError::Died(why))) => {
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,

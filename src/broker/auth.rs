@@ -89,9 +89,6 @@ mod tests {
         assert!(descends_from_any(me, &[parent]));
         assert!(descends_from_any(me, &[me]));
         assert!(!descends_from_any(me, &[u32::MAX - 1]));
-        assert!(
-            !descends_from_any(parent, &[me]),
-            "a parent does not descend from its child"
-        );
+        assert!(!descends_from_any(parent, &[me]), "a parent does not descend from its child");
     }
 }

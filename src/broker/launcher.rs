@@ -10,9 +10,7 @@ use tokio::process::{Child, Command};
 
 use super::scope::{Systemd, UnitLimits};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
-use crate::protocol::{
-    EffectiveSandbox, ExecOutcome, ExecRequest, FromWorker, SandboxSpec, ToWorker,
-};
+use crate::protocol::{EffectiveSandbox, ExecOutcome, ExecRequest, FromWorker, SandboxSpec, ToWorker};
 use crate::sandbox::process::pass_fd_as_worker_fd;
 
 /// How long a worker may take to confine itself and say it is ready.
@@ -77,9 +75,7 @@ pub fn describe_exit(status: ExitStatus) -> String {
 }
 
 pub fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| format!("SIG{sig}"))
+    nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("SIG{sig}"))
 }
 
 /// Starts `exe worker`, hands it `spec` and waits until it is confined.
@@ -100,10 +96,7 @@ pub async fn start(
         .process_group(0)
         .kill_on_drop(true);
     pass_fd_as_worker_fd(&mut cmd, theirs.as_raw_fd());
-    let mut child = cmd.spawn().map_err(|source| StartError::Spawn {
-        exe: exe.display().to_string(),
-        source,
-    })?;
+    let mut child = cmd.spawn().map_err(|source| StartError::Spawn { exe: exe.display().to_string(), source })?;
     drop(theirs);
     let pid = child.id().unwrap_or(0);
     ours.set_nonblocking(true).map_err(StartError::Socket)?;
@@ -114,11 +107,7 @@ pub async fn start(
     // INVARIANT: the worker blocks reading Init, so nothing runs before it is
     // inside its scope (and it checks that it is, itself).
     if let Some(plan) = scope {
-        if let Err(e) = plan
-            .systemd
-            .create_scope(&plan.unit, plan.slice, pid, &plan.description, plan.limits)
-            .await
-        {
+        if let Err(e) = plan.systemd.create_scope(&plan.unit, plan.slice, pid, &plan.description, plan.limits).await {
             let _ = child.start_kill();
             let _ = child.wait().await;
             return Err(StartError::Scope(e.to_string()));
@@ -138,25 +127,14 @@ pub async fn start(
     };
     match answer {
         Err(_) => Err(StartError::Timeout),
-        Ok(Ok(Some(FromWorker::Ready(effective)))) => Ok(Worker {
-            pid,
-            effective,
-            child,
-            sock,
-        }),
+        Ok(Ok(Some(FromWorker::Ready(effective)))) => Ok(Worker { pid, effective, child, sock }),
         Ok(Ok(Some(FromWorker::Refused(why)))) => {
             let _ = child.wait().await;
             Err(StartError::Refused(why))
         }
-        Ok(Ok(Some(FromWorker::Done(_)))) => {
-            Err(StartError::Died("answered before it was asked".into()))
-        }
+        Ok(Ok(Some(FromWorker::Done(_)))) => Err(StartError::Died("answered before it was asked".into())),
         Ok(Ok(None)) => {
-            let status = child
-                .wait()
-                .await
-                .map(describe_exit)
-                .unwrap_or_else(|e| e.to_string());
+            let status = child.wait().await.map(describe_exit).unwrap_or_else(|e| e.to_string());
             Err(StartError::Died(status))
         }
         Ok(Err(e)) => Err(e.into()),
@@ -166,28 +144,18 @@ pub async fn start(
 impl Worker {
     /// Runs one call. `backstop` is how long past the call's own timeout we
     /// wait before declaring the worker stuck.
-    pub async fn call(
-        &mut self,
-        req: ExecRequest,
-        backstop: Duration,
-    ) -> Result<ExecOutcome, CallError> {
+    pub async fn call(&mut self, req: ExecRequest, backstop: Duration) -> Result<ExecOutcome, CallError> {
         let id = req.id;
         let limit = Duration::from_millis(req.timeout_ms) + backstop;
-        if write_frame_async(&mut self.sock, &ToWorker::Exec(req))
-            .await
-            .is_err()
-        {
+        if write_frame_async(&mut self.sock, &ToWorker::Exec(req)).await.is_err() {
             return Err(CallError::Died(self.reap().await));
         }
-        let answer =
-            tokio::time::timeout(limit, read_frame_async::<_, FromWorker>(&mut self.sock)).await;
+        let answer = tokio::time::timeout(limit, read_frame_async::<_, FromWorker>(&mut self.sock)).await;
         match answer {
             Ok(Ok(Some(FromWorker::Done(outcome)))) if outcome.id == id => Ok(outcome),
             Ok(Ok(Some(_))) => {
                 self.kill().await;
-                Err(CallError::Died(
-                    "protocol violation: unexpected answer; worker killed".into(),
-                ))
+                Err(CallError::Died("protocol violation: unexpected answer; worker killed".into()))
             }
             Ok(Ok(None)) | Ok(Err(_)) => Err(CallError::Died(self.reap().await)),
             Err(_) => {

@@ -23,20 +23,14 @@ pub enum BindError {
     #[error("{0} exists and is not a socket: remove it, or use another --socket")]
     NotASocket(PathBuf),
     #[error("failed to bind {path}: {source}")]
-    Bind {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Bind { path: PathBuf, source: std::io::Error },
 }
 
 /// Binds `path`, replacing a stale socket left by a dead broker but never a
 /// live one or a file that is not a socket. The socket is mode 0666: who may
 /// do what is decided per request from the peer's credentials.
 pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
-    let err = |source| BindError::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = |source| BindError::Bind { path: path.to_path_buf(), source };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(BindError::NotASocket(path.to_path_buf()));
@@ -56,10 +50,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 
 /// Takes a listening socket from systemd (socket activation).
 pub fn from_std(listener: std::os::unix::net::UnixListener) -> Result<UnixListener, BindError> {
-    let err = |source| BindError::Bind {
-        path: PathBuf::from("(socket from systemd)"),
-        source,
-    };
+    let err = |source| BindError::Bind { path: PathBuf::from("(socket from systemd)"), source };
     listener.set_nonblocking(true).map_err(err)?;
     UnixListener::from_std(listener).map_err(err)
 }
@@ -78,11 +69,7 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
             }
         };
         let peer = match stream.peer_cred() {
-            Ok(c) => Peer {
-                uid: c.uid(),
-                gid: c.gid(),
-                pid: c.pid(),
-            },
+            Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
             Err(e) => {
                 tracing::warn!("failed to read peer credentials, dropping connection: {e}");
                 continue;
@@ -91,10 +78,7 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
         let broker = Arc::clone(&broker);
         tokio::spawn(async move {
             let svc = service_fn(move |req| api::handle(Arc::clone(&broker), peer, req));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!("connection ended: {e}");
             }
             drop(permit);

@@ -55,6 +55,9 @@ pub struct Config {
     /// `RUST_LOG` filter handed to workers.
     pub log_filter: String,
     pub systemd: SystemdMode,
+    /// Names this broker's scopes `corral-<instance>-…`, so that several
+    /// brokers under one systemd (tests) leave each other's scopes alone.
+    pub instance: Option<String>,
     /// How long SIGTERM waits for calls in flight.
     pub drain_timeout: Duration,
 }
@@ -62,15 +65,9 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("failed to load policies from {dir}:\n{errors}")]
-    Policies {
-        dir: PathBuf,
-        errors: policy::PolicyErrors,
-    },
+    Policies { dir: PathBuf, errors: policy::PolicyErrors },
     #[error("failed to create state directory {dir}: {source}")]
-    StateDir {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    StateDir { dir: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error("failed to install signal handler: {0}")]
@@ -173,33 +170,20 @@ impl Broker {
                 seccomp: kernel.seccomp,
                 resource_control: self.resource_control.clone(),
             },
-            workflows: self
-                .snapshot()
-                .values()
-                .filter(|w| w.clients.allows(peer))
-                .map(|w| w.pool.status())
-                .collect(),
+            workflows: self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| w.pool.status()).collect(),
         }
     }
 
     /// Builds the workflows of `loaded`, reusing the running pool of every
     /// workflow whose policy did not change. Returns the new set and the
     /// pools that are no longer used.
-    async fn build(
-        &self,
-        loaded: &policy::Policies,
-        old: &Workflows,
-    ) -> (Workflows, Vec<Arc<pool::Pool>>) {
+    async fn build(&self, loaded: &policy::Policies, old: &Workflows) -> (Workflows, Vec<Arc<pool::Pool>>) {
         if let Some(sd) = &self.systemd {
-            let mut tenants: Vec<&policy::TenantName> =
-                loaded.workflows.iter().map(|w| &w.tenant).collect();
+            let mut tenants: Vec<&policy::TenantName> = loaded.workflows.iter().map(|w| &w.tenant).collect();
             tenants.dedup();
             for t in tenants {
                 let limits = setup::slice_limits(&loaded.tenant_limits(t));
-                if let Err(e) = sd
-                    .ensure_slice(&scope::slice_name(t.as_str()), &limits)
-                    .await
-                {
+                if let Err(e) = sd.ensure_slice(&scope::slice_name(t.as_str()), &limits).await {
                     tracing::error!(tenant = %t, "tenant slice: {e}");
                 }
             }
@@ -210,20 +194,13 @@ impl Broker {
                 fresh.insert(wf.name.to_string(), Arc::clone(same));
                 continue;
             }
-            let prepared = setup::prepare(
-                wf,
-                &self.config.state_dir,
-                &self.config.worker_user,
-                self.systemd.as_ref(),
-            );
+            let prefix = scope::scope_prefix(self.config.instance.as_deref());
+            let systemd = self.systemd.as_ref().map(|sd| (sd, prefix.as_str()));
+            let prepared = setup::prepare(wf, &self.config.state_dir, &self.config.worker_user, systemd);
             if let Some(why) = &prepared.pool.unavailable {
                 tracing::error!(workflow = %wf.name, tenant = %wf.tenant, "workflow unavailable: {why}");
             }
-            let pool = pool::Pool::new(
-                prepared.pool,
-                self.config.exe.clone(),
-                self.config.log_filter.clone(),
-            );
+            let pool = pool::Pool::new(prepared.pool, self.config.exe.clone(), self.config.log_filter.clone());
             pool.start();
             fresh.insert(
                 wf.name.to_string(),
@@ -261,22 +238,30 @@ impl Broker {
 }
 
 fn load_policies(dir: &std::path::Path) -> Result<policy::Policies, BrokerError> {
-    let loaded = policy::load_dir(dir).map_err(|errors| BrokerError::Policies {
-        dir: dir.to_path_buf(),
-        errors,
-    })?;
+    let loaded = policy::load_dir(dir).map_err(|errors| BrokerError::Policies { dir: dir.to_path_buf(), errors })?;
     for w in &loaded.warnings {
         tracing::warn!("policy: {w}");
     }
     Ok(loaded)
 }
 
+/// Creates the state directory and its `workspaces`, both 0755 whatever the
+/// umask: every worker must traverse them to reach its own 0700 workspace.
+fn prepare_state_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| BrokerError::StateDir { dir: dir.to_path_buf(), source };
+    let workspaces = dir.join("workspaces");
+    std::fs::create_dir_all(&workspaces).map_err(err)?;
+    for d in [dir, workspaces.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    }
+    Ok(())
+}
+
 const RLIMITS_ONLY: &str = "rlimits only (RLIMIT_AS = memory_max, RLIMIT_NPROC = tasks_max per user, \
     RLIMIT_FSIZE, RLIMIT_NOFILE); cpu_quota, memory_swap_max, io_weight and tenant limits are NOT enforced";
 
-async fn connect_systemd(
-    mode: SystemdMode,
-) -> Result<(Option<scope::Systemd>, String), BrokerError> {
+async fn connect_systemd(mode: SystemdMode) -> Result<(Option<scope::Systemd>, String), BrokerError> {
     if mode == SystemdMode::Off {
         return Ok((None, format!("{RLIMITS_ONLY} (--systemd=off)")));
     }
@@ -291,10 +276,7 @@ async fn connect_systemd(
             Ok((Some(sd), text))
         }
         Err(e) if mode == SystemdMode::Required => Err(BrokerError::NoSystemd(Box::new(e))),
-        Err(e) => Ok((
-            None,
-            format!("{RLIMITS_ONLY}: systemd is not reachable ({e})"),
-        )),
+        Err(e) => Ok((None, format!("{RLIMITS_ONLY}: systemd is not reachable ({e})"))),
     }
 }
 
@@ -302,29 +284,9 @@ async fn connect_systemd(
 pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     notify::status("starting");
     let (systemd, resource_control) = connect_systemd(config.systemd).await?;
-    if let Some(sd) = &systemd {
-        notify::status("stopping scopes left by an earlier instance");
-        let stopped = sd
-            .stop_stale_scopes()
-            .await
-            .map_err(|e| BrokerError::StaleScopes(Box::new(e)))?;
-        if !stopped.is_empty() {
-            tracing::warn!(
-                "stopped {} scope(s) left by an earlier broker: {}",
-                stopped.len(),
-                stopped.join(", ")
-            );
-        }
-    } else {
-        tracing::warn!("resource control: {resource_control}");
-    }
+    let broker_instance = config.instance.clone();
     let loaded = load_policies(&config.policies)?;
-    std::fs::create_dir_all(config.state_dir.join("workspaces")).map_err(|source| {
-        BrokerError::StateDir {
-            dir: config.state_dir.clone(),
-            source,
-        }
-    })?;
+    prepare_state_dir(&config.state_dir)?;
     // Keys and client data live in this process: keep other processes of
     // its user from reading its memory or attaching to it.
     let _ = nix::sys::prctl::set_dumpable(false);
@@ -333,6 +295,19 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         Some(l) => (listener::from_std(l)?, false),
         None => (listener::bind(&config.socket)?, true),
     };
+    // Only once the socket is ours: a second broker started by mistake on a
+    // live socket must fail at the bind above, not first stop the scopes
+    // (and so the workers and calls in flight) of the broker serving it.
+    if let Some(sd) = &systemd {
+        notify::status("stopping scopes left by an earlier instance");
+        let prefix = scope::scope_prefix(broker_instance.as_deref());
+        let stopped = sd.stop_stale_scopes(&prefix).await.map_err(|e| BrokerError::StaleScopes(Box::new(e)))?;
+        if !stopped.is_empty() {
+            tracing::warn!("stopped {} scope(s) left by an earlier broker: {}", stopped.len(), stopped.join(", "));
+        }
+    } else {
+        tracing::warn!("resource control: {resource_control}");
+    }
     let broker = Arc::new(Broker {
         workflows: RwLock::new(Arc::new(Workflows::new())),
         config,
@@ -348,13 +323,10 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     *broker.workflows.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(initial);
 
     let server = tokio::spawn(listener::serve(listener, Arc::clone(&broker)));
-    notify::ready(&format!(
-        "serving {count} workflows on {}",
-        broker.config.socket.display()
-    ));
+    notify::ready(&format!("serving {count} workflows on {}", broker.config.socket.display()));
     tracing::info!(socket = %broker.config.socket.display(), workflows = count, "broker ready");
-    let watchdog = notify::watchdog_interval()
-        .map(|every| tokio::spawn(notify::watchdog(every, broker.config.socket.clone())));
+    let watchdog =
+        notify::watchdog_interval().map(|every| tokio::spawn(notify::watchdog(every, broker.config.socket.clone())));
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(BrokerError::Signals)?;
@@ -392,21 +364,14 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
             break;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(
-                "{n} call(s) still running after {:?}; stopping anyway",
-                broker.config.drain_timeout
-            );
+            tracing::warn!("{n} call(s) still running after {:?}; stopping anyway", broker.config.drain_timeout);
             break;
         }
         notify::stopping(&format!("draining {n} call(s)"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     notify::stopping("stopping workers");
-    let pools: Vec<_> = broker
-        .snapshot()
-        .values()
-        .map(|w| Arc::clone(&w.pool))
-        .collect();
+    let pools: Vec<_> = broker.snapshot().values().map(|w| Arc::clone(&w.pool)).collect();
     for p in &pools {
         p.shutdown();
     }

@@ -22,10 +22,7 @@ pub fn ready(text: &str) {
 }
 
 pub fn reloading() {
-    send(&[
-        NotifyState::Reloading,
-        NotifyState::Status("reloading policies"),
-    ]);
+    send(&[NotifyState::Reloading, NotifyState::Status("reloading policies")]);
 }
 
 pub fn stopping(text: &str) {
@@ -44,8 +41,7 @@ pub async fn watchdog(every: Duration, socket: PathBuf) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let probe =
-            crate::client::request(&socket, hyper::Method::GET, crate::api::STATUS_PATH, None);
+        let probe = crate::client::request(&socket, hyper::Method::GET, crate::api::STATUS_PATH, None);
         match tokio::time::timeout(every, probe).await {
             Ok(Ok((status, _))) if status.is_success() => send(&[NotifyState::Watchdog]),
             Ok(Ok((status, _))) => tracing::warn!("watchdog self-check answered {status}"),

@@ -36,6 +36,8 @@ const BACKSTOP: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct ScopeSetup {
     pub systemd: Systemd,
+    /// `corral` or `corral-<instance>`.
+    pub prefix: String,
     pub slice: String,
     pub limits: UnitLimits,
 }
@@ -70,11 +72,7 @@ struct Job {
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error("workflow {workflow} is busy: all {workers} workers are occupied and its queue of {queue} calls is full; retry later, or raise pool.max_workers / pool.queue in its policy")]
-    Busy {
-        workflow: String,
-        workers: u32,
-        queue: u32,
-    },
+    Busy { workflow: String, workers: u32, queue: u32 },
     #[error("workflow {workflow} cannot run calls: {reason}")]
     Unavailable { workflow: String, reason: String },
 }
@@ -105,10 +103,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(cfg: PoolConfig, exe: PathBuf, log_filter: String) -> Arc<Pool> {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1) as usize);
-        let state = State {
-            unavailable: cfg.unavailable.clone(),
-            ..State::default()
-        };
+        let state = State { unavailable: cfg.unavailable.clone(), ..State::default() };
         Arc::new(Pool {
             cfg,
             exe,
@@ -146,24 +141,16 @@ impl Pool {
 
     /// Queues a call. Fails at once when the queue is full or the workflow
     /// cannot run.
-    pub fn submit(
-        self: &Arc<Self>,
-        req: ExecRequest,
-    ) -> Result<oneshot::Receiver<CallResult>, SubmitError> {
+    pub fn submit(self: &Arc<Self>, req: ExecRequest) -> Result<oneshot::Receiver<CallResult>, SubmitError> {
         if let Some(reason) = self.state().unavailable.clone() {
-            return Err(SubmitError::Unavailable {
-                workflow: self.cfg.workflow.clone(),
-                reason,
-            });
+            return Err(SubmitError::Unavailable { workflow: self.cfg.workflow.clone(), reason });
         }
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Job { req, reply })
-            .map_err(|_| SubmitError::Busy {
-                workflow: self.cfg.workflow.clone(),
-                workers: self.cfg.max_workers,
-                queue: self.cfg.queue,
-            })?;
+        self.tx.try_send(Job { req, reply }).map_err(|_| SubmitError::Busy {
+            workflow: self.cfg.workflow.clone(),
+            workers: self.cfg.max_workers,
+            queue: self.cfg.queue,
+        })?;
         let grow = {
             let s = self.state();
             s.idle_slots == 0 && s.live_slots < self.cfg.max_workers && !s.shutting_down
@@ -214,11 +201,7 @@ impl Pool {
 
     /// PIDs of the live worker processes.
     pub fn worker_pids(&self) -> Vec<u32> {
-        self.state()
-            .workers
-            .values()
-            .filter_map(|w| w.pid)
-            .collect()
+        self.state().workers.values().filter_map(|w| w.pid).collect()
     }
 
     /// The uid the workers run as, when they switch.
@@ -250,15 +233,9 @@ impl Pool {
 
     async fn launch(&self, id: u64) -> (Result<Worker, StartError>, Option<String>) {
         let Some(setup) = &self.cfg.scope else {
-            return (
-                launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, None).await,
-                None,
-            );
+            return (launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, None).await, None);
         };
-        let unit = scope_name(
-            &self.cfg.workflow,
-            self.next_scope.fetch_add(1, Ordering::Relaxed),
-        );
+        let unit = scope_name(&setup.prefix, &self.cfg.workflow, self.next_scope.fetch_add(1, Ordering::Relaxed));
         let line = self.systemd_run_line(&unit, setup);
         self.update(id, |w| {
             w.scope = Some(unit.clone());
@@ -269,15 +246,9 @@ impl Pool {
             unit: unit.clone(),
             slice: &setup.slice,
             limits: &setup.limits,
-            description: format!(
-                "corral worker {id} of {} (tenant {})",
-                self.cfg.workflow, self.cfg.tenant
-            ),
+            description: format!("corral worker {id} of {} (tenant {})", self.cfg.workflow, self.cfg.tenant),
         };
-        (
-            launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, Some(plan)).await,
-            Some(unit),
-        )
+        (launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, Some(plan)).await, Some(unit))
     }
 
     /// One slot: start a worker, serve, restart with backoff; until retired
@@ -291,6 +262,7 @@ impl Pool {
                 pid: None,
                 state: "starting".into(),
                 served: 0,
+                calls_cpu_ms: 0.0,
                 restarts: 0,
                 last_exit: None,
                 last_kill: None,
@@ -322,13 +294,8 @@ impl Pool {
                         tracing::warn!(workflow = %wf, worker = id, "sandbox weaker than asked: {note}");
                     }
                     if unit.is_some() {
-                        if let Ok(text) =
-                            std::fs::read_to_string(format!("/proc/{}/cgroup", worker.pid))
-                        {
-                            self.state().cgroups.insert(
-                                id,
-                                cgroup::locate(std::path::Path::new(cgroup::ROOT), &text),
-                            );
+                        if let Ok(text) = std::fs::read_to_string(format!("/proc/{}/cgroup", worker.pid)) {
+                            self.state().cgroups.insert(id, cgroup::locate(std::path::Path::new(cgroup::ROOT), &text));
                         }
                     }
                     self.update(id, |w| {
@@ -366,9 +333,7 @@ impl Pool {
             if started.elapsed() >= HEALTHY_AFTER {
                 failures = 0;
             }
-            let delay = BACKOFF_MIN
-                .saturating_mul(1 << failures.min(9))
-                .min(BACKOFF_MAX);
+            let delay = BACKOFF_MIN.saturating_mul(1 << failures.min(9)).min(BACKOFF_MAX);
             failures += 1;
             self.update(id, |w| {
                 w.state = "backoff".into();
@@ -419,10 +384,7 @@ impl Pool {
         }
         let refused = grew(b.tasks_refused, a.tasks_refused);
         if refused > 0 {
-            return Some(format!(
-                "tasks_max {} reached: {refused} fork(s) refused",
-                self.cfg.tasks_max
-            ));
+            return Some(format!("tasks_max {} reached: {refused} fork(s) refused", self.cfg.tasks_max));
         }
         None
     }
@@ -455,6 +417,8 @@ impl Pool {
             if let Some(l) = &limit {
                 tracing::warn!(workflow = %self.cfg.workflow, worker = id, "{l}");
             }
+            let cpu_us = result.as_ref().map(|o| o.cpu_user_us + o.cpu_system_us).unwrap_or(0);
+            self.update(id, |w| w.calls_cpu_ms += cpu_us as f64 / 1000.0);
             let reply = match result {
                 Ok(outcome) => Ok((id, outcome, limit.clone())),
                 Err(CallError::Died(why)) => Err(CallError::Died(match &limit {

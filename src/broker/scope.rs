@@ -29,12 +29,7 @@ trait Manager {
         aux: &[(&str, &[(&str, Value<'_>)])],
     ) -> zbus::Result<OwnedObjectPath>;
 
-    fn set_unit_properties(
-        &self,
-        name: &str,
-        runtime: bool,
-        properties: &[(&str, Value<'_>)],
-    ) -> zbus::Result<()>;
+    fn set_unit_properties(&self, name: &str, runtime: bool, properties: &[(&str, Value<'_>)]) -> zbus::Result<()>;
 
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
 
@@ -44,18 +39,7 @@ trait Manager {
         states: &[&str],
         patterns: &[&str],
     ) -> zbus::Result<
-        Vec<(
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            OwnedObjectPath,
-            u32,
-            String,
-            OwnedObjectPath,
-        )>,
+        Vec<(String, String, String, String, String, String, OwnedObjectPath, u32, String, OwnedObjectPath)>,
     >;
 
     #[zbus(property)]
@@ -154,9 +138,18 @@ pub fn slice_name(tenant: &str) -> String {
     format!("corral-{}.slice", escape(tenant))
 }
 
-/// `corral-<workflow>-<n>.scope`.
-pub fn scope_name(workflow: &str, n: u64) -> String {
-    format!("corral-{workflow}-{n}.scope")
+/// `<prefix>-<workflow>-<n>.scope`; the prefix is `corral`, or
+/// `corral-<instance>` for a broker started with `--instance`.
+pub fn scope_name(prefix: &str, workflow: &str, n: u64) -> String {
+    format!("{prefix}-{workflow}-{n}.scope")
+}
+
+/// The scope-name prefix of a broker instance.
+pub fn scope_prefix(instance: Option<&str>) -> String {
+    match instance {
+        Some(i) => format!("corral-{}", escape(i)),
+        None => "corral".to_string(),
+    }
 }
 
 /// The broker's handle on systemd.
@@ -169,12 +162,8 @@ pub struct Systemd {
 impl Systemd {
     /// Connects to the system bus and to systemd on it.
     pub async fn connect() -> Result<Systemd, ScopeError> {
-        let conn = zbus::Connection::system()
-            .await
-            .map_err(ScopeError::Connect)?;
-        let manager = ManagerProxy::new(&conn)
-            .await
-            .map_err(ScopeError::Connect)?;
+        let conn = zbus::Connection::system().await.map_err(ScopeError::Connect)?;
+        let manager = ManagerProxy::new(&conn).await.map_err(ScopeError::Connect)?;
         let version = manager.version().await.map_err(ScopeError::Connect)?;
         Ok(Systemd { manager, version })
     }
@@ -183,29 +172,16 @@ impl Systemd {
     pub async fn ensure_slice(&self, name: &str, limits: &UnitLimits) -> Result<(), ScopeError> {
         let mut props = limits.properties();
         props.push(("Description", Value::from("corral tenant")));
-        match self
-            .manager
-            .start_transient_unit(name, "fail", &props, &[])
-            .await
-        {
+        match self.manager.start_transient_unit(name, "fail", &props, &[]).await {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.to_string().contains("already exists")
-                    || e.to_string().contains("UnitExists") =>
-            {
+            Err(e) if e.to_string().contains("already exists") || e.to_string().contains("UnitExists") => {
                 let props = limits.properties();
                 self.manager
                     .set_unit_properties(name, true, &props)
                     .await
-                    .map_err(|source| ScopeError::Create {
-                        unit: name.to_string(),
-                        source,
-                    })
+                    .map_err(|source| ScopeError::Create { unit: name.to_string(), source })
             }
-            Err(source) => Err(ScopeError::Create {
-                unit: name.to_string(),
-                source,
-            }),
+            Err(source) => Err(ScopeError::Create { unit: name.to_string(), source }),
         }
     }
 
@@ -230,10 +206,7 @@ impl Systemd {
         self.manager
             .start_transient_unit(unit, "fail", &props, &[])
             .await
-            .map_err(|source| ScopeError::Create {
-                unit: unit.to_string(),
-                source,
-            })?;
+            .map_err(|source| ScopeError::Create { unit: unit.to_string(), source })?;
         let deadline = Instant::now() + JOIN_TIMEOUT;
         while Instant::now() < deadline {
             if in_unit(pid, unit) {
@@ -241,10 +214,7 @@ impl Systemd {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Err(ScopeError::Join {
-            unit: unit.to_string(),
-            pid,
-        })
+        Err(ScopeError::Join { unit: unit.to_string(), pid })
     }
 
     pub async fn stop(&self, unit: &str) -> Result<(), ScopeError> {
@@ -252,21 +222,15 @@ impl Systemd {
             .stop_unit(unit, "replace")
             .await
             .map(drop)
-            .map_err(|source| ScopeError::Stop {
-                unit: unit.to_string(),
-                source,
-            })
+            .map_err(|source| ScopeError::Stop { unit: unit.to_string(), source })
     }
 
-    /// Stops every `corral-*.scope` that exists: on start they can only be
-    /// left over from an earlier broker instance (crash, kill -9), and may
-    /// still hold orphaned tool processes.
-    pub async fn stop_stale_scopes(&self) -> Result<Vec<String>, ScopeError> {
-        let units = self
-            .manager
-            .list_units_by_patterns(&[], &["corral-*.scope"])
-            .await
-            .map_err(ScopeError::List)?;
+    /// Stops every `<prefix>-*.scope` that exists: on start they can only be
+    /// left over from an earlier broker (crash, kill -9), and may still hold
+    /// orphaned tool processes.
+    pub async fn stop_stale_scopes(&self, prefix: &str) -> Result<Vec<String>, ScopeError> {
+        let pattern = format!("{prefix}-*.scope");
+        let units = self.manager.list_units_by_patterns(&[], &[pattern.as_str()]).await.map_err(ScopeError::List)?;
         let mut stopped = Vec::new();
         for u in units {
             self.stop(&u.0).await?;
@@ -292,7 +256,8 @@ mod tests {
         assert_eq!(escape("kid"), "kid");
         assert_eq!(escape("my-team"), "my\\x2dteam");
         assert_eq!(slice_name("my-team"), "corral-my\\x2dteam.slice");
-        assert_eq!(scope_name("homework", 3), "corral-homework-3.scope");
+        assert_eq!(scope_name("corral", "homework", 3), "corral-homework-3.scope");
+        assert_eq!(scope_prefix(Some("t-1")), "corral-t\\x2d1");
     }
 
     #[test]
@@ -306,12 +271,7 @@ mod tests {
         };
         assert_eq!(
             l.systemd_run_options(),
-            [
-                "-p MemoryMax=268435456",
-                "-p MemorySwapMax=0",
-                "-p CPUQuota=50%",
-                "-p TasksMax=64"
-            ]
+            ["-p MemoryMax=268435456", "-p MemorySwapMax=0", "-p CPUQuota=50%", "-p TasksMax=64"]
         );
         let names: Vec<_> = l.properties().into_iter().map(|(k, _)| k).collect();
         assert!(names.contains(&"CPUQuotaPerSecUSec") && names.contains(&"MemoryMax"));

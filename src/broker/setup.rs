@@ -40,9 +40,7 @@ fn credentials(wf: &Workflow, default_user: &str) -> Result<Option<Credentials>,
         .map_err(|e| format!("failed to look up user {name}: {e}"))?
         .ok_or_else(|| missing_user_hint(&name))?;
     if user.uid.is_root() {
-        return Err(format!(
-            "user {name} has uid 0: workers never run as root; name an unprivileged user"
-        ));
+        return Err(format!("user {name} has uid 0: workers never run as root; name an unprivileged user"));
     }
     if !root && user.uid != Uid::effective() {
         return Err(format!(
@@ -51,11 +49,7 @@ fn credentials(wf: &Workflow, default_user: &str) -> Result<Option<Credentials>,
             wf.source.display()
         ));
     }
-    Ok(Some(Credentials {
-        user: name,
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-    }))
+    Ok(Some(Credentials { user: name, uid: user.uid.as_raw(), gid: user.gid.as_raw() }))
 }
 
 /// Creates `state/workspaces/<tenant>/<workflow>`; when root, both levels
@@ -114,12 +108,7 @@ pub fn slice_limits(t: &policy::TenantLimits) -> UnitLimits {
 
 /// `systemd`: set when workers go into transient scopes; then cgroups
 /// limit memory and tasks, and the rlimits that stood in for them go.
-pub fn prepare(
-    wf: &Workflow,
-    state_dir: &Path,
-    default_user: &str,
-    systemd: Option<&Systemd>,
-) -> Prepared {
+pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Option<(&Systemd, &str)>) -> Prepared {
     let workspace = wf.workspace(state_dir);
     let mut unavailable = None;
     let creds = match credentials(wf, default_user) {
@@ -137,19 +126,10 @@ pub fn prepare(
             ));
         }
     }
-    let expand = |paths: &[policy::PathTemplate]| -> Vec<PathBuf> {
-        paths.iter().map(|p| p.expand(&workspace)).collect()
-    };
-    let mut env: Vec<(String, String)> = wf
-        .env
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.replace("{workspace}", &workspace.to_string_lossy()),
-            )
-        })
-        .collect();
+    let expand =
+        |paths: &[policy::PathTemplate]| -> Vec<PathBuf> { paths.iter().map(|p| p.expand(&workspace)).collect() };
+    let mut env: Vec<(String, String)> =
+        wf.env.iter().map(|(k, v)| (k.clone(), v.replace("{workspace}", &workspace.to_string_lossy()))).collect();
     for (key, value) in [
         ("PATH", DEFAULT_PATH.to_string()),
         ("HOME", workspace.display().to_string()),
@@ -197,8 +177,9 @@ pub fn prepare(
             max_workers: wf.pool.max_workers,
             queue: wf.pool.queue,
             unavailable,
-            scope: systemd.map(|sd| ScopeSetup {
+            scope: systemd.map(|(sd, prefix)| ScopeSetup {
                 systemd: sd.clone(),
+                prefix: prefix.to_string(),
                 slice: slice_name(wf.tenant.as_str()),
                 limits: scope_limits(wf),
             }),

@@ -24,16 +24,8 @@ pub fn run(dir: &Path) -> u8 {
     println!(
         "kernel: Landlock ABI {}{}, seccomp {}",
         kernel.landlock_abi,
-        if kernel.landlock_abi == 0 {
-            " (none)"
-        } else {
-            ""
-        },
-        if kernel.seccomp {
-            "available"
-        } else {
-            "missing"
-        }
+        if kernel.landlock_abi == 0 { " (none)" } else { "" },
+        if kernel.seccomp { "available" } else { "missing" }
     );
     let mut failed = 0;
     for wf in &loaded.workflows {
@@ -41,11 +33,7 @@ pub fn run(dir: &Path) -> u8 {
             Ok(text) => print!("\n{text}"),
             Err(e) => {
                 failed += 1;
-                eprintln!(
-                    "\nerror: {}: workflow {} cannot start on this kernel: {e}",
-                    wf.source.display(),
-                    wf.name
-                );
+                eprintln!("\nerror: {}: workflow {} cannot start on this kernel: {e}", wf.source.display(), wf.name);
             }
         }
     }
@@ -74,35 +62,20 @@ fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::San
         out,
         "  tenant {}, runs as {}, clients: users {:?} groups {:?}",
         wf.tenant,
-        wf.user
-            .as_deref()
-            .unwrap_or("the broker's default worker user"),
+        wf.user.as_deref().unwrap_or("the broker's default worker user"),
         wf.clients.users,
         wf.clients.groups
     );
-    let paths =
-        |v: &[policy::PathTemplate]| v.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ");
+    let paths = |v: &[policy::PathTemplate]| v.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ");
     let _ = writeln!(out, "  read   {}", paths(&sb.read));
     let _ = writeln!(out, "  write  {}", paths(&sb.write));
     let _ = writeln!(out, "  exec   {}", paths(&sb.exec));
-    let _ = writeln!(
-        out,
-        "  tcp    connect {:?} bind {:?}",
-        sb.tcp_connect, sb.tcp_bind
-    );
+    let _ = writeln!(out, "  tcp    connect {:?} bind {:?}", sb.tcp_connect, sb.tcp_bind);
     for r in rows {
         let _ = writeln!(out, "  {:<10} {}", r.promise, r.by);
     }
-    let _ = writeln!(
-        out,
-        "  {:<10} {} (RLIMIT_AS; a cgroup limit under systemd)",
-        "memory", l.memory_max
-    );
-    let _ = writeln!(
-        out,
-        "  {:<10} {} (RLIMIT_NPROC of the user)",
-        "tasks", l.tasks_max
-    );
+    let _ = writeln!(out, "  {:<10} {} (RLIMIT_AS; a cgroup limit under systemd)", "memory", l.memory_max);
+    let _ = writeln!(out, "  {:<10} {} (RLIMIT_NPROC of the user)", "tasks", l.tasks_max);
     let _ = writeln!(
         out,
         "  {:<10} {} per call: SIGKILL to the call's whole process tree",
@@ -115,11 +88,7 @@ fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::San
         "output", l.output_max, l.file_size_max, l.open_files_max
     );
     if let Some(cpu) = &l.cpu_quota {
-        let _ = writeln!(
-            out,
-            "  {:<10} {cpu} — not enforced without a systemd scope",
-            "cpu"
-        );
+        let _ = writeln!(out, "  {:<10} {cpu} — not enforced without a systemd scope", "cpu");
     }
     let _ = writeln!(
         out,

@@ -33,9 +33,7 @@ impl Report {
 }
 
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 fn user_exists(name: &str) -> bool {
@@ -69,37 +67,28 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
     if kernel.seccomp {
         r.line(Level::Ok, "seccomp", "filters available");
     } else {
-        r.line(
-            Level::Fail,
-            "seccomp",
-            "not available: the kernel needs CONFIG_SECCOMP_FILTER",
-        );
+        r.line(Level::Fail, "seccomp", "not available: the kernel needs CONFIG_SECCOMP_FILTER");
     }
     let root = Path::new(cgroup::ROOT);
     match cgroup::version(root) {
         "v2" => {
             let ctl = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-            let missing: Vec<_> = ["memory", "cpu", "pids"]
-                .into_iter()
-                .filter(|c| !ctl.split_whitespace().any(|x| x == *c))
-                .collect();
+            let missing: Vec<_> =
+                ["memory", "cpu", "pids"].into_iter().filter(|c| !ctl.split_whitespace().any(|x| x == *c)).collect();
             if missing.is_empty() {
-                r.line(
-                    Level::Ok,
-                    "cgroups",
-                    &format!("v2 with controllers: {}", ctl.trim()),
-                );
+                r.line(Level::Ok, "cgroups", &format!("v2 with controllers: {}", ctl.trim()));
             } else {
                 r.line(Level::Warn, "cgroups", &format!("v2 without {missing:?}: those limits cannot hold; enable the controllers (on a Raspberry Pi: add cgroup_enable=memory to cmdline.txt)"));
             }
         }
         "v1" => {
-            let missing: Vec<_> = ["memory", "cpu", "pids"]
-                .into_iter()
-                .filter(|c| !root.join(c).is_dir())
-                .collect();
+            let missing: Vec<_> = ["memory", "cpu", "pids"].into_iter().filter(|c| !root.join(c).is_dir()).collect();
             if missing.is_empty() {
-                r.line(Level::Ok, "cgroups", "v1 (hybrid): memory, cpu, pids hierarchies mounted; memory.peak and cgroup.kill need v2");
+                r.line(
+                    Level::Ok,
+                    "cgroups",
+                    "v1 (hybrid): memory, cpu, pids hierarchies mounted; memory.peak and cgroup.kill need v2",
+                );
             } else {
                 r.line(
                     Level::Warn,
@@ -108,11 +97,7 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
                 );
             }
         }
-        _ => r.line(
-            Level::Warn,
-            "cgroups",
-            "no cgroup file system at /sys/fs/cgroup: only rlimits limit workers",
-        ),
+        _ => r.line(Level::Warn, "cgroups", "no cgroup file system at /sys/fs/cgroup: only rlimits limit workers"),
     }
     let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
     let bus = Path::new("/run/dbus/system_bus_socket").exists();
@@ -130,11 +115,7 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
     }
     let root_user = nix::unistd::Uid::effective().is_root();
     if user_exists(worker_user) {
-        r.line(
-            Level::Ok,
-            "users",
-            &format!("default worker user {worker_user} exists"),
-        );
+        r.line(Level::Ok, "users", &format!("default worker user {worker_user} exists"));
     } else {
         r.line(
             if root_user { Level::Fail } else { Level::Warn },
@@ -147,11 +128,7 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
             for wf in &p.workflows {
                 if let Some(u) = &wf.user {
                     if user_exists(u) {
-                        r.line(
-                            Level::Ok,
-                            "users",
-                            &format!("{u} (workflow {}) exists", wf.name),
-                        );
+                        r.line(Level::Ok, "users", &format!("{u} (workflow {}) exists", wf.name));
                     } else {
                         r.line(Level::Fail, "users", &format!("{u} (workflow {}) missing: useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {u}", wf.name));
                     }
@@ -180,11 +157,7 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
     .find(|p| Path::new(p).exists());
     match unit {
         Some(p) => r.line(Level::Ok, "service", &format!("{p} installed")),
-        None => r.line(
-            Level::Warn,
-            "service",
-            "corral.service not installed: run scripts/install.sh",
-        ),
+        None => r.line(Level::Warn, "service", "corral.service not installed: run scripts/install.sh"),
     }
     match r.worst {
         Level::Fail => {

@@ -55,18 +55,12 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
             Ok(text) => body.stdin = Some(text),
             Err(e) => {
                 use base64::Engine;
-                body.stdin_base64 =
-                    Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()));
+                body.stdin_base64 = Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()));
             }
         }
     }
-    let (status, bytes) = client::request(
-        args.socket,
-        Method::POST,
-        EXEC_PATH,
-        Some(serde_json::to_vec(&body)?),
-    )
-    .await?;
+    let (status, bytes) =
+        client::request(args.socket, Method::POST, EXEC_PATH, Some(serde_json::to_vec(&body)?)).await?;
     if !status.is_success() {
         eprintln!("corral: {}", describe_error(status, &bytes));
         return Ok(EXIT_CORRAL);
@@ -76,15 +70,9 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(exit_code(&reply));
     }
-    std::io::stdout().write_all(&decode_bytes(
-        &reply.stdout,
-        reply.stdout_base64.as_deref(),
-    )?)?;
+    std::io::stdout().write_all(&decode_bytes(&reply.stdout, reply.stdout_base64.as_deref())?)?;
     std::io::stdout().flush()?;
-    std::io::stderr().write_all(&decode_bytes(
-        &reply.stderr,
-        reply.stderr_base64.as_deref(),
-    )?)?;
+    std::io::stderr().write_all(&decode_bytes(&reply.stderr, reply.stderr_base64.as_deref())?)?;
     if let Some(err) = &reply.error {
         eprintln!("corral: {err}");
     }
@@ -92,10 +80,7 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
         eprintln!("corral: output truncated at the workflow's output_max");
     }
     if reply.timed_out {
-        eprintln!(
-            "corral: timed out after {:.0} ms; the command and everything it started were killed",
-            reply.wall_ms
-        );
+        eprintln!("corral: timed out after {:.0} ms; the command and everything it started were killed", reply.wall_ms);
     }
     Ok(exit_code(&reply))
 }

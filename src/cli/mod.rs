@@ -15,9 +15,6 @@ pub const EXIT_CORRAL: u8 = 125;
 fn describe_error(status: hyper::StatusCode, body: &[u8]) -> String {
     match serde_json::from_slice::<ErrorReply>(body) {
         Ok(e) => format!("{} [{}]", e.error.message, e.error.code),
-        Err(_) => format!(
-            "broker answered {status}: {}",
-            String::from_utf8_lossy(body)
-        ),
+        Err(_) => format!("broker answered {status}: {}", String::from_utf8_lossy(body)),
     }
 }

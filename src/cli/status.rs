@@ -26,10 +26,7 @@ pub async fn run(socket: &Path, json: bool) -> anyhow::Result<u8> {
 }
 
 fn sandbox_summary(s: &EffectiveSandbox) -> String {
-    let mut parts = vec![
-        format!("uid {}", s.uid),
-        format!("landlock {} (ABI {})", s.landlock, s.landlock_abi),
-    ];
+    let mut parts = vec![format!("uid {}", s.uid), format!("landlock {} (ABI {})", s.landlock, s.landlock_abi)];
     if s.landlock_tcp {
         parts.push("tcp ports".into());
     }
@@ -39,11 +36,7 @@ fn sandbox_summary(s: &EffectiveSandbox) -> String {
     if s.seccomp {
         parts.push("seccomp".into());
     }
-    parts.push(if s.network_blocked {
-        "no network".into()
-    } else {
-        "tcp allowed by policy".into()
-    });
+    parts.push(if s.network_blocked { "no network".into() } else { "tcp allowed by policy".into() });
     if s.capabilities_cleared && s.no_new_privs && s.non_dumpable {
         parts.push("no caps, no_new_privs, non-dumpable".into());
     }
@@ -65,11 +58,7 @@ pub fn render(st: &Status) -> String {
     );
     let _ = writeln!(out, "resource control: {}", b.resource_control);
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "{:<16} {:<10} {:<16} {:>9}  WORKERS",
-        "WORKFLOW", "TENANT", "USER", "QUEUE"
-    );
+    let _ = writeln!(out, "{:<16} {:<10} {:<16} {:>9}  WORKERS", "WORKFLOW", "TENANT", "USER", "QUEUE");
     for w in &st.workflows {
         let user = w.user.as_deref().unwrap_or("(broker's)");
         let _ = writeln!(
@@ -98,6 +87,27 @@ pub fn render(st: &Status) -> String {
                 for note in &s.notes {
                     let _ = writeln!(out, "      weaker than asked: {note}");
                 }
+            }
+            if let Some(scope) = &k.scope {
+                let cg = k.cgroup.clone().unwrap_or_default();
+                let mib = |b: Option<u64>| b.map(|v| format!("{:.1}M", v as f64 / 1048576.0)).unwrap_or("n/a".into());
+                let cpu = match cg.cpu_usage_us {
+                    Some(us) => format!("{:.0} ms", us as f64 / 1000.0),
+                    None => format!("{:.0} ms in calls", k.calls_cpu_ms),
+                };
+                let tasks = cg.tasks_current.map(|t| t.to_string()).unwrap_or("n/a".into());
+                let _ = writeln!(
+                    out,
+                    "      scope {scope}: memory {} (peak {}), cpu {cpu}, tasks {tasks}",
+                    mib(cg.memory_current),
+                    mib(cg.memory_peak)
+                );
+                if let Some(line) = &k.systemd_run {
+                    let _ = writeln!(out, "      same limits by hand: {line}");
+                }
+            }
+            if let Some(kill) = &k.last_kill {
+                let _ = writeln!(out, "      last kill: {kill}");
             }
             if let Some(e) = &k.last_exit {
                 let _ = writeln!(out, "      last exit: {e}");

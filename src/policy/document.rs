@@ -46,17 +46,9 @@ impl<'a> Document<'a> {
     /// Parses the TOML syntax only.
     pub fn parse(file: &'a Path, text: &'a str) -> Result<Self, PolicyError> {
         match DeTable::parse(text) {
-            Ok(root) => Ok(Self {
-                file,
-                text,
-                root: root.into_inner(),
-            }),
+            Ok(root) => Ok(Self { file, text, root: root.into_inner() }),
             Err(e) => Err(PolicyError::Syntax {
-                at: Place {
-                    file: file.to_path_buf(),
-                    line: e.span().map(|s| line_of(text, s.start)),
-                    key: None,
-                },
+                at: Place { file: file.to_path_buf(), line: e.span().map(|s| line_of(text, s.start)), key: None },
                 message: syntax_message(text, &e),
             }),
         }
@@ -102,11 +94,7 @@ impl<'a> Document<'a> {
     pub fn serde_error(&self, e: &toml::de::Error) -> PolicyError {
         let Some(span) = e.span() else {
             return PolicyError::Invalid {
-                at: Place {
-                    file: self.file.to_path_buf(),
-                    line: None,
-                    key: None,
-                },
+                at: Place { file: self.file.to_path_buf(), line: None, key: None },
                 message: e.message().to_owned(),
             };
         };
@@ -133,11 +121,7 @@ impl<'a> Document<'a> {
     }
 
     fn place(&self, offset: usize, key: &str) -> Place {
-        Place {
-            file: self.file.to_path_buf(),
-            line: Some(line_of(self.text, offset)),
-            key: Some(key.to_owned()),
-        }
+        Place { file: self.file.to_path_buf(), line: Some(line_of(self.text, offset)), key: Some(key.to_owned()) }
     }
 }
 
@@ -159,11 +143,7 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
 /// 1-based line of a byte offset.
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -182,12 +162,7 @@ fn index_table(text: &str, table: &DeTable<'_>, path: &str, out: &mut HashMap<St
     }
 }
 
-fn index_value(
-    text: &str,
-    value: &Spanned<DeValue<'_>>,
-    path: &str,
-    out: &mut HashMap<String, usize>,
-) {
+fn index_value(text: &str, value: &Spanned<DeValue<'_>>, path: &str, out: &mut HashMap<String, usize>) {
     match value.get_ref() {
         DeValue::Table(t) => index_table(text, t, path, out),
         DeValue::Array(items) => {
@@ -206,10 +181,7 @@ fn index_value(
 fn locate_table(table: &DeTable<'_>, span: &Range<usize>, path: &mut Vec<String>) -> bool {
     for (key, value) in table {
         path.push(key.get_ref().to_string());
-        if locate_value(value, span, path)
-            || key.span().contains(&span.start)
-            || value.span().contains(&span.start)
-        {
+        if locate_value(value, span, path) || key.span().contains(&span.start) || value.span().contains(&span.start) {
             return true;
         }
         path.pop();
@@ -269,13 +241,9 @@ fn expected_for(key: &str) -> Option<&'static str> {
         "workflow.clients" => "a table, e.g. clients = { users = [\"alice\"], groups = [] }",
         "workflow.name" | "workflow.tenant" => "a string, e.g. \"homework\"",
         "workflow.user" => "a string, e.g. \"corral-kid\"",
-        "workflow.clients.users" | "workflow.clients.groups" => {
-            "a list of unix names, e.g. [\"alice\"]"
-        }
+        "workflow.clients.users" | "workflow.clients.groups" => "a list of unix names, e.g. [\"alice\"]",
         "sandbox.landlock" => "\"required\" or \"best-effort\"",
-        "sandbox.read" | "sandbox.write" | "sandbox.exec" => {
-            "a list of paths, e.g. [\"/usr\", \"{workspace}/cache\"]"
-        }
+        "sandbox.read" | "sandbox.write" | "sandbox.exec" => "a list of paths, e.g. [\"/usr\", \"{workspace}/cache\"]",
         "sandbox.tcp_connect" | "sandbox.tcp_bind" => "a list of port numbers, e.g. [443]",
         "sandbox.seccomp" => "\"default\"",
         "limits.memory_max"
@@ -306,20 +274,9 @@ fn expected_for(key: &str) -> Option<&'static str> {
 
 /// `; did you mean [table].key?` when an unknown key is valid in another table.
 fn suggest(name: &str, path: &str) -> String {
-    const TABLES: [&str; 8] = [
-        "",
-        "workflow",
-        "workflow.clients",
-        "sandbox",
-        "limits",
-        "tenant",
-        "pool",
-        "llm",
-    ];
-    let home = TABLES
-        .into_iter()
-        .filter(|t| *t != path)
-        .find(|t| known_keys(t).is_some_and(|keys| keys.contains(&name)));
+    const TABLES: [&str; 8] = ["", "workflow", "workflow.clients", "sandbox", "limits", "tenant", "pool", "llm"];
+    let home =
+        TABLES.into_iter().filter(|t| *t != path).find(|t| known_keys(t).is_some_and(|keys| keys.contains(&name)));
     match home {
         Some("") => format!("; did you mean the [{name}] table?"),
         Some(t) => format!("; did you mean to put it in [{t}]?"),

@@ -172,10 +172,7 @@ impl PolicyError {
             | Self::DuplicateWorkflow { at, .. }
             | Self::TenantUserConflict { at, .. }
             | Self::TenantLimitsConflict { at, .. } => Some(at),
-            Self::ReadDir { .. }
-            | Self::ReadFile { .. }
-            | Self::NoPolicies { .. }
-            | Self::MissingTable { .. } => None,
+            Self::ReadDir { .. } | Self::ReadFile { .. } | Self::NoPolicies { .. } | Self::MissingTable { .. } => None,
         }
     }
 }

@@ -22,11 +22,9 @@ pub(crate) fn host_warnings(parsed: &[Parsed]) -> Vec<String> {
 
 fn path_warnings(p: &Parsed, out: &mut Vec<String>) {
     let sandbox = &p.workflow.sandbox;
-    for (key, paths) in [
-        ("sandbox.read", &sandbox.read),
-        ("sandbox.write", &sandbox.write),
-        ("sandbox.exec", &sandbox.exec),
-    ] {
+    for (key, paths) in
+        [("sandbox.read", &sandbox.read), ("sandbox.write", &sandbox.write), ("sandbox.exec", &sandbox.exec)]
+    {
         for (i, path) in paths.iter().enumerate() {
             let key = format!("{key}[{i}]");
             // Defaults name paths some hosts lack (/lib64); only warn about
@@ -55,10 +53,7 @@ fn user_warnings(p: &Parsed, out: &mut Vec<String>) {
                  create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {user}`",
                 p.place("workflow.user")
             )),
-            Err(e) => out.push(format!(
-                "{}: failed to look up user {user:?}: {e}",
-                p.place("workflow.user")
-            )),
+            Err(e) => out.push(format!("{}: failed to look up user {user:?}: {e}", p.place("workflow.user"))),
         }
     }
     for (i, user) in wf.clients.users.iter().enumerate() {

@@ -30,11 +30,7 @@ impl Policies {
     /// them (they agree, or the directory would not have loaded); all `None`
     /// when none does or the tenant has no workflow here.
     pub fn tenant_limits(&self, tenant: &TenantName) -> TenantLimits {
-        self.workflows
-            .iter()
-            .find(|w| w.tenant == *tenant)
-            .map(|w| w.tenant_limits.clone())
-            .unwrap_or_default()
+        self.workflows.iter().find(|w| w.tenant == *tenant).map(|w| w.tenant_limits.clone()).unwrap_or_default()
     }
 }
 
@@ -46,11 +42,7 @@ pub(crate) struct Parsed {
 
 impl Parsed {
     pub fn place(&self, key: &str) -> Place {
-        Place {
-            file: self.workflow.source.clone(),
-            line: self.lines.of(key),
-            key: Some(key.to_owned()),
-        }
+        Place { file: self.workflow.source.clone(), line: self.lines.of(key), key: Some(key.to_owned()) }
     }
 }
 
@@ -62,11 +54,7 @@ pub fn parse_workflow(path: &Path, text: &str) -> Result<Workflow, PolicyError> 
         Err(mut errors) => Err(if errors.is_empty() {
             // Unreachable: `parse` never fails without an error.
             PolicyError::Invalid {
-                at: Place {
-                    file: path.to_path_buf(),
-                    line: None,
-                    key: None,
-                },
+                at: Place { file: path.to_path_buf(), line: None, key: None },
                 message: "invalid policy".to_owned(),
             }
         } else {
@@ -83,9 +71,8 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Parsed, Vec<PolicyError>>
     if !unknown.is_empty() {
         return Err(unknown);
     }
-    let raw = toml::de::Deserializer::parse(text)
-        .and_then(RawFile::deserialize)
-        .map_err(|e| vec![doc.serde_error(&e)])?;
+    let raw =
+        toml::de::Deserializer::parse(text).and_then(RawFile::deserialize).map_err(|e| vec![doc.serde_error(&e)])?;
     let lines = doc.lines();
     let workflow = validate(path, &lines, raw)?;
     Ok(Parsed { workflow, lines })
@@ -115,17 +102,11 @@ pub fn load_dir(dir: &Path) -> Result<Policies, PolicyErrors> {
     inherit_tenant_limits(&mut parsed);
     let mut workflows: Vec<Workflow> = parsed.into_iter().map(|p| p.workflow).collect();
     workflows.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Policies {
-        workflows,
-        warnings,
-    })
+    Ok(Policies { workflows, warnings })
 }
 
 fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
-    let read_dir_error = |source| PolicyError::ReadDir {
-        dir: dir.to_path_buf(),
-        source,
-    };
+    let read_dir_error = |source| PolicyError::ReadDir { dir: dir.to_path_buf(), source };
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).map_err(read_dir_error)? {
         let entry = entry.map_err(read_dir_error)?;
@@ -141,9 +122,7 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
         }
     }
     if files.is_empty() {
-        return Err(PolicyError::NoPolicies {
-            dir: dir.to_path_buf(),
-        });
+        return Err(PolicyError::NoPolicies { dir: dir.to_path_buf() });
     }
     files.sort();
     Ok(files)
@@ -190,8 +169,7 @@ fn cross_file_errors(parsed: &[Parsed]) -> Vec<PolicyError> {
         }
         match tenant_tables.get(wf.tenant.as_str()) {
             Some(first) if first.workflow.tenant_limits != wf.tenant_limits => {
-                let (key, diff) =
-                    tenant_limits_diff(&wf.tenant_limits, &first.workflow.tenant_limits);
+                let (key, diff) = tenant_limits_diff(&wf.tenant_limits, &first.workflow.tenant_limits);
                 errors.push(PolicyError::TenantLimitsConflict {
                     at: p.place(&tenant_key(p, key)),
                     tenant: wf.tenant.to_string(),
@@ -213,9 +191,7 @@ fn cross_file_errors(parsed: &[Parsed]) -> Vec<PolicyError> {
 fn inherit_tenant_limits(parsed: &mut [Parsed]) {
     let mut tables: BTreeMap<TenantName, TenantLimits> = BTreeMap::new();
     for p in parsed.iter().filter(|p| p.lines.has("tenant")) {
-        tables
-            .entry(p.workflow.tenant.clone())
-            .or_insert_with(|| p.workflow.tenant_limits.clone());
+        tables.entry(p.workflow.tenant.clone()).or_insert_with(|| p.workflow.tenant_limits.clone());
     }
     for p in parsed {
         if let Some(table) = tables.get(&p.workflow.tenant) {
@@ -235,29 +211,14 @@ fn tenant_limits_diff(here: &TenantLimits, there: &TenantLimits) -> (&'static st
         }
     }
     let fields = [
-        (
-            "memory_max",
-            show(here.memory_max, true),
-            show(there.memory_max, true),
-        ),
-        (
-            "cpu_quota",
-            show(here.cpu_quota, true),
-            show(there.cpu_quota, true),
-        ),
-        (
-            "tasks_max",
-            show(here.tasks_max, false),
-            show(there.tasks_max, false),
-        ),
+        ("memory_max", show(here.memory_max, true), show(there.memory_max, true)),
+        ("cpu_quota", show(here.cpu_quota, true), show(there.cpu_quota, true)),
+        ("tasks_max", show(here.tasks_max, false), show(there.tasks_max, false)),
     ];
     let differing: Vec<_> = fields.into_iter().filter(|(_, a, b)| a != b).collect();
     let first = differing.first().map_or("", |(key, _, _)| *key);
-    let diff = differing
-        .iter()
-        .map(|(key, a, b)| format!("{key} {a} here but {b} there"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let diff =
+        differing.iter().map(|(key, a, b)| format!("{key} {a} here but {b} there")).collect::<Vec<_>>().join(", ");
     (first, diff)
 }
 

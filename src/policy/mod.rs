@@ -102,7 +102,7 @@ pub use load::{load_dir, parse_workflow, Policies};
 pub use names::{InvalidName, TenantName, WorkflowName};
 pub use path::{InvalidPath, PathTemplate, WORKSPACE};
 pub use schema::{
-    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow,
-    DEFAULT_EXEC, DEFAULT_WRITE,
+    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow, DEFAULT_EXEC,
+    DEFAULT_WRITE,
 };
 pub use units::{format_duration, parse_duration, ByteSize, Percent, UnitError};

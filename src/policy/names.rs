@@ -8,9 +8,7 @@ use serde::{Serialize, Serializer};
 
 /// A name that is not `[a-z0-9][a-z0-9-]{0,39}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid name {0:?}: use 1-40 lowercase letters, digits and '-', starting with a letter or digit"
-)]
+#[error("invalid name {0:?}: use 1-40 lowercase letters, digits and '-', starting with a letter or digit")]
 pub struct InvalidName(pub String);
 
 const MAX_NAME: usize = 40;
@@ -19,8 +17,7 @@ fn check_name(s: &str) -> Result<(), InvalidName> {
     let ok = !s.is_empty()
         && s.len() <= MAX_NAME
         && !s.starts_with('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -87,13 +84,8 @@ pub(crate) fn check_unix_name(s: &str) -> Result<(), String> {
     let body = s.strip_suffix('$').unwrap_or(s);
     let ok = !body.is_empty()
         && s.len() <= 32
-        && body
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        && body.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && body.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -115,10 +107,7 @@ mod tests {
             assert!(good.parse::<TenantName>().is_ok(), "{good}");
         }
         for bad in ["", "-a", "Bad_Name", "a.b", "a b", "é", &"x".repeat(41)] {
-            assert_eq!(
-                bad.parse::<WorkflowName>(),
-                Err(InvalidName(bad.to_owned()))
-            );
+            assert_eq!(bad.parse::<WorkflowName>(), Err(InvalidName(bad.to_owned())));
         }
         assert_eq!(
             "Bad_Name".parse::<TenantName>().unwrap_err().to_string(),
@@ -134,16 +123,7 @@ mod tests {
         for good in ["root", "corral-kid", "_apt", "u1", "machine$"] {
             assert!(check_unix_name(good).is_ok(), "{good}");
         }
-        for bad in [
-            "",
-            "$",
-            "1abc",
-            "-a",
-            "Alice",
-            "a b",
-            "a/b",
-            &"x".repeat(33),
-        ] {
+        for bad in ["", "$", "1abc", "-a", "Alice", "a b", "a/b", &"x".repeat(33)] {
             assert!(check_unix_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -56,30 +56,18 @@ impl FromStr for PathTemplate {
     type Err = InvalidPath;
 
     fn from_str(s: &str) -> Result<Self, InvalidPath> {
-        let err = |reason| InvalidPath {
-            input: s.to_owned(),
-            reason,
+        let err = |reason| InvalidPath { input: s.to_owned(), reason };
+        let rest = match s.strip_prefix(WORKSPACE) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+            Some(_) => return Err(err("{workspace} must be followed by nothing or '/', e.g. \"{workspace}/cache\"")),
+            None if s.starts_with('{') => {
+                return Err(err("the only placeholder is {workspace}, e.g. \"{workspace}/cache\""))
+            }
+            None if s.starts_with('/') => s,
+            None => return Err(err("must be absolute (start with '/') or start with {workspace}, e.g. \"/usr\"")),
         };
-        let rest =
-            match s.strip_prefix(WORKSPACE) {
-                Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
-                Some(_) => return Err(err(
-                    "{workspace} must be followed by nothing or '/', e.g. \"{workspace}/cache\"",
-                )),
-                None if s.starts_with('{') => {
-                    return Err(err(
-                        "the only placeholder is {workspace}, e.g. \"{workspace}/cache\"",
-                    ))
-                }
-                None if s.starts_with('/') => s,
-                None => return Err(err(
-                    "must be absolute (start with '/') or start with {workspace}, e.g. \"/usr\"",
-                )),
-            };
         if rest.contains(['{', '}']) {
-            return Err(err(
-                "the only placeholder is {workspace}, and only at the start, e.g. \"{workspace}/cache\"",
-            ));
+            return Err(err("the only placeholder is {workspace}, and only at the start, e.g. \"{workspace}/cache\""));
         }
         if rest.contains('\0') {
             return Err(err("contains a NUL byte"));
@@ -122,28 +110,16 @@ mod tests {
         assert!(t("{workspace}/a").is_workspace());
         assert!(!t("/usr").is_workspace());
         assert_eq!(t("/etc/ssl").as_str(), "/etc/ssl");
-        assert!(
-            t("/a..b/c...").as_str().ends_with("c..."),
-            ".. inside a name is fine"
-        );
+        assert!(t("/a..b/c...").as_str().ends_with("c..."), ".. inside a name is fine");
     }
 
     #[test]
     fn rejects() {
         let cases = [
             ("{workspce}/x", "the only placeholder is {workspace}"),
-            (
-                "{workspace}x",
-                "{workspace} must be followed by nothing or '/'",
-            ),
-            (
-                "/a/{workspace}",
-                "the only placeholder is {workspace}, and only at the start",
-            ),
-            (
-                "{workspace}/{tenant}",
-                "the only placeholder is {workspace}, and only at the start",
-            ),
+            ("{workspace}x", "{workspace} must be followed by nothing or '/'"),
+            ("/a/{workspace}", "the only placeholder is {workspace}, and only at the start"),
+            ("{workspace}/{tenant}", "the only placeholder is {workspace}, and only at the start"),
             ("relative", "must be absolute"),
             ("", "must be absolute"),
             ("./x", "must be absolute"),
@@ -157,10 +133,7 @@ mod tests {
             assert!(e.reason.starts_with(reason), "{input:?}: {e}");
         }
         assert_eq!(
-            "{workspce}/x"
-                .parse::<PathTemplate>()
-                .unwrap_err()
-                .to_string(),
+            "{workspce}/x".parse::<PathTemplate>().unwrap_err().to_string(),
             r#"invalid path "{workspce}/x": the only placeholder is {workspace}, e.g. "{workspace}/cache""#
         );
     }

@@ -193,32 +193,13 @@ mod tests {
 
     #[test]
     fn known_keys_match_the_structs() {
-        assert_eq!(
-            known_keys(""),
-            Some(&["workflow", "sandbox", "limits", "tenant", "pool", "env", "llm"][..])
-        );
+        assert_eq!(known_keys(""), Some(&["workflow", "sandbox", "limits", "tenant", "pool", "env", "llm"][..]));
         assert_eq!(
             known_keys("sandbox"),
-            Some(
-                &[
-                    "landlock",
-                    "read",
-                    "write",
-                    "exec",
-                    "tcp_connect",
-                    "tcp_bind",
-                    "seccomp"
-                ][..]
-            )
+            Some(&["landlock", "read", "write", "exec", "tcp_connect", "tcp_bind", "seccomp"][..])
         );
-        assert_eq!(
-            known_keys("workflow.clients"),
-            Some(&["users", "groups"][..])
-        );
-        assert_eq!(
-            known_keys("tenant"),
-            Some(&["memory_max", "cpu_quota", "tasks_max"][..])
-        );
+        assert_eq!(known_keys("workflow.clients"), Some(&["users", "groups"][..]));
+        assert_eq!(known_keys("tenant"), Some(&["memory_max", "cpu_quota", "tasks_max"][..]));
         assert_eq!(known_keys("env"), None);
     }
 }

@@ -47,10 +47,7 @@ pub struct Workflow {
 impl Workflow {
     /// The workspace directory: `state_dir/workspaces/<tenant>/<workflow>`.
     pub fn workspace(&self, state_dir: &Path) -> PathBuf {
-        state_dir
-            .join("workspaces")
-            .join(self.tenant.as_str())
-            .join(self.name.as_str())
+        state_dir.join("workspaces").join(self.tenant.as_str()).join(self.name.as_str())
     }
 }
 
@@ -83,17 +80,8 @@ pub struct Sandbox {
 }
 
 /// Default `[sandbox].exec`.
-pub const DEFAULT_EXEC: [&str; 9] = [
-    "/usr/bin",
-    "/bin",
-    "/usr/sbin",
-    "/sbin",
-    "/usr/lib",
-    "/lib",
-    "/lib64",
-    "/usr/lib64",
-    "/usr/libexec",
-];
+pub const DEFAULT_EXEC: [&str; 9] =
+    ["/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/lib", "/lib", "/lib64", "/usr/lib64", "/usr/libexec"];
 
 /// Default `[sandbox].write`.
 pub const DEFAULT_WRITE: [&str; 1] = ["{workspace}"];

@@ -32,8 +32,7 @@ impl TempDir {
     fn new(files: &[(&str, &str)]) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("corral-policy-test-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("corral-policy-test-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         for (name, text) in files {
@@ -88,31 +87,16 @@ fn shipped_policies_parse() {
     assert_eq!(hw.limits.cpu_quota, Some(Percent(25)));
     assert_eq!(hw.limits.output_max, ByteSize::kib(256));
     assert_eq!(hw.limits.file_size_max, ByteSize::mib(16));
-    assert_eq!(
-        hw.pool,
-        PoolConfig {
-            min_idle: 1,
-            max_workers: 1,
-            queue: 8
-        }
-    );
+    assert_eq!(hw.pool, PoolConfig { min_idle: 1, max_workers: 1, queue: 8 });
     assert_eq!(
         hw.tenant_limits,
-        TenantLimits {
-            memory_max: Some(ByteSize::mib(256)),
-            cpu_quota: Some(Percent(50)),
-            tasks_max: Some(64),
-        }
+        TenantLimits { memory_max: Some(ByteSize::mib(256)), cpu_quota: Some(Percent(50)), tasks_max: Some(64) }
     );
     let llm = hw.llm.unwrap();
     assert_eq!((llm.max_steps, llm.daily_tokens), (6, Some(50_000)));
     assert_eq!(
         chat.tenant_limits,
-        TenantLimits {
-            memory_max: Some(ByteSize::gib(1)),
-            cpu_quota: None,
-            tasks_max: Some(256),
-        }
+        TenantLimits { memory_max: Some(ByteSize::gib(1)), cpu_quota: None, tasks_max: Some(256) }
     );
     assert_eq!(shell.tenant_limits, TenantLimits::default());
 }
@@ -129,34 +113,17 @@ fn shipped_policies_load_as_a_directory() {
     let names: Vec<&str> = policies.workflows.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["family-chat", "homework", "shell-tools"]);
     let tenant = |name: &str| name.parse::<TenantName>().unwrap();
-    assert_eq!(
-        policies.tenant_limits(&tenant("kid")).memory_max,
-        Some(ByteSize::mib(256))
-    );
-    assert_eq!(
-        policies.tenant_limits(&tenant("alice")).tasks_max,
-        Some(256)
-    );
-    assert_eq!(
-        policies.tenant_limits(&tenant("ops")),
-        TenantLimits::default()
-    );
+    assert_eq!(policies.tenant_limits(&tenant("kid")).memory_max, Some(ByteSize::mib(256)));
+    assert_eq!(policies.tenant_limits(&tenant("alice")).tasks_max, Some(256));
+    assert_eq!(policies.tenant_limits(&tenant("ops")), TenantLimits::default());
     // corral-alice does not exist on a build host; the warning says how to add it.
-    if nix::unistd::User::from_name("corral-alice")
-        .ok()
-        .flatten()
-        .is_none()
-    {
+    if nix::unistd::User::from_name("corral-alice").ok().flatten().is_none() {
         let expected = format!(
             "{}:12: workflow.user: user \"corral-alice\" does not exist on this host, so no worker \
              can start: create it with `useradd --system --no-create-home --shell /usr/sbin/nologin corral-alice`",
             dir.file("family-chat.toml")
         );
-        assert!(
-            policies.warnings.contains(&expected),
-            "{:#?}",
-            policies.warnings
-        );
+        assert!(policies.warnings.contains(&expected), "{:#?}", policies.warnings);
     }
 }
 
@@ -189,22 +156,12 @@ fn defaults_are_filled() {
             open_files_max: 256,
         }
     );
-    assert_eq!(
-        wf.pool,
-        PoolConfig {
-            min_idle: 1,
-            max_workers: 2,
-            queue: 32
-        }
-    );
+    assert_eq!(wf.pool, PoolConfig { min_idle: 1, max_workers: 2, queue: 32 });
     assert_eq!(wf.tenant_limits, TenantLimits::default());
     assert!(wf.env.is_empty());
     assert!(wf.llm.is_none());
     assert_eq!(wf.source, Path::new("policies/x.toml"));
-    assert_eq!(
-        wf.workspace(Path::new("/var/lib/corral")),
-        Path::new("/var/lib/corral/workspaces/t/w")
-    );
+    assert_eq!(wf.workspace(Path::new("/var/lib/corral")), Path::new("/var/lib/corral/workspaces/t/w"));
 }
 
 #[test]
@@ -239,9 +196,7 @@ fn unknown_keys_name_file_line_key_and_valid_keys() {
     );
     // Inline table, one level deeper.
     assert_eq!(
-        error(&format!(
-            "{MINIMAL}clients = {{ users = [], group = [\"g\"] }}\n"
-        )),
+        error(&format!("{MINIMAL}clients = {{ users = [], group = [\"g\"] }}\n")),
         "policies/x.toml:4: workflow.clients.group: unknown key; valid keys in \
          [workflow.clients] are: users, groups"
     );
@@ -263,20 +218,11 @@ fn unknown_keys_name_file_line_key_and_valid_keys() {
          min_idle, max_workers, queue"
     );
     // load_dir reports every unknown key of a file.
-    let dir = TempDir::new(&[(
-        "a.toml",
-        &format!("{MINIMAL}[sandbox]\nreed = []\n[limits]\nmemory = \"1G\"\n"),
-    )]);
+    let dir = TempDir::new(&[("a.toml", &format!("{MINIMAL}[sandbox]\nreed = []\n[limits]\nmemory = \"1G\"\n"))]);
     let errors = load_errors(&dir);
     assert_eq!(errors.len(), 2, "{errors:#?}");
-    assert!(errors[0].starts_with(&format!(
-        "{}:5: sandbox.reed: unknown key",
-        dir.file("a.toml")
-    )));
-    assert!(errors[1].starts_with(&format!(
-        "{}:7: limits.memory: unknown key",
-        dir.file("a.toml")
-    )));
+    assert!(errors[0].starts_with(&format!("{}:5: sandbox.reed: unknown key", dir.file("a.toml"))));
+    assert!(errors[1].starts_with(&format!("{}:7: limits.memory: unknown key", dir.file("a.toml"))));
 }
 
 #[test]
@@ -296,10 +242,8 @@ fn bad_names() {
         "policies/x.toml:4: workflow.user: invalid unix name \"Corral Kid\": use up to 32 \
          lowercase letters, digits, '_' and '-', starting with a letter or '_'"
     );
-    assert!(error(&format!(
-        "{MINIMAL}clients = {{ groups = [\"ok\", \"bad/x\"] }}\n"
-    ))
-    .starts_with("policies/x.toml:4: workflow.clients.groups[1]: invalid unix name \"bad/x\""));
+    assert!(error(&format!("{MINIMAL}clients = {{ groups = [\"ok\", \"bad/x\"] }}\n"))
+        .starts_with("policies/x.toml:4: workflow.clients.groups[1]: invalid unix name \"bad/x\""));
 }
 
 #[test]
@@ -330,18 +274,11 @@ fn bad_path_templates() {
             "relative",
             "invalid path \"relative\": must be absolute (start with '/') or start with {workspace}, e.g. \"/usr\"",
         ),
-        (
-            "/a/../b",
-            "invalid path \"/a/../b\": '..' is not allowed; write the path it resolves to",
-        ),
+        ("/a/../b", "invalid path \"/a/../b\": '..' is not allowed; write the path it resolves to"),
     ];
     for (path, message) in cases {
-        let text =
-            format!("{MINIMAL}[sandbox]\nwrite = [\n  \"{{workspace}}\",\n  \"{path}\",\n]\n");
-        assert_eq!(
-            error(&text),
-            format!("policies/x.toml:7: sandbox.write[1]: {message}")
-        );
+        let text = format!("{MINIMAL}[sandbox]\nwrite = [\n  \"{{workspace}}\",\n  \"{path}\",\n]\n");
+        assert_eq!(error(&text), format!("policies/x.toml:7: sandbox.write[1]: {message}"));
     }
 }
 
@@ -385,8 +322,7 @@ fn bad_units_in_files() {
         "policies/x.toml:5: limits.cpu_quota: invalid percentage \"50\": expected a whole number \
          followed by '%', e.g. \"50%\""
     );
-    assert!(limits("cpu_quota = \"0%\"")
-        .starts_with("policies/x.toml:5: limits.cpu_quota: 0% would stop the workers"));
+    assert!(limits("cpu_quota = \"0%\"").starts_with("policies/x.toml:5: limits.cpu_quota: 0% would stop the workers"));
     assert_eq!(
         limits("tasks_max = 1"),
         "policies/x.toml:5: limits.tasks_max: 1 is out of range: expected an integer from 2 to 4194304"
@@ -412,17 +348,13 @@ fn bad_units_in_files() {
 
 #[test]
 fn all_value_errors_of_a_file_are_reported() {
-    let text = format!(
-        "{MINIMAL}[limits]\nmemory_max = \"lots\"\ncall_timeout = \"forever\"\n[pool]\nqueue = 0\n"
-    );
+    let text = format!("{MINIMAL}[limits]\nmemory_max = \"lots\"\ncall_timeout = \"forever\"\n[pool]\nqueue = 0\n");
     let dir = TempDir::new(&[("a.toml", &text)]);
     let errors = load_errors(&dir);
     let a = dir.file("a.toml");
     assert_eq!(errors.len(), 3, "{errors:#?}");
     assert!(errors[0].starts_with(&format!("{a}:5: limits.memory_max: invalid size \"lots\"")));
-    assert!(errors[1].starts_with(&format!(
-        "{a}:6: limits.call_timeout: invalid duration \"forever\""
-    )));
+    assert!(errors[1].starts_with(&format!("{a}:6: limits.call_timeout: invalid duration \"forever\"")));
     assert!(errors[2].starts_with(&format!("{a}:8: pool.queue: 0 is out of range")));
 }
 
@@ -444,10 +376,7 @@ fn toml_syntax_error_has_the_line() {
     assert!(e.starts_with("policies/x.toml:3: invalid TOML: "), "{e}");
     let e = error("[workflow]\nname = \"w\"\nname = \"v\"\n");
     assert!(e.starts_with("policies/x.toml:3: invalid TOML: "), "{e}");
-    assert_eq!(
-        e,
-        "policies/x.toml:3: invalid TOML: duplicate key (at `name`)"
-    );
+    assert_eq!(e, "policies/x.toml:3: invalid TOML: duplicate key (at `name`)");
 }
 
 #[test]
@@ -478,20 +407,11 @@ fn empty_directory_is_an_error() {
     let errors = load_errors(&dir);
     assert_eq!(
         errors,
-        [format!(
-            "no policies found in {}: add one file per workflow, see policies/ for examples",
-            dir.0.display()
-        )]
+        [format!("no policies found in {}: add one file per workflow, see policies/ for examples", dir.0.display())]
     );
     let missing = dir.0.join("absent");
     let e = load_dir(&missing).unwrap_err().to_string();
-    assert!(
-        e.starts_with(&format!(
-            "failed to read policy directory {}",
-            missing.display()
-        )),
-        "{e}"
-    );
+    assert!(e.starts_with(&format!("failed to read policy directory {}", missing.display())), "{e}");
 }
 
 #[test]
@@ -501,13 +421,7 @@ fn duplicate_names_and_tenant_users_across_files() {
     let c = "[workflow]\nname = \"c\"\ntenant = \"t\"\nuser = \"u2\"\n";
     let d = "[workflow]\nname = \"d\"\ntenant = \"t\"\n";
     let broken = "[workflow]\nname = \"e\"\ntenant = \"t\"\n[limits]\ntasks_max = 0\n";
-    let dir = TempDir::new(&[
-        ("a.toml", a),
-        ("b.toml", b),
-        ("c.toml", c),
-        ("d.toml", d),
-        ("e.toml", broken),
-    ]);
+    let dir = TempDir::new(&[("a.toml", a), ("b.toml", b), ("c.toml", c), ("d.toml", d), ("e.toml", broken)]);
     let f = |name| dir.file(name);
     let errors = load_errors(&dir);
     assert_eq!(
@@ -560,43 +474,27 @@ fn host_warnings_name_file_line_and_fix() {
 
 #[test]
 fn errors_display_one_per_line() {
-    let errors = PolicyErrors(vec![
-        PolicyError::NoPolicies { dir: "a".into() },
-        PolicyError::NoPolicies { dir: "b".into() },
-    ]);
+    let errors =
+        PolicyErrors(vec![PolicyError::NoPolicies { dir: "a".into() }, PolicyError::NoPolicies { dir: "b".into() }]);
     assert_eq!(errors.to_string().lines().count(), 2);
 }
 
 #[test]
 fn tenant_table_parses() {
-    let wf = parse(&format!(
-        "{MINIMAL}[tenant]\nmemory_max = \"1G\"\ncpu_quota = \"150%\"\ntasks_max = 256\n"
-    ))
-    .unwrap();
+    let wf =
+        parse(&format!("{MINIMAL}[tenant]\nmemory_max = \"1G\"\ncpu_quota = \"150%\"\ntasks_max = 256\n")).unwrap();
     assert_eq!(
         wf.tenant_limits,
-        TenantLimits {
-            memory_max: Some(ByteSize::gib(1)),
-            cpu_quota: Some(Percent(150)),
-            tasks_max: Some(256),
-        }
+        TenantLimits { memory_max: Some(ByteSize::gib(1)), cpu_quota: Some(Percent(150)), tasks_max: Some(256) }
     );
     // Every key is optional; [limits] is untouched by [tenant].
     let wf = parse(&format!("{MINIMAL}[tenant]\ntasks_max = 8\n")).unwrap();
-    assert_eq!(
-        wf.tenant_limits,
-        TenantLimits {
-            tasks_max: Some(8),
-            ..TenantLimits::default()
-        }
-    );
+    assert_eq!(wf.tenant_limits, TenantLimits { tasks_max: Some(8), ..TenantLimits::default() });
     assert_eq!(wf.limits.tasks_max, 64);
     // Dotted keys and an integer number of bytes.
     let wf = parse(&format!("tenant.memory_max = 1048576\n{MINIMAL}")).unwrap();
     assert_eq!(wf.tenant_limits.memory_max, Some(ByteSize::mib(1)));
-    let json =
-        serde_json::to_value(parse(&format!("{MINIMAL}[tenant]\nmemory_max = \"1G\"\n")).unwrap())
-            .unwrap();
+    let json = serde_json::to_value(parse(&format!("{MINIMAL}[tenant]\nmemory_max = \"1G\"\n")).unwrap()).unwrap();
     assert_eq!(json["tenant_limits"]["memory_max"], "1G");
     assert_eq!(json["tenant_limits"]["cpu_quota"], serde_json::Value::Null);
 }
@@ -623,8 +521,7 @@ fn bad_tenant_values() {
         "policies/x.toml:6: tenant.cpu_quota: invalid percentage \"50\": expected a whole number \
          followed by '%', e.g. \"50%\""
     );
-    assert!(tenant("cpu_quota = \"0%\"")
-        .starts_with("policies/x.toml:6: tenant.cpu_quota: 0% would stop the workers"));
+    assert!(tenant("cpu_quota = \"0%\"").starts_with("policies/x.toml:6: tenant.cpu_quota: 0% would stop the workers"));
     assert_eq!(
         tenant("memory_max = \"1G\"\ntasks_max = 1"),
         "policies/x.toml:7: tenant.tasks_max: 1 is out of range: expected an integer from 2 to 4194304"
@@ -648,9 +545,7 @@ fn bad_tenant_values() {
 #[test]
 fn unknown_key_in_tenant() {
     assert_eq!(
-        error(&format!(
-            "{MINIMAL}[tenant]\nmemory_max = \"1G\"\nmemory = \"1G\"\n"
-        )),
+        error(&format!("{MINIMAL}[tenant]\nmemory_max = \"1G\"\nmemory = \"1G\"\n")),
         "policies/x.toml:6: tenant.memory: unknown key; valid keys in [tenant] are: \
          memory_max, cpu_quota, tasks_max"
     );
@@ -722,18 +617,9 @@ fn tenant_table_in_one_file_is_inherited() {
     let a = format!("{KID_A}[tenant]\nmemory_max = \"1G\"\ntasks_max = 256\n");
     let c = "[workflow]\nname = \"c\"\ntenant = \"kid\"\n[tenant]\ntasks_max = 256\nmemory_max = 1073741824\n";
     let other = "[workflow]\nname = \"d\"\ntenant = \"other\"\n";
-    let dir = TempDir::new(&[
-        ("a.toml", &a),
-        ("b.toml", KID_B),
-        ("c.toml", c),
-        ("d.toml", other),
-    ]);
+    let dir = TempDir::new(&[("a.toml", &a), ("b.toml", KID_B), ("c.toml", c), ("d.toml", other)]);
     let p = load_dir(&dir.0).unwrap();
-    let expected = TenantLimits {
-        memory_max: Some(ByteSize::gib(1)),
-        cpu_quota: None,
-        tasks_max: Some(256),
-    };
+    let expected = TenantLimits { memory_max: Some(ByteSize::gib(1)), cpu_quota: None, tasks_max: Some(256) };
     let kid: TenantName = "kid".parse().unwrap();
     assert_eq!(p.tenant_limits(&kid), expected);
     for wf in p.workflows.iter().filter(|w| w.tenant == kid) {

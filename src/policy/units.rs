@@ -31,29 +31,19 @@ pub struct UnitError {
 
 impl UnitError {
     fn new(kind: &'static str, input: &str, reason: impl Into<String>) -> Self {
-        Self {
-            kind,
-            input: input.to_owned(),
-            reason: reason.into(),
-        }
+        Self { kind, input: input.to_owned(), reason: reason.into() }
     }
 }
 
 const SIZE_HINT: &str = "expected a number with an optional K, M, G or T suffix, e.g. \"256M\"";
-const DURATION_HINT: &str =
-    "expected a whole number with a unit h, m, s or ms, e.g. \"30s\", \"500ms\" or \"1m30s\"";
+const DURATION_HINT: &str = "expected a whole number with a unit h, m, s or ms, e.g. \"30s\", \"500ms\" or \"1m30s\"";
 const PERCENT_HINT: &str = "expected a whole number followed by '%', e.g. \"50%\"";
 
 /// A number of bytes. Displays in the shortest exact form (`"256M"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ByteSize(pub u64);
 
-const SIZE_UNITS: [(char, u64); 4] = [
-    ('T', 1 << 40),
-    ('G', 1 << 30),
-    ('M', 1 << 20),
-    ('K', 1 << 10),
-];
+const SIZE_UNITS: [(char, u64); 4] = [('T', 1 << 40), ('G', 1 << 30), ('M', 1 << 20), ('K', 1 << 10)];
 
 impl ByteSize {
     /// `n` KiB.
@@ -86,9 +76,7 @@ impl FromStr for ByteSize {
             return Err(err("a size cannot be negative"));
         }
         let upper = input.to_ascii_uppercase();
-        let number_end = upper
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(upper.len());
+        let number_end = upper.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(upper.len());
         let (number, suffix) = upper.split_at(number_end);
         let unit = match suffix {
             "" | "B" => 1,
@@ -117,14 +105,9 @@ impl FromStr for ByteSize {
         let mut bytes = whole.checked_mul(unit).ok_or_else(too_large)?;
         if let Some(fraction) = fraction {
             if unit == 1 {
-                return Err(err(
-                    "a fraction needs a K, M, G or T suffix; bytes are whole numbers",
-                ));
+                return Err(err("a fraction needs a K, M, G or T suffix; bytes are whole numbers"));
             }
-            if fraction.is_empty()
-                || fraction.len() > 9
-                || !fraction.bytes().all(|b| b.is_ascii_digit())
-            {
+            if fraction.is_empty() || fraction.len() > 9 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(err(SIZE_HINT));
             }
             let digits: u64 = fraction.parse().map_err(|_| err(SIZE_HINT))?;
@@ -176,10 +159,7 @@ impl FromStr for Percent {
         if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err(PERCENT_HINT));
         }
-        number
-            .parse()
-            .map(Self)
-            .map_err(|_| err("too large; the largest percentage is 4294967295%"))
+        number.parse().map(Self).map_err(|_| err("too large; the largest percentage is 4294967295%"))
     }
 }
 
@@ -220,16 +200,12 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
     // Index into DURATION_UNITS of the next unit allowed (units go largest first).
     let mut next_unit = 0;
     while !rest.is_empty() {
-        let digits_end = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits_end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         let (digits, tail) = rest.split_at(digits_end);
         if digits.is_empty() {
             return Err(err(DURATION_HINT));
         }
-        let unit_end = tail
-            .find(|c: char| !c.is_ascii_alphabetic())
-            .unwrap_or(tail.len());
+        let unit_end = tail.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_end);
         if unit.is_empty() {
             return Err(if tail.starts_with('.') {
@@ -242,9 +218,7 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
             return Err(err(&format!("unknown unit {unit:?}; {DURATION_HINT}")));
         };
         if index < next_unit {
-            return Err(err(
-                "each unit may appear once, largest first, e.g. \"1h30m\" or \"1m30s\"",
-            ));
+            return Err(err("each unit may appear once, largest first, e.g. \"1h30m\" or \"1m30s\""));
         }
         next_unit = index + 1;
         let value: u128 = digits.parse().map_err(|_| err("too large"))?;
@@ -311,14 +285,10 @@ mod tests {
 
     #[test]
     fn sizes_reject() {
-        for text in [
-            "", "M", "256Q", "10 M", " 10M", "10M ", "-1M", "1.5", "1.G", ".5G", "1KK", "1MiBB",
-            "1e3", "0x10", "+1M",
-        ] {
-            assert!(
-                text.parse::<ByteSize>().is_err(),
-                "{text:?} should be rejected"
-            );
+        for text in
+            ["", "M", "256Q", "10 M", " 10M", "10M ", "-1M", "1.5", "1.G", ".5G", "1KK", "1MiBB", "1e3", "0x10", "+1M"]
+        {
+            assert!(text.parse::<ByteSize>().is_err(), "{text:?} should be rejected");
         }
         let e = "256Q".parse::<ByteSize>().unwrap_err();
         assert_eq!(
@@ -329,11 +299,7 @@ mod tests {
         assert_eq!(e.reason, "a size cannot be negative");
         let e = "16384P".parse::<ByteSize>().unwrap_err();
         assert_eq!(e.reason, SIZE_HINT, "P is not a suffix");
-        for overflow in [
-            "18446744073709551616",
-            "16777216T",
-            "99999999999999999999999G",
-        ] {
+        for overflow in ["18446744073709551616", "16777216T", "99999999999999999999999G"] {
             let e = overflow.parse::<ByteSize>().unwrap_err();
             assert!(e.reason.starts_with("too large"), "{overflow}: {e}");
         }
@@ -362,30 +328,14 @@ mod tests {
         assert_eq!("150%".parse::<Percent>(), Ok(Percent(150)));
         assert_eq!("0%".parse::<Percent>(), Ok(Percent(0)));
         assert_eq!(Percent(25).to_string(), "25%");
-        for text in [
-            "",
-            "%",
-            "50",
-            "50 %",
-            "12.5%",
-            "-5%",
-            "5%%",
-            "a%",
-            "4294967296%",
-        ] {
-            assert!(
-                text.parse::<Percent>().is_err(),
-                "{text:?} should be rejected"
-            );
+        for text in ["", "%", "50", "50 %", "12.5%", "-5%", "5%%", "a%", "4294967296%"] {
+            assert!(text.parse::<Percent>().is_err(), "{text:?} should be rejected");
         }
         assert_eq!(
             "50".parse::<Percent>().unwrap_err().to_string(),
             r#"invalid percentage "50": expected a whole number followed by '%', e.g. "50%""#
         );
-        assert_eq!(
-            "-5%".parse::<Percent>().unwrap_err().reason,
-            "a percentage cannot be negative"
-        );
+        assert_eq!("-5%".parse::<Percent>().unwrap_err().reason, "a percentage cannot be negative");
     }
 
     #[test]
@@ -430,18 +380,9 @@ mod tests {
             parse_duration("30").unwrap_err().to_string(),
             r#"invalid duration "30": missing unit; expected a whole number with a unit h, m, s or ms, e.g. "30s", "500ms" or "1m30s""#
         );
-        assert!(parse_duration("1.5s")
-            .unwrap_err()
-            .reason
-            .contains("1500ms"));
-        assert!(parse_duration("30x")
-            .unwrap_err()
-            .reason
-            .starts_with("unknown unit \"x\""));
-        assert_eq!(
-            parse_duration("-1s").unwrap_err().reason,
-            "a duration cannot be negative"
-        );
+        assert!(parse_duration("1.5s").unwrap_err().reason.contains("1500ms"));
+        assert!(parse_duration("30x").unwrap_err().reason.starts_with("unknown unit \"x\""));
+        assert_eq!(parse_duration("-1s").unwrap_err().reason, "a duration cannot be negative");
         let huge = format!("{}h", u64::MAX);
         assert_eq!(parse_duration(&huge).unwrap_err().reason, "too large");
     }

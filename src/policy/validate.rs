@@ -12,12 +12,10 @@ use super::document::Lines;
 use super::error::{Place, PolicyError};
 use super::names::check_unix_name;
 use super::path::PathTemplate;
-use super::raw::{
-    RawClients, RawFile, RawLimits, RawLlm, RawPool, RawSandbox, RawTenant, SizeText,
-};
+use super::raw::{RawClients, RawFile, RawLimits, RawLlm, RawPool, RawSandbox, RawTenant, SizeText};
 use super::schema::{
-    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow,
-    DEFAULT_EXEC, DEFAULT_WRITE,
+    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow, DEFAULT_EXEC,
+    DEFAULT_WRITE,
 };
 use super::units::{format_duration, parse_duration, ByteSize, Percent};
 
@@ -34,19 +32,12 @@ struct Check<'a> {
 
 impl Check<'_> {
     fn at(&self, key: &str) -> Place {
-        Place {
-            file: self.file.to_path_buf(),
-            line: self.lines.of(key),
-            key: Some(key.to_owned()),
-        }
+        Place { file: self.file.to_path_buf(), line: self.lines.of(key), key: Some(key.to_owned()) }
     }
 
     fn invalid(&mut self, key: &str, message: impl Display) {
         let at = self.at(key);
-        self.errors.push(PolicyError::Invalid {
-            at,
-            message: message.to_string(),
-        });
+        self.errors.push(PolicyError::Invalid { at, message: message.to_string() });
     }
 
     fn missing(&mut self, key: &str, example: &'static str) {
@@ -79,21 +70,13 @@ impl Check<'_> {
         self.opt_int(key, value, range).unwrap_or(default)
     }
 
-    fn opt_int<T: TryFrom<i64>>(
-        &mut self,
-        key: &str,
-        value: Option<i64>,
-        range: RangeInclusive<i64>,
-    ) -> Option<T> {
+    fn opt_int<T: TryFrom<i64>>(&mut self, key: &str, value: Option<i64>, range: RangeInclusive<i64>) -> Option<T> {
         let v = value?;
         match T::try_from(v) {
             Ok(t) if range.contains(&v) => Some(t),
             _ => {
                 let (lo, hi) = (range.start(), range.end());
-                self.invalid(
-                    key,
-                    format!("{v} is out of range: expected an integer from {lo} to {hi}"),
-                );
+                self.invalid(key, format!("{v} is out of range: expected an integer from {lo} to {hi}"));
                 None
             }
         }
@@ -121,36 +104,21 @@ impl Check<'_> {
         let text = &value?.0;
         let size: ByteSize = self.parse(key, text)?;
         if size < min {
-            self.invalid(
-                key,
-                format!("size {text:?} is too small: expected at least \"{min}\""),
-            );
+            self.invalid(key, format!("size {text:?} is too small: expected at least \"{min}\""));
             return None;
         }
         if let Some(max) = max.filter(|max| size > *max) {
-            self.invalid(
-                key,
-                format!("size {text:?} is too large: expected at most \"{max}\""),
-            );
+            self.invalid(key, format!("size {text:?} is too large: expected at most \"{max}\""));
             return None;
         }
         Some(size)
     }
 
-    fn paths(
-        &mut self,
-        key: &str,
-        value: Option<&Vec<String>>,
-        default: &[&str],
-    ) -> Vec<PathTemplate> {
+    fn paths(&mut self, key: &str, value: Option<&Vec<String>>, default: &[&str]) -> Vec<PathTemplate> {
         let Some(items) = value else {
             return default.iter().filter_map(|p| p.parse().ok()).collect();
         };
-        items
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| self.parse(&format!("{key}[{i}]"), p))
-            .collect()
+        items.iter().enumerate().filter_map(|(i, p)| self.parse(&format!("{key}[{i}]"), p)).collect()
     }
 
     fn ports(&mut self, key: &str, value: Option<&Vec<i64>>) -> Vec<u16> {
@@ -184,16 +152,8 @@ impl Check<'_> {
 
 /// Validates a deserialized file. `Err` holds every problem found, in file
 /// order.
-pub(crate) fn validate(
-    file: &Path,
-    lines: &Lines,
-    raw: RawFile,
-) -> Result<Workflow, Vec<PolicyError>> {
-    let mut c = Check {
-        file,
-        lines,
-        errors: Vec::new(),
-    };
+pub(crate) fn validate(file: &Path, lines: &Lines, raw: RawFile) -> Result<Workflow, Vec<PolicyError>> {
+    let mut c = Check { file, lines, errors: Vec::new() };
     let Some(wf) = raw.workflow else {
         return Err(vec![PolicyError::MissingTable {
             file: file.to_path_buf(),
@@ -262,20 +222,14 @@ fn sandbox(c: &mut Check<'_>, raw: RawSandbox) -> Sandbox {
         None | Some("required") => Requirement::Required,
         Some("best-effort") => Requirement::BestEffort,
         Some(other) => {
-            c.invalid(
-                "sandbox.landlock",
-                format!("invalid value {other:?}: expected \"required\" or \"best-effort\""),
-            );
+            c.invalid("sandbox.landlock", format!("invalid value {other:?}: expected \"required\" or \"best-effort\""));
             Requirement::Required
         }
     };
     let seccomp = match raw.seccomp.as_deref() {
         None | Some("default") => SeccompProfile::Default,
         Some(other) => {
-            c.invalid(
-                "sandbox.seccomp",
-                format!("invalid profile {other:?}: the only profile is \"default\""),
-            );
+            c.invalid("sandbox.seccomp", format!("invalid profile {other:?}: the only profile is \"default\""));
             SeccompProfile::Default
         }
     };
@@ -311,19 +265,8 @@ fn limits(c: &mut Check<'_>, raw: RawLimits) -> Limits {
         },
     };
     Limits {
-        memory_max: c.size(
-            "limits.memory_max",
-            raw.memory_max.as_ref(),
-            ByteSize::mib(256),
-            ByteSize::mib(1),
-            None,
-        ),
-        memory_swap_max: c.opt_size(
-            "limits.memory_swap_max",
-            raw.memory_swap_max.as_ref(),
-            ByteSize(0),
-            None,
-        ),
+        memory_max: c.size("limits.memory_max", raw.memory_max.as_ref(), ByteSize::mib(256), ByteSize::mib(1), None),
+        memory_swap_max: c.opt_size("limits.memory_swap_max", raw.memory_swap_max.as_ref(), ByteSize(0), None),
         cpu_quota,
         tasks_max: c.int("limits.tasks_max", raw.tasks_max, 64, 2..=4_194_304),
         io_weight: c.opt_int("limits.io_weight", raw.io_weight, 1..=10_000),
@@ -335,38 +278,16 @@ fn limits(c: &mut Check<'_>, raw: RawLimits) -> Limits {
             ByteSize(1),
             Some(MAX_STREAM),
         ),
-        stdin_max: c.size(
-            "limits.stdin_max",
-            raw.stdin_max.as_ref(),
-            ByteSize::mib(1),
-            ByteSize(0),
-            Some(MAX_STREAM),
-        ),
-        file_size_max: c.size(
-            "limits.file_size_max",
-            raw.file_size_max.as_ref(),
-            ByteSize::mib(64),
-            ByteSize(1),
-            None,
-        ),
-        open_files_max: c.int(
-            "limits.open_files_max",
-            raw.open_files_max,
-            256,
-            16..=65_536,
-        ),
+        stdin_max: c.size("limits.stdin_max", raw.stdin_max.as_ref(), ByteSize::mib(1), ByteSize(0), Some(MAX_STREAM)),
+        file_size_max: c.size("limits.file_size_max", raw.file_size_max.as_ref(), ByteSize::mib(64), ByteSize(1), None),
+        open_files_max: c.int("limits.open_files_max", raw.open_files_max, 256, 16..=65_536),
     }
 }
 
 /// `[tenant]`: every key optional, no defaults.
 fn tenant_limits(c: &mut Check<'_>, raw: RawTenant) -> TenantLimits {
     TenantLimits {
-        memory_max: c.opt_size(
-            "tenant.memory_max",
-            raw.memory_max.as_ref(),
-            ByteSize::mib(1),
-            None,
-        ),
+        memory_max: c.opt_size("tenant.memory_max", raw.memory_max.as_ref(), ByteSize::mib(1), None),
         cpu_quota: c.cpu_quota("tenant.cpu_quota", raw.cpu_quota.as_deref()),
         tasks_max: c.opt_int("tenant.tasks_max", raw.tasks_max, 2..=4_194_304),
     }
@@ -387,12 +308,7 @@ impl Check<'_> {
         Some(p)
     }
 
-    fn parse_with<T, E: Display>(
-        &mut self,
-        key: &str,
-        text: &str,
-        f: impl FnOnce(&str) -> Result<T, E>,
-    ) -> Option<T> {
+    fn parse_with<T, E: Display>(&mut self, key: &str, text: &str, f: impl FnOnce(&str) -> Result<T, E>) -> Option<T> {
         match f(text) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -408,11 +324,7 @@ fn pool(c: &mut Check<'_>, raw: RawPool) -> PoolConfig {
     let max_workers = c.int("pool.max_workers", raw.max_workers, 2, 1..=64);
     let queue = c.int("pool.queue", raw.queue, 32, 1..=10_000);
     if min_idle > max_workers {
-        let key = if c.lines.has("pool.min_idle") {
-            "pool.min_idle"
-        } else {
-            "pool.max_workers"
-        };
+        let key = if c.lines.has("pool.min_idle") { "pool.min_idle" } else { "pool.max_workers" };
         c.invalid(
             key,
             format!(
@@ -421,20 +333,13 @@ fn pool(c: &mut Check<'_>, raw: RawPool) -> PoolConfig {
             ),
         );
     }
-    PoolConfig {
-        min_idle,
-        max_workers,
-        queue,
-    }
+    PoolConfig { min_idle, max_workers, queue }
 }
 
 fn env(c: &mut Check<'_>, raw: BTreeMap<String, String>) -> BTreeMap<String, String> {
     for (name, value) in &raw {
         let key = format!("env.{name}");
-        let valid_name = name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        let valid_name = name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid_name {
             c.invalid(
@@ -446,10 +351,7 @@ fn env(c: &mut Check<'_>, raw: BTreeMap<String, String>) -> BTreeMap<String, Str
             );
         }
         if value.contains('\0') {
-            c.invalid(
-                &key,
-                "the value contains a NUL byte, which no environment can hold",
-            );
+            c.invalid(&key, "the value contains a NUL byte, which no environment can hold");
         }
     }
     raw
@@ -476,10 +378,7 @@ fn llm(c: &mut Check<'_>, raw: RawLlm) -> Option<Llm> {
     let model = match raw.model {
         Some(m) if !m.trim().is_empty() => Some(m),
         Some(_) => {
-            c.invalid(
-                "llm.model",
-                "empty model name: expected e.g. \"qwen2.5:3b\"",
-            );
+            c.invalid("llm.model", "empty model name: expected e.g. \"qwen2.5:3b\"");
             None
         }
         None => {
@@ -491,9 +390,7 @@ fn llm(c: &mut Check<'_>, raw: RawLlm) -> Option<Llm> {
         let ok = !cred.is_empty()
             && cred != "."
             && cred != ".."
-            && cred
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            && cred.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         if !ok {
             c.invalid(
                 "llm.credential",
@@ -507,11 +404,7 @@ fn llm(c: &mut Check<'_>, raw: RawLlm) -> Option<Llm> {
     }
     let max_steps = c.int("llm.max_steps", raw.max_steps, 8, 1..=64);
     let daily_tokens = c.opt_int("llm.daily_tokens", raw.daily_tokens, 1..=i64::MAX);
-    let tenant_daily_tokens = c.opt_int(
-        "llm.tenant_daily_tokens",
-        raw.tenant_daily_tokens,
-        1..=i64::MAX,
-    );
+    let tenant_daily_tokens = c.opt_int("llm.tenant_daily_tokens", raw.tenant_daily_tokens, 1..=i64::MAX);
     Some(Llm {
         base_url: base_url?,
         model: model?,

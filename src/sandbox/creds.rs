@@ -26,17 +26,12 @@ const CAP_PROBE_MAX: u32 = 63;
 /// INVARIANT: the order below is the one that works: the bounding set can only
 /// be cleared while we still hold CAP_SETPCAP, i.e. before `setresuid`; the
 /// parent-death signal is reset by a credential change, so it is armed after.
-pub fn drop_privileges(
-    creds: Option<&Credentials>,
-    broker_pid: u32,
-) -> Result<CredReport, SandboxError> {
+pub fn drop_privileges(creds: Option<&Credentials>, broker_pid: u32) -> Result<CredReport, SandboxError> {
     let mut notes = Vec::new();
     let root = Uid::effective().is_root();
     let target = match creds {
         Some(c) if c.uid == 0 => return Err(SandboxError::RootTarget(c.user.clone())),
-        Some(c) if !root && c.uid != Uid::current().as_raw() => {
-            return Err(SandboxError::CannotSwitch(c.user.clone()))
-        }
+        Some(c) if !root && c.uid != Uid::current().as_raw() => return Err(SandboxError::CannotSwitch(c.user.clone())),
         None if root => return Err(SandboxError::NoUserAsRoot),
         other => other,
     };
@@ -67,10 +62,8 @@ pub fn drop_privileges(
             let gid = Gid::from_raw(c.gid);
             let uid = Uid::from_raw(c.uid);
             setgroups(&[gid]).map_err(|e| SandboxError::Switch("setgroups", c.user.clone(), e))?;
-            setresgid(gid, gid, gid)
-                .map_err(|e| SandboxError::Switch("setresgid", c.user.clone(), e))?;
-            setresuid(uid, uid, uid)
-                .map_err(|e| SandboxError::Switch("setresuid", c.user.clone(), e))?;
+            setresgid(gid, gid, gid).map_err(|e| SandboxError::Switch("setresgid", c.user.clone(), e))?;
+            setresuid(uid, uid, uid).map_err(|e| SandboxError::Switch("setresuid", c.user.clone(), e))?;
         }
     }
     for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
@@ -91,42 +84,26 @@ pub fn drop_privileges(
         return Err(SandboxError::Verify("still uid 0 after the switch".into()));
     }
     let mut cleared = !bounding_kept;
-    for set in [
-        CapSet::Effective,
-        CapSet::Permitted,
-        CapSet::Inheritable,
-        CapSet::Ambient,
-    ] {
-        let held =
-            caps::read(None, set).map_err(|e| SandboxError::Caps(set_name(set), e.to_string()))?;
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable, CapSet::Ambient] {
+        let held = caps::read(None, set).map_err(|e| SandboxError::Caps(set_name(set), e.to_string()))?;
         if !held.is_empty() {
-            return Err(SandboxError::Verify(format!(
-                "{} set not empty: {held:?}",
-                set_name(set)
-            )));
+            return Err(SandboxError::Verify(format!("{} set not empty: {held:?}", set_name(set))));
         }
     }
     if !bounding_kept {
         cleared &= (0..=CAP_PROBE_MAX).all(|c| sys::capbset_read(c) != Some(true));
     }
 
-    prctl::set_pdeathsig(Signal::SIGKILL)
-        .map_err(|e| SandboxError::Syscall("arm parent-death signal", e.into()))?;
+    prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| SandboxError::Syscall("arm parent-death signal", e.into()))?;
     // The broker may have died before the signal was armed.
     if getppid() != Pid::from_raw(i32::try_from(broker_pid).unwrap_or(-1)) {
         return Err(SandboxError::Orphaned);
     }
     prctl::set_no_new_privs().map_err(|e| SandboxError::Syscall("set no_new_privs", e.into()))?;
     prctl::set_dumpable(false).map_err(|e| SandboxError::Syscall("clear dumpable", e.into()))?;
-    setrlimit(Resource::RLIMIT_CORE, 0, 0)
-        .map_err(|e| SandboxError::Syscall("disable core dumps", e.into()))?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| SandboxError::Syscall("disable core dumps", e.into()))?;
 
-    Ok(CredReport {
-        uid: euid.as_raw(),
-        gid: egid.as_raw(),
-        capabilities_cleared: cleared,
-        notes,
-    })
+    Ok(CredReport { uid: euid.as_raw(), gid: egid.as_raw(), capabilities_cleared: cleared, notes })
 }
 
 fn set_name(set: CapSet) -> &'static str {

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    make_bitflags, Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset,
-    RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    make_bitflags, Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 use super::SandboxError;
@@ -50,16 +50,14 @@ pub struct Report {
 /// Builds a layer for a kernel of Landlock ABI `abi_num`. Path descriptors
 /// are opened here, so a path that does not exist is noticed (and reported)
 /// now, not skipped in silence.
-pub fn prepare(
-    layer: &Layer<'_>,
-    abi_num: u32,
-    requirement: Requirement,
-) -> Result<Prepared, SandboxError> {
-    let mut report = Report {
-        abi: abi_num,
-        ..Report::default()
-    };
+pub fn prepare(layer: &Layer<'_>, abi_num: u32, requirement: Requirement) -> Result<Prepared, SandboxError> {
+    let mut report = Report { abi: abi_num, ..Report::default() };
     if abi_num == 0 {
+        if super::sys::landlock_blocked() {
+            // Never a silent downgrade: a filter hiding Landlock is a
+            // misconfiguration, whatever the policy's requirement.
+            return Err(SandboxError::LandlockBlocked);
+        }
         if requirement == Requirement::Required {
             return Err(SandboxError::LandlockUnavailable);
         }
@@ -69,10 +67,7 @@ pub fn prepare(
              file access is limited only by the worker's uid"
                 .into(),
         );
-        return Ok(Prepared {
-            ruleset: None,
-            report,
-        });
+        return Ok(Prepared { ruleset: None, report });
     }
     let abi = ABI::from(i32::try_from(abi_num).unwrap_or(i32::MAX));
     let wants_tcp = !layer.tcp_connect.is_empty() || !layer.tcp_bind.is_empty();
@@ -87,13 +82,9 @@ pub fn prepare(
     }
 
     let map = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
-    let mut ruleset = Ruleset::default()
-        .handle_access(AccessFs::from_all(abi))
-        .map_err(map)?;
+    let mut ruleset = Ruleset::default().handle_access(AccessFs::from_all(abi)).map_err(map)?;
     if abi_num >= ABI_TCP {
-        ruleset = ruleset
-            .handle_access(AccessNet::from_all(abi))
-            .map_err(map)?;
+        ruleset = ruleset.handle_access(AccessNet::from_all(abi)).map_err(map)?;
         report.tcp = true;
     }
     if abi_num >= ABI_SCOPES {
@@ -124,40 +115,24 @@ pub fn prepare(
             let fd = match PathFd::new(path) {
                 Ok(fd) => fd,
                 Err(_) => {
-                    report.notes.push(format!(
-                        "{} does not exist here: its rule grants nothing",
-                        path.display()
-                    ));
+                    report.notes.push(format!("{} does not exist here: its rule grants nothing", path.display()));
                     continue;
                 }
             };
-            let access = if path.is_dir() {
-                access
-            } else {
-                access & AccessFs::from_file(abi)
-            };
-            created = created
-                .add_rule(PathBeneath::new(fd, access))
-                .map_err(map)?;
+            let access = if path.is_dir() { access } else { access & AccessFs::from_file(abi) };
+            created = created.add_rule(PathBeneath::new(fd, access)).map_err(map)?;
         }
     }
     if abi_num >= ABI_TCP {
         for &port in layer.tcp_connect {
-            created = created
-                .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
-                .map_err(map)?;
+            created = created.add_rule(NetPort::new(port, AccessNet::ConnectTcp)).map_err(map)?;
         }
         for &port in layer.tcp_bind {
-            created = created
-                .add_rule(NetPort::new(port, AccessNet::BindTcp))
-                .map_err(map)?;
+            created = created.add_rule(NetPort::new(port, AccessNet::BindTcp)).map_err(map)?;
         }
     }
     report.fs = true;
-    Ok(Prepared {
-        ruleset: Some(created),
-        report,
-    })
+    Ok(Prepared { ruleset: Some(created), report })
 }
 
 impl Prepared {
@@ -168,16 +143,11 @@ impl Prepared {
         let Some(ruleset) = self.ruleset else {
             return Ok(report);
         };
-        let status = ruleset
-            .restrict_self()
-            .map_err(|e| SandboxError::Landlock(e.to_string()))?;
+        let status = ruleset.restrict_self().map_err(|e| SandboxError::Landlock(e.to_string()))?;
         report.status = match status.ruleset {
             RulesetStatus::FullyEnforced => "fully enforced".into(),
             RulesetStatus::PartiallyEnforced => {
-                report.notes.push(format!(
-                    "Landlock only partially enforced (ABI {})",
-                    report.abi
-                ));
+                report.notes.push(format!("Landlock only partially enforced (ABI {})", report.abi));
                 "partially enforced".into()
             }
             RulesetStatus::NotEnforced => {
@@ -187,9 +157,7 @@ impl Prepared {
                 report.fs = false;
                 report.tcp = false;
                 report.scopes = false;
-                report
-                    .notes
-                    .push("the kernel did not enforce the Landlock ruleset".into());
+                report.notes.push("the kernel did not enforce the Landlock ruleset".into());
                 "not enforced".into()
             }
         };

@@ -41,6 +41,12 @@ pub enum SandboxError {
          landlock = \"best-effort\" to run with no network at all"
     )]
     TcpNeedsAbi(u32),
+    #[error(
+        "the Landlock syscalls are blocked by a seccomp filter around the broker: if it runs as a systemd \
+         service, allow landlock_create_ruleset, landlock_add_rule and landlock_restrict_self in its \
+         SystemCallFilter= (see units/corral.service)"
+    )]
+    LandlockBlocked,
     #[error("failed to apply Landlock ruleset: {0}")]
     Landlock(String),
     #[error("failed to build or install the seccomp filter: {0}")]
@@ -66,9 +72,7 @@ pub enum SandboxError {
     Orphaned,
     #[error("the worker must be single-threaded when it sandboxes itself, found {0} threads")]
     Threads(usize),
-    #[error(
-        "the worker is not inside its systemd scope {0}; refusing to run outside its cgroup limits"
-    )]
+    #[error("the worker is not inside its systemd scope {0}; refusing to run outside its cgroup limits")]
     NotInScope(String),
 }
 
@@ -80,10 +84,7 @@ pub struct KernelSupport {
 }
 
 pub fn probe() -> KernelSupport {
-    KernelSupport {
-        landlock_abi: sys::landlock_abi(),
-        seccomp: sys::seccomp_available(),
-    }
+    KernelSupport { landlock_abi: sys::landlock_abi(), seccomp: sys::seccomp_available() }
 }
 
 /// Whether TCP is allowed at all for this spec on a kernel of `abi`.
@@ -92,9 +93,7 @@ fn tcp_allowed(spec: &SandboxSpec, abi: u32) -> bool {
 }
 
 fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
 
 /// Confines the calling (worker) process for good. See the module docs.
@@ -178,26 +177,16 @@ pub struct Enforcement {
 /// Landlock ABI `abi`, or why the workflow cannot start there. Mirrors what
 /// [`confine_worker`] will do, so `corral policy check` can say it before
 /// any worker runs.
-pub fn enforcement(
-    requirement: Requirement,
-    tcp_ports: bool,
-    abi: u32,
-) -> Result<Vec<Enforcement>, SandboxError> {
+pub fn enforcement(requirement: Requirement, tcp_ports: bool, abi: u32) -> Result<Vec<Enforcement>, SandboxError> {
     let row = |promise, by: String| Enforcement { promise, by };
     let mut rows = Vec::new();
     if abi == 0 {
         if requirement == Requirement::Required {
             return Err(SandboxError::LandlockUnavailable);
         }
-        rows.push(row(
-            "files",
-            "unix permissions of the worker's user only (no Landlock on this kernel)".into(),
-        ));
+        rows.push(row("files", "unix permissions of the worker's user only (no Landlock on this kernel)".into()));
     } else {
-        rows.push(row(
-            "files",
-            format!("Landlock ABI {abi}: read/write/exec rules, a second layer per call"),
-        ));
+        rows.push(row("files", format!("Landlock ABI {abi}: read/write/exec rules, a second layer per call")));
     }
     let network = match (tcp_ports, abi >= landlock::ABI_TCP) {
         (false, true) => "none: seccomp refuses every non-Unix socket, Landlock denies TCP bind/connect".to_string(),
@@ -225,14 +214,10 @@ pub fn enforcement(
             "abstract Unix sockets NOT restricted (needs Landlock ABI 6); pathname sockets: file permissions".into()
         },
     ));
-    rows.push(row(
-        "ptrace",
-        "seccomp (ptrace, process_vm_*), no_new_privs, non-dumpable, Landlock domain".into(),
-    ));
+    rows.push(row("ptrace", "seccomp (ptrace, process_vm_*), no_new_privs, non-dumpable, Landlock domain".into()));
     rows.push(row(
         "privileges",
-        "all capability sets emptied, no_new_privs, seccomp (mount, unshare, bpf, modules, …)"
-            .into(),
+        "all capability sets emptied, no_new_privs, seccomp (mount, unshare, bpf, modules, …)".into(),
     ));
     Ok(rows)
 }

@@ -61,11 +61,7 @@ pub fn install_tool_hook(
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
         let nofile = limits.open_files_max;
         setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile)?;
-        setrlimit(
-            Resource::RLIMIT_FSIZE,
-            limits.file_size_max,
-            limits.file_size_max,
-        )?;
+        setrlimit(Resource::RLIMIT_FSIZE, limits.file_size_max, limits.file_size_max)?;
         setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
         if let Some(bytes) = limits.address_space_max {
             setrlimit(Resource::RLIMIT_AS, bytes, bytes)?;
@@ -74,9 +70,7 @@ pub fn install_tool_hook(
             setrlimit(Resource::RLIMIT_NPROC, n, n)?;
         }
         if let Some(layer) = layer.take() {
-            layer
-                .enforce(requirement)
-                .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+            layer.enforce(requirement).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
         }
         Ok(())
     };
@@ -93,10 +87,7 @@ fn children_of(pid: u32) -> Vec<u32> {
     };
     for task in tasks.flatten() {
         if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|s| s.parse::<u32>().ok()),
-            );
+            out.extend(text.split_whitespace().filter_map(|s| s.parse::<u32>().ok()));
         }
     }
     out
@@ -157,15 +148,7 @@ pub fn take_worker_socket() -> io::Result<std::os::unix::net::UnixStream> {
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
     // SAFETY: getsockopt writes at most `len` bytes into `ty`, a live local;
     // it only inspects the descriptor.
-    let ret = unsafe {
-        libc::getsockopt(
-            WORKER_FD,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut ty).cast(),
-            &mut len,
-        )
-    };
+    let ret = unsafe { libc::getsockopt(WORKER_FD, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut ty).cast(), &mut len) };
     if ret < 0 || ty != libc::SOCK_STREAM {
         return Err(io::Error::other(format!(
             "descriptor {WORKER_FD} is not a stream socket: `corral worker` is started by the broker, not by hand"

@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-    SeccompFilter, SeccompRule,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
 };
 
 use super::SandboxError;
@@ -73,12 +73,7 @@ const CLONE_NS_FLAGS: &[libc::c_int] = &[
 /// The syscall names this filter refuses, for reports and docs.
 pub fn denied_names() -> Vec<&'static str> {
     let mut names: Vec<_> = DENIED.iter().map(|(n, _)| *n).collect();
-    names.extend([
-        "clone(namespace flags)",
-        "clone3(ENOSYS)",
-        "x32 syscalls",
-        "socket(non-unix)",
-    ]);
+    names.extend(["clone(namespace flags)", "clone3(ENOSYS)", "x32 syscalls", "socket(non-unix)"]);
     names
 }
 
@@ -116,10 +111,7 @@ fn socket_rules(allow_tcp: bool) -> Result<Vec<SeccompRule>, SandboxError> {
     for family in [inet, inet6] {
         // any socket type but SOCK_STREAM (the low 4 bits; the rest are flags)
         for ty in (0u64..16).filter(|&t| t != as_u64(libc::SOCK_STREAM)) {
-            rules.push(rule(vec![
-                cond(0, SeccompCmpOp::Eq, family)?,
-                cond(1, SeccompCmpOp::MaskedEq(0xf), ty)?,
-            ])?);
+            rules.push(rule(vec![cond(0, SeccompCmpOp::Eq, family)?, cond(1, SeccompCmpOp::MaskedEq(0xf), ty)?])?);
         }
         rules.push(rule(vec![
             cond(0, SeccompCmpOp::Eq, family)?,
@@ -131,27 +123,19 @@ fn socket_rules(allow_tcp: bool) -> Result<Vec<SeccompRule>, SandboxError> {
 }
 
 fn deny_filter(allow_tcp: bool) -> Result<BpfProgram, SandboxError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
     let clone_rules = CLONE_NS_FLAGS
         .iter()
         .map(|&f| rule(vec![cond(0, SeccompCmpOp::MaskedEq(as_u64(f)), as_u64(f))?]))
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
     rules.insert(libc::SYS_socket, socket_rules(allow_tcp)?);
-    let arch = std::env::consts::ARCH.try_into().map_err(|_| {
-        SandboxError::Seccomp(format!(
-            "unsupported architecture {}",
-            std::env::consts::ARCH
-        ))
-    })?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM.unsigned_abs()),
-        arch,
-    )
-    .map_err(seccomp_err)?;
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| SandboxError::Seccomp(format!("unsupported architecture {}", std::env::consts::ARCH)))?;
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM.unsigned_abs()), arch)
+            .map_err(seccomp_err)?;
     filter.try_into().map_err(seccomp_err)
 }
 
@@ -163,8 +147,7 @@ fn x32_and_clone3_filter() -> BpfProgram {
     const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
     const RET: u16 = 0x06; // BPF_RET | BPF_K
     const X32_BIT: u32 = 0x4000_0000;
-    let errno =
-        |e: libc::c_int| libc::SECCOMP_RET_ERRNO | (e.unsigned_abs() & libc::SECCOMP_RET_DATA);
+    let errno = |e: libc::c_int| libc::SECCOMP_RET_ERRNO | (e.unsigned_abs() & libc::SECCOMP_RET_DATA);
     let clone3 = u32::try_from(libc::SYS_clone3).unwrap_or(u32::MAX);
     let ins = |code, jt, jf, k| sock_filter { code, jt, jf, k };
     vec![

@@ -39,6 +39,22 @@ pub fn landlock_abi() -> u32 {
     u32::try_from(ret).unwrap_or(0)
 }
 
+/// Whether the Landlock syscalls are refused with EPERM, i.e. by a seccomp
+/// filter around us (a service's `SystemCallFilter=`), not by the kernel.
+pub fn landlock_blocked() -> bool {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: as in landlock_abi: no memory is read.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    ret < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// Whether seccomp filters can be installed (`Seccomp:` field support).
 pub fn seccomp_available() -> bool {
     // SAFETY: PR_GET_SECCOMP takes no pointer arguments.
@@ -111,23 +127,14 @@ pub fn capbset_read(cap: u32) -> Option<bool> {
 /// Drops `cap` from the bounding set (needs CAP_SETPCAP).
 pub fn capbset_drop(cap: u32) -> io::Result<()> {
     // SAFETY: PR_CAPBSET_DROP takes an integer.
-    check_int(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) })
-        .map(drop)
+    check_int(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) }).map(drop)
 }
 
 /// Clears the ambient capability set.
 pub fn ambient_clear() -> io::Result<()> {
     // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
-    check_int(unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    })
-    .map(drop)
+    check_int(unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) })
+        .map(drop)
 }
 
 /// Takes a listening Unix stream socket that systemd passed (socket
@@ -138,9 +145,7 @@ pub fn listener_from_fd(fd: RawFd) -> io::Result<std::os::unix::net::UnixListene
         let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
         // SAFETY: getsockopt writes at most `len` bytes into `val`, a live
         // local; it only inspects the descriptor.
-        check_int(unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut val).cast(), &mut len)
-        })?;
+        check_int(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut val).cast(), &mut len) })?;
         Ok(val)
     };
     if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX

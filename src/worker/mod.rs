@@ -28,7 +28,7 @@ pub enum WorkerError {
     Protocol(&'static str),
     #[error("failed to prepare the worker")]
     Setup(#[source] std::io::Error),
-    #[error("sandbox refused: {0}")]
+    #[error("sandbox refused")]
     Refused(#[from] sandbox::SandboxError),
 }
 

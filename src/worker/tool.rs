@@ -34,12 +34,7 @@ struct Capture {
 impl Capture {
     fn new(pipe: Option<OwnedFd>, cap: u64) -> Self {
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        Capture {
-            pipe,
-            data: Vec::new(),
-            cap,
-            truncated: false,
-        }
+        Capture { pipe, data: Vec::new(), cap, truncated: false }
     }
 
     /// Reads what is available; closes the pipe at end of file. Bytes past
@@ -64,10 +59,7 @@ impl Capture {
 
 fn nonblocking(fd: BorrowedFd<'_>) {
     if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFL) {
-        let _ = fcntl(
-            fd,
-            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
-        );
+        let _ = fcntl(fd, FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK));
     }
 }
 
@@ -75,8 +67,7 @@ fn children_cpu_us() -> (u64, u64) {
     getrusage(UsageWho::RUSAGE_CHILDREN)
         .map(|u| {
             let us = |t: nix::sys::time::TimeVal| {
-                u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000
-                    + u64::try_from(t.tv_usec()).unwrap_or(0)
+                u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_usec()).unwrap_or(0)
             };
             (us(u.user_time()), us(u.system_time()))
         })
@@ -105,12 +96,9 @@ fn elapsed_us(start: Instant) -> u64 {
 }
 
 fn spawn(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> io::Result<Child> {
-    let layer = sandbox::tool_layer(spec)
-        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
-    let argv0 = req
-        .argv
-        .first()
-        .ok_or_else(|| io::Error::other("empty argv"))?;
+    let layer =
+        sandbox::tool_layer(spec).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    let argv0 = req.argv.first().ok_or_else(|| io::Error::other("empty argv"))?;
     let mut cmd = Command::new(argv0);
     cmd.args(&req.argv[1..])
         .env_clear()
@@ -142,20 +130,10 @@ pub fn run(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> ExecOutcome
     let pid = child.id();
     let pid_t = libc::pid_t::try_from(pid).unwrap_or(-1);
     let mut stdin: Option<ChildStdin> = child.stdin.take();
-    let mut out = Capture::new(
-        child
-            .stdout
-            .take()
-            .map(OwnedFd::from as fn(ChildStdout) -> OwnedFd),
-        spec.tool.output_max,
-    );
-    let mut err = Capture::new(
-        child
-            .stderr
-            .take()
-            .map(OwnedFd::from as fn(ChildStderr) -> OwnedFd),
-        spec.tool.output_max,
-    );
+    let mut out =
+        Capture::new(child.stdout.take().map(OwnedFd::from as fn(ChildStdout) -> OwnedFd), spec.tool.output_max);
+    let mut err =
+        Capture::new(child.stderr.take().map(OwnedFd::from as fn(ChildStderr) -> OwnedFd), spec.tool.output_max);
     for fd in [&out.pipe, &err.pipe].into_iter().flatten() {
         nonblocking(fd.as_fd());
     }
@@ -179,11 +157,7 @@ pub fn run(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> ExecOutcome
             break;
         }
         let remaining = deadline - now;
-        let wait_ms = if pidfd.is_some() {
-            remaining.as_millis()
-        } else {
-            remaining.as_millis().min(10)
-        };
+        let wait_ms = if pidfd.is_some() { remaining.as_millis() } else { remaining.as_millis().min(10) };
         let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(4);
         let mut slots = [usize::MAX; 4]; // out, err, stdin, pidfd
         if let Some(fd) = &out.pipe {
@@ -206,11 +180,7 @@ pub fn run(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> ExecOutcome
         if poll(&mut fds, timeout).is_err() {
             continue; // EINTR
         }
-        let ready = |slot: usize| {
-            fds.get(slot)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty())
-        };
+        let ready = |slot: usize| fds.get(slot).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
         let (o, e, i) = (ready(slots[0]), ready(slots[1]), ready(slots[2]));
         drop(fds);
         if o {
@@ -223,9 +193,7 @@ pub fn run(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> ExecOutcome
             if let Some(s) = stdin.as_mut() {
                 match s.write(&req.stdin[written..]) {
                     Ok(n) => written += n,
-                    Err(e)
-                        if e.kind() == io::ErrorKind::WouldBlock
-                            || e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => written = req.stdin.len(), // reader gone (EPIPE): stop feeding
                 }
                 if written >= req.stdin.len() {
@@ -296,10 +264,7 @@ impl Capture {
         if let Some(fd) = &self.pipe {
             // Back to blocking: end of file is certain now that the writers are gone.
             if let Ok(flags) = fcntl(fd.as_fd(), FcntlArg::F_GETFL) {
-                let _ = fcntl(
-                    fd.as_fd(),
-                    FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK),
-                );
+                let _ = fcntl(fd.as_fd(), FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK));
             }
         }
         self.pump();

@@ -19,15 +19,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_corral");
 
 /// Users the tests expect (created by `scripts/setup-test-host.sh`).
 pub const WORKER_USER: &str = "corral-worker";
-pub const USERS: &[&str] = &[
-    "corral-worker",
-    "corral-alice",
-    "corral-kid",
-    "corral-test",
-    "alice",
-    "kid",
-    "mallory",
-];
+pub const USERS: &[&str] = &["corral-worker", "corral-alice", "corral-kid", "corral-test", "alice", "kid", "mallory"];
 
 fn feature_present(feature: &str) -> Result<(), String> {
     match feature {
@@ -70,16 +62,12 @@ fn feature_present(feature: &str) -> Result<(), String> {
             }
         }
         "users" => {
-            let missing: Vec<_> = USERS
-                .iter()
-                .filter(|u| nix::unistd::User::from_name(u).ok().flatten().is_none())
-                .collect();
+            let missing: Vec<_> =
+                USERS.iter().filter(|u| nix::unistd::User::from_name(u).ok().flatten().is_none()).collect();
             if missing.is_empty() {
                 Ok(())
             } else {
-                Err(format!(
-                    "users {missing:?} missing: run scripts/setup-test-host.sh"
-                ))
+                Err(format!("users {missing:?} missing: run scripts/setup-test-host.sh"))
             }
         }
         "python3" => which("python3"),
@@ -89,10 +77,7 @@ fn feature_present(feature: &str) -> Result<(), String> {
 }
 
 fn which(prog: &str) -> Result<(), String> {
-    let found = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .any(|d| Path::new(d).join(prog).is_file());
+    let found = std::env::var("PATH").unwrap_or_default().split(':').any(|d| Path::new(d).join(prog).is_file());
     if found {
         Ok(())
     } else {
@@ -111,9 +96,7 @@ pub fn require(features: &[&str]) -> bool {
             if required.contains(f) || required.contains(&"all") {
                 panic!("required test feature {f} is missing: {why}");
             }
-            eprintln!(
-                "SKIP: feature {f} missing: {why} (set CORRAL_TEST_REQUIRE to make this fatal)"
-            );
+            eprintln!("SKIP: feature {f} missing: {why} (set CORRAL_TEST_REQUIRE to make this fatal)");
             return false;
         }
     }
@@ -132,11 +115,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// systemd in other tests.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("corral-tests");
-    let dir = base.join(format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = base.join(format!("{name}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     // Every ancestor up to / must be searchable by the workers' users.
@@ -199,11 +178,7 @@ pub struct BrokerOptions {
 
 impl Default for BrokerOptions {
     fn default() -> Self {
-        BrokerOptions {
-            env: Vec::new(),
-            wait_ready: true,
-            pre_exec: None,
-        }
+        BrokerOptions { env: Vec::new(), wait_ready: true, pre_exec: None }
     }
 }
 
@@ -244,13 +219,7 @@ impl Broker {
             unsafe { cmd.pre_exec(hook) };
         }
         let child = cmd.spawn().unwrap();
-        let broker = Broker {
-            dir,
-            socket,
-            state,
-            child,
-            log,
-        };
+        let broker = Broker { dir, socket, state, child, log };
         broker.wait_socket();
         if opts.wait_ready {
             broker.wait_ready();
@@ -278,20 +247,13 @@ impl Broker {
             let ready = st["workflows"].as_array().unwrap().iter().all(|w| {
                 !w["unavailable"].is_null()
                     || w["min_idle"].as_u64() == Some(0)
-                    || w["workers"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|k| k["state"] == "idle")
+                    || w["workers"].as_array().unwrap().iter().any(|k| k["state"] == "idle")
             });
             if ready {
                 return;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "workers did not become ready: {st:#}\nlog:\n{}",
-                    self.log_text()
-                );
+                panic!("workers did not become ready: {st:#}\nlog:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -307,19 +269,10 @@ impl Broker {
 
     /// A raw HTTP request over the socket: (status code, JSON body).
     pub fn http(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
-        let (status, bytes) = rt
-            .block_on(corral::client::request(
-                &self.socket,
-                method,
-                path,
-                body.map(<[u8]>::to_vec),
-            ))
-            .unwrap();
+        let (status, bytes) =
+            rt.block_on(corral::client::request(&self.socket, method, path, body.map(<[u8]>::to_vec))).unwrap();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status.as_u16(), json)
     }
@@ -337,14 +290,8 @@ impl Broker {
 
     /// Runs `argv` in `workflow` and expects a 200 reply.
     pub fn exec(&self, workflow: &str, argv: &[&str]) -> Value {
-        let (code, reply) =
-            self.exec_body(&serde_json::json!({ "workflow": workflow, "argv": argv }));
-        assert_eq!(
-            code,
-            200,
-            "exec {argv:?} in {workflow} failed: {reply:#}\nlog:\n{}",
-            self.log_text()
-        );
+        let (code, reply) = self.exec_body(&serde_json::json!({ "workflow": workflow, "argv": argv }));
+        assert_eq!(code, 200, "exec {argv:?} in {workflow} failed: {reply:#}\nlog:\n{}", self.log_text());
         reply
     }
 
@@ -363,9 +310,7 @@ impl Broker {
             }
             None => Command::new(BIN),
         };
-        cmd.args(args)
-            .env("CORRAL_SOCKET", &self.socket)
-            .stdin(Stdio::null());
+        cmd.args(args).env("CORRAL_SOCKET", &self.socket).stdin(Stdio::null());
         cmd.output().unwrap()
     }
 
@@ -434,9 +379,7 @@ pub fn policy(
     limits: &str,
     pool: &str,
 ) -> PolicyFile {
-    let user_line = user
-        .map(|u| format!("user = \"{u}\"\n"))
-        .unwrap_or_default();
+    let user_line = user.map(|u| format!("user = \"{u}\"\n")).unwrap_or_default();
     let text = format!(
         r#"[workflow]
 name = "{name}"
@@ -459,8 +402,5 @@ call_timeout = "10s"
 {pool}
 "#
     );
-    PolicyFile {
-        name: format!("{name}.toml"),
-        text,
-    }
+    PolicyFile { name: format!("{name}.toml"), text }
 }
