@@ -139,6 +139,8 @@ pub struct WorkerStatus {
     pub served: u64,
     /// CPU time of the calls this worker ran (their rusage), in ms.
     pub calls_cpu_ms: f64,
+    /// How long the last start took: spawn, scope, sandbox, ready (ms).
+    pub start_ms: Option<f64>,
     pub restarts: u64,
     pub last_exit: Option<String>,
     /// The last limit the kernel enforced on this worker's calls.

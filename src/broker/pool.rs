@@ -263,6 +263,7 @@ impl Pool {
                 state: "starting".into(),
                 served: 0,
                 calls_cpu_ms: 0.0,
+                start_ms: None,
                 restarts: 0,
                 last_exit: None,
                 last_kill: None,
@@ -298,9 +299,11 @@ impl Pool {
                             self.state().cgroups.insert(id, cgroup::locate(std::path::Path::new(cgroup::ROOT), &text));
                         }
                     }
+                    let start_ms = started.elapsed().as_secs_f64() * 1000.0;
                     self.update(id, |w| {
                         w.pid = Some(worker.pid);
                         w.sandbox = Some(effective);
+                        w.start_ms = Some(start_ms);
                     });
                     end = Some(self.serve(id, worker).await);
                 }
@@ -393,7 +396,15 @@ impl Pool {
         loop {
             self.update(id, |w| w.state = "idle".into());
             self.state().idle_slots += 1;
-            let job = self.next_job().await;
+            // An idle worker that dies (OOM, kill) is replaced now, not
+            // discovered by the next call.
+            let job = tokio::select! {
+                job = self.next_job() => job,
+                how = worker.exited() => {
+                    self.state().idle_slots -= 1;
+                    return SlotEnd::WorkerLost(format!("idle worker {how}"));
+                }
+            };
             self.state().idle_slots -= 1;
             let job = match job {
                 Ok(Some(job)) => job,
