@@ -136,6 +136,13 @@ pub fn prepare(layer: &Layer<'_>, abi_num: u32, requirement: Requirement) -> Res
 }
 
 impl Prepared {
+    /// A second handle on the same ruleset (a duplicated descriptor), so a
+    /// layer built once can be enforced in many children.
+    pub fn try_clone(&self) -> std::io::Result<Prepared> {
+        let ruleset = self.ruleset.as_ref().map(|r| r.try_clone()).transpose()?;
+        Ok(Prepared { ruleset, report: self.report.clone() })
+    }
+
     /// Restricts the calling thread (and the threads and children it creates
     /// afterwards). Sets `no_new_privs` as a side effect.
     pub fn enforce(self, requirement: Requirement) -> Result<Report, SandboxError> {

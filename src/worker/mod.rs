@@ -47,8 +47,10 @@ pub fn run() -> Result<(), WorkerError> {
 
     // INVARIANT: nothing from a client has been read yet; the sandbox is in
     // force before the first Exec frame is.
-    let effective = match sandbox::confine_worker(&spec) {
-        Ok(eff) => eff,
+    // The per-call layer is built once; each tool child enforces a copy.
+    let confined = sandbox::confine_worker(&spec).and_then(|eff| Ok((eff, sandbox::tool_layer(&spec)?)));
+    let (effective, layer) = match confined {
+        Ok(both) => both,
         Err(e) => {
             let _ = write_frame(&mut sock, &FromWorker::Refused(e.to_string()));
             return Err(e.into());
@@ -59,7 +61,7 @@ pub fn run() -> Result<(), WorkerError> {
     while let Some(msg) = read_frame::<_, ToWorker>(&mut sock)? {
         match msg {
             ToWorker::Exec(req) => {
-                let outcome = tool::run(&spec, &req, &devnull);
+                let outcome = tool::run(&spec, &layer, &req, &devnull);
                 write_frame(&mut sock, &FromWorker::Done(outcome))?;
             }
             ToWorker::Init(_) => return Err(WorkerError::Protocol("Init sent twice")),
