@@ -254,8 +254,18 @@ fn memory_hog_fails_alone() {
     // 1 GiB does not.
     let r = b.exec("mem", &["python3", "-c", "b = bytearray(1 << 30)"]);
     assert_ne!(exit_code(&r), Some(0), "{r:#}");
-    assert!(r["exit_code"].is_i64(), "python should fail cleanly, not be killed: {r:#}");
-    assert!(stderr(&r).contains("MemoryError"), "{r:#}");
+    if b.is_unit() {
+        // The scope's MemoryMax: the kernel's OOM killer ends the tool, and
+        // the reply says which limit did it.
+        assert_eq!(r["signal"], 9, "python should be OOM-killed: {r:#}");
+        let limit = r["limit"].as_str().unwrap_or_default();
+        assert!(limit.contains("memory_max 256M reached"), "{r:#}");
+    } else {
+        // RLIMIT_AS: the allocation fails inside python.
+        assert!(r["exit_code"].is_i64(), "python should fail cleanly, not be killed: {r:#}");
+        assert!(stderr(&r).contains("MemoryError"), "{r:#}");
+        assert!(r["limit"].is_null(), "{r:#}");
+    }
 
     // The broker and the same worker carry on.
     let r = b.exec("mem", &["python3", "-c", "print('still here')"]);
@@ -266,7 +276,7 @@ fn memory_hog_fails_alone() {
 /// Nothing of a fork bomb is left (polled up to 3 s): only the workflow's
 /// worker runs as `uid`.
 fn assert_no_bomb_left(b: &Broker, uid: u32) {
-    let workers = b.worker_pids("bomb");
+    let workers = b.worker_host_pids("bomb");
     assert_eq!(workers.len(), 1, "{:#}", b.status());
     let survivors =
         || -> Vec<Proc> { processes().into_iter().filter(|p| p.uid == uid && !workers.contains(&p.pid)).collect() };
@@ -308,6 +318,11 @@ fn fork_bomb_is_contained() {
     assert_eq!(code, 200, "{r:#}\nlog:\n{}", b.log_text());
     assert!(r["timed_out"] == true || exit_code(&r).is_some_and(|c| c != 0), "{r:#}");
     assert!(stderr(&r).contains("Resource temporarily unavailable"), "the bomb never hit tasks_max: {r:#}");
+    if b.is_unit() {
+        // The scope's TasksMax refused the forks, and the reply says so.
+        let limit = r["limit"].as_str().unwrap_or_default();
+        assert!(limit.contains("tasks_max 32 reached"), "{r:#}");
+    }
     assert!(took < Duration::from_secs(6), "the bomb call took {took:?}");
     assert_no_bomb_left(&b, uid);
 
@@ -327,7 +342,7 @@ fn worker_killed_mid_call_is_reported_and_replaced() {
         std::thread::spawn(move || raw_exec(&socket, &json!({ "workflow": "victim", "argv": ["sleep", "5"] })))
     };
     let (pid, _) = poll(Duration::from_secs(5), || worker_in_state(&b, "victim", "busy")).expect("worker never busy");
-    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    signal(b.host_pid(pid), nix::sys::signal::Signal::SIGKILL);
     let (code, r) = call.join().unwrap();
     assert_eq!(code, 502, "{r:#}");
     assert_eq!(r["error"]["code"], "worker_died", "{r:#}");
@@ -362,7 +377,8 @@ fn stuck_worker_is_killed_after_the_backstop() {
             (r, t.elapsed())
         })
     };
-    let (pid, _) = poll(Duration::from_secs(5), || worker_in_state(&b, "stuck", "busy")).expect("worker never busy");
+    let (ns_pid, _) = poll(Duration::from_secs(5), || worker_in_state(&b, "stuck", "busy")).expect("worker never busy");
+    let pid = b.host_pid(ns_pid);
     // A stopped worker cannot enforce the call's own timeout.
     signal(pid, nix::sys::signal::Signal::SIGSTOP);
     let ((code, r), took) = call.join().unwrap();
@@ -382,7 +398,7 @@ fn stuck_worker_is_killed_after_the_backstop() {
     })
     .expect("no replacement worker");
     assert_eq!(stdout(&ok), "back\n", "{ok:#}");
-    assert_ne!(b.worker_pids("stuck"), vec![pid]);
+    assert_ne!(b.worker_pids("stuck"), vec![ns_pid]);
 }
 
 #[test]
