@@ -127,6 +127,8 @@ pub struct WorkflowStatus {
     pub queue_capacity: usize,
     pub min_idle: u32,
     pub max_workers: u32,
+    /// Which mechanism holds each promise of this workflow on this host.
+    pub enforcement: Vec<crate::sandbox::Enforcement>,
     pub workers: Vec<WorkerStatus>,
 }
 

@@ -13,7 +13,7 @@ mod listener;
 mod notify;
 mod pool;
 pub mod scope;
-mod setup;
+pub(crate) mod setup;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -188,15 +188,56 @@ impl Broker {
                 }
             }
         }
-        let mut fresh = Workflows::new();
+        // First pass: what each workflow would run as.
+        enum Slot<'a> {
+            Reused(Arc<Workflow>),
+            New(&'a policy::Workflow, Box<setup::Prepared>),
+        }
+        let prefix = scope::scope_prefix(self.config.instance.as_deref());
+        let broker_uid = nix::unistd::Uid::effective().as_raw();
+        let mut slots = Vec::new();
+        let mut uses = Vec::new();
         for wf in &loaded.workflows {
+            let required = wf.sandbox.landlock == policy::Requirement::Required;
             if let Some(same) = old.get(wf.name.as_str()).filter(|o| o.policy == *wf) {
-                fresh.insert(wf.name.to_string(), Arc::clone(same));
+                let uid = same.pool.worker_uid().unwrap_or(broker_uid);
+                let user = same.policy.user.clone().unwrap_or_else(|| self.config.worker_user.clone());
+                uses.push(sandbox::UserUse { workflow: wf.name.to_string(), uid, user, required });
+                slots.push(Slot::Reused(Arc::clone(same)));
                 continue;
             }
-            let prefix = scope::scope_prefix(self.config.instance.as_deref());
             let systemd = self.systemd.as_ref().map(|sd| (sd, prefix.as_str()));
             let prepared = setup::prepare(wf, &self.config.state_dir, &self.config.worker_user, systemd);
+            let creds = prepared.pool.spec.credentials.as_ref();
+            uses.push(sandbox::UserUse {
+                workflow: wf.name.to_string(),
+                uid: creds.map_or(broker_uid, |c| c.uid),
+                user: creds.map_or_else(|| "the broker's own user".to_string(), |c| c.user.clone()),
+                required,
+            });
+            slots.push(Slot::New(wf, Box::new(prepared)));
+        }
+        // Without Landlock scopes, workflows must not share a unix user.
+        let conflicts = sandbox::shared_user_conflicts(sandbox::probe().landlock_abi, &uses);
+        let mut fresh = Workflows::new();
+        for slot in slots {
+            let (wf, mut prepared) = match slot {
+                Slot::Reused(w) => {
+                    fresh.insert(w.name.clone(), w);
+                    continue;
+                }
+                Slot::New(wf, prepared) => (wf, *prepared),
+            };
+            for (name, refuse, message) in &conflicts {
+                if name.as_str() != wf.name.as_str() {
+                    continue;
+                }
+                if *refuse && prepared.pool.unavailable.is_none() {
+                    prepared.pool.unavailable = Some(message.clone());
+                } else {
+                    tracing::warn!(workflow = %wf.name, "{message}");
+                }
+            }
             if let Some(why) = &prepared.pool.unavailable {
                 tracing::error!(workflow = %wf.name, tenant = %wf.tenant, "workflow unavailable: {why}");
             }

@@ -58,6 +58,8 @@ pub struct PoolConfig {
     /// `memory_max` and `tasks_max` as the policy wrote them, for messages.
     pub memory_max: String,
     pub tasks_max: u32,
+    /// Which mechanism holds each promise, for status.
+    pub enforcement: Vec<crate::sandbox::Enforcement>,
 }
 
 /// What a caller gets back: the worker id, the outcome, and the limit the
@@ -195,6 +197,7 @@ impl Pool {
             queue_capacity: self.tx.max_capacity(),
             min_idle: self.cfg.min_idle,
             max_workers: self.cfg.max_workers,
+            enforcement: self.cfg.enforcement.clone(),
             workers,
         }
     }

@@ -75,6 +75,9 @@ pub fn render(st: &Status) -> String {
         if let Some(why) = &w.unavailable {
             let _ = writeln!(out, "    UNAVAILABLE: {why}");
         }
+        for r in &w.enforcement {
+            let _ = writeln!(out, "    {:<10} {}", r.promise, r.by);
+        }
         for k in &w.workers {
             let pid = k.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(
