@@ -36,6 +36,8 @@ install -d -m 0755 "$bindir" "$units" "$cfg/sysusers.d" "$cfg/tmpfiles.d" "$etc"
 install -d -m 0700 "$etc/credentials"
 install -m 0755 "$binary" "$bindir/corral"
 for u in corral.service corral.socket corral.slice; do
+  # Not through a symlink (a unit masked to /dev/null, say): replace it.
+  rm -f "$units/$u"
   sed -e "s|/usr/local/bin/corral|$bindir/corral|g" -e "s|/etc/corral/|$etc/|g" "units/$u" >"$units/$u"
   chmod 0644 "$units/$u"
 done
@@ -52,7 +54,11 @@ systemd-sysusers "$cfg/sysusers.d/corral.conf"
 systemd-tmpfiles --create "$cfg/tmpfiles.d/corral.conf"
 systemctl daemon-reload
 if [ $start = 1 ]; then
-  systemctl enable --now corral.socket >/dev/null 2>&1 || systemctl start corral.socket
+  # --runtime enables below /run too: a plain enable would link the socket
+  # into /etc/systemd/system, which outlives the boot (and, in the tests'
+  # namespaced systemd, is the machine's own /etc).
+  enable=(enable --now); [ $runtime = 1 ] && enable=(enable --runtime --now)
+  systemctl "${enable[@]}" corral.socket >/dev/null 2>&1 || systemctl start corral.socket
   systemctl start corral.service
 fi
 echo "installed: $bindir/corral, units in $units, policies in $etc/policies"
