@@ -442,7 +442,13 @@ fn limits_hold_inside_the_scopes() {
     assert_eq!(code, 200, "{r:#}\n{}", svc.journal(30));
     assert_eq!(r["signal"], 9, "{r:#}");
     let limit = r["limit"].as_str().unwrap_or_default();
-    assert!(limit.contains("memory_max 128M reached"), "{r:#}");
+    assert!(
+        limit.contains("memory_max 128M reached"),
+        "{r:#}\nslice corral-kid.slice MemoryCurrent={}\nworkers: {:#?}\n{}",
+        svc.show("corral-kid.slice", "MemoryCurrent"),
+        svc.workers("homework"),
+        svc.journal(30)
+    );
     // The broker and the other workflows are unharmed; homework works again.
     assert_eq!(svc.show(SERVICE, "ActiveState"), "active");
     assert_eq!(stdout(&svc.exec("family-chat", &["echo", "neighbour"])), "neighbour\n");
