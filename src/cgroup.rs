@@ -53,6 +53,14 @@ pub fn locate(root: &Path, proc_cgroup: &str) -> Location {
     loc
 }
 
+impl Location {
+    /// The enclosing group of each controller: a scope's slice.
+    pub fn parent(&self) -> Location {
+        let up = |p: &Option<PathBuf>| p.as_ref().and_then(|p| p.parent().map(Path::to_path_buf));
+        Location { unified: up(&self.unified), memory: up(&self.memory), cpu: up(&self.cpu), pids: up(&self.pids) }
+    }
+}
+
 /// Resource figures of one cgroup.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {

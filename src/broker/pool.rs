@@ -378,8 +378,16 @@ impl Pool {
     }
 
     /// The limit the kernel enforced between two readings of the counters.
-    fn limit_hit(&self, before: &Option<Stats>, after: &Option<Stats>) -> Option<String> {
-        let (b, a) = (before.as_ref()?, after.as_ref()?);
+    /// Reads the counters of the worker's scope and of its tenant slice.
+    fn counters(loc: &Option<Location>) -> Option<(Stats, Stats)> {
+        let loc = loc.as_ref()?;
+        Some((cgroup::stats(loc), cgroup::stats(&loc.parent())))
+    }
+
+    /// The limit the kernel enforced between two readings: the workflow's
+    /// own (scope) first, then the tenant's (slice).
+    fn limit_hit(&self, before: &Option<(Stats, Stats)>, after: &Option<(Stats, Stats)>) -> Option<String> {
+        let ((b, bs), (a, as_)) = (before.as_ref()?, after.as_ref()?);
         let grew = |x: Option<u64>, y: Option<u64>| y.unwrap_or(0).saturating_sub(x.unwrap_or(0));
         let oom = grew(b.oom_kills, a.oom_kills);
         if oom > 0 {
@@ -391,6 +399,18 @@ impl Pool {
         let refused = grew(b.tasks_refused, a.tasks_refused);
         if refused > 0 {
             return Some(format!("tasks_max {} reached: {refused} fork(s) refused", self.cfg.tasks_max));
+        }
+        let slice = self.cfg.scope.as_ref().map_or("the tenant's slice", |s| s.slice.as_str());
+        let oom = grew(bs.oom_kills, as_.oom_kills);
+        if oom > 0 {
+            return Some(format!(
+                "the tenant's memory_max ([tenant] of {}) reached in {slice}: the kernel's OOM killer ended {oom} process(es)",
+                self.cfg.tenant
+            ));
+        }
+        let refused = grew(bs.tasks_refused, as_.tasks_refused);
+        if refused > 0 {
+            return Some(format!("the tenant's tasks_max reached in {slice}: {refused} fork(s) refused"));
         }
         None
     }
@@ -424,10 +444,18 @@ impl Pool {
             self.update(id, |w| w.state = "busy".into());
             self.state().busy += 1;
             let loc = self.state().cgroups.get(&id).cloned();
-            let before = loc.as_ref().map(cgroup::stats);
+            let before = Self::counters(&loc);
             let result = worker.call(job.req, BACKSTOP).await;
-            let after = loc.as_ref().map(cgroup::stats);
-            let limit = self.limit_hit(&before, &after);
+            let mut limit = self.limit_hit(&before, &Self::counters(&loc));
+            let killed = result
+                .as_ref()
+                .is_ok_and(|o| o.termination == crate::protocol::Termination::Signaled(9) && !o.timed_out);
+            if limit.is_none() && killed && loc.is_some() {
+                // A SIGKILL nobody in corral sent: give the kernel's counters
+                // a moment before concluding it was not a limit.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                limit = self.limit_hit(&before, &Self::counters(&loc));
+            }
             if let Some(l) = &limit {
                 tracing::warn!(workflow = %self.cfg.workflow, worker = id, "{l}");
             }
