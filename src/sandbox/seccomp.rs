@@ -130,6 +130,12 @@ fn deny_filter(allow_tcp: bool) -> Result<BpfProgram, SandboxError> {
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
     rules.insert(libc::SYS_socket, socket_rules(allow_tcp)?);
+    deny_with_eperm(rules)
+}
+
+/// Compiles rules for this architecture: what they match fails with EPERM,
+/// everything else is allowed.
+fn deny_with_eperm(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SandboxError> {
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|_| SandboxError::Seccomp(format!("unsupported architecture {}", std::env::consts::ARCH)))?;
@@ -187,13 +193,7 @@ pub fn tool_guard(worker_pid: u32) -> Result<BpfProgram, SandboxError> {
         rules.insert(nr, on_arg0(&[pid])?);
     }
     rules.insert(libc::SYS_pidfd_send_signal, Vec::new());
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|_| SandboxError::Seccomp(format!("unsupported architecture {}", std::env::consts::ARCH)))?;
-    let filter =
-        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM.unsigned_abs()), arch)
-            .map_err(seccomp_err)?;
-    filter.try_into().map_err(seccomp_err)
+    deny_with_eperm(rules)
 }
 
 /// Installs a prepared program on the calling thread.
