@@ -2,17 +2,40 @@
 # Prepares a Debian/Ubuntu host (as root) for corral's demo and test suite:
 # the packages the tests call, the workers' service users, and the client
 # users the multi-tenant tests log in as. Safe to run again.
+#
+#   scripts/setup-test-host.sh [--no-build]
+#
+#   --no-build  this host only runs prebuilt binaries and tests (the qemu
+#               guest of tests/guest/): no C compiler (the Rust linker) needed
+#
+# apt-get runs only when something is missing; without a reachable mirror it
+# stops and names what to install.
 set -eu
+build=1
+case "${1:-}" in
+  --no-build) build=0 ;;
+  "") ;;
+  *) echo "usage: $0 [--no-build]" >&2; exit 2 ;;
+esac
 [ "$(id -u)" = 0 ] || { echo "run as root (it installs packages and creates users)" >&2; exit 1; }
 
+# command:package; curl only for the demo's hints, gcc only to link builds
+tools="python3:python3 bwrap:bubblewrap curl:curl runuser:util-linux nsenter:util-linux useradd:passwd"
+[ $build = 0 ] || tools="$tools gcc:gcc"
 need=""
-for p in python3:python3 bwrap:bubblewrap curl:curl runuser:util-linux gcc:gcc; do
-  command -v "${p%%:*}" >/dev/null 2>&1 || need="$need ${p#*:}"
+for p in $tools; do
+  command -v "${p%%:*}" >/dev/null 2>&1 || case " $need " in *" ${p#*:} "*) ;; *) need="$need ${p#*:}" ;; esac
 done
 if [ -n "$need" ]; then
-  apt-get update -qq
+  echo "installing:$need" >&2
+  command -v apt-get >/dev/null 2>&1 || { echo "missing:$need, and this host has no apt-get: install them by hand" >&2; exit 1; }
+  if ! apt-get update -qq; then
+    echo "missing:$need, and apt-get cannot reach its mirrors (no network?): install them by hand, or from local packages" >&2
+    exit 1
+  fi
   # shellcheck disable=SC2086
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null \
+    || { echo "apt-get could not install:$need (no network? see above)" >&2; exit 1; }
 fi
 
 # Service users the workers run as (no login, no home): the default one,

@@ -137,6 +137,8 @@ pub struct WorkflowStatus {
     pub queue_capacity: usize,
     pub min_idle: u32,
     pub max_workers: u32,
+    /// Which mechanism holds each promise of this workflow on this host.
+    pub enforcement: Vec<crate::sandbox::Enforcement>,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -147,6 +149,10 @@ pub struct WorkerStatus {
     /// `starting`, `idle`, `busy` or `backoff`.
     pub state: String,
     pub served: u64,
+    /// CPU time of the calls this worker ran (their rusage), in ms.
+    pub calls_cpu_ms: f64,
+    /// How long the last start took: spawn, scope, sandbox, ready (ms).
+    pub start_ms: Option<f64>,
     pub restarts: u64,
     pub last_exit: Option<String>,
     /// The last limit the kernel enforced on this worker's calls.

@@ -35,6 +35,12 @@ pub fn locate(root: &Path, proc_cgroup: &str) -> Location {
             }
             continue;
         }
+        // A controller at the root group does not account for the worker: on
+        // some hosts (cpu and cpuacct mounted apart) systemd places a unit in
+        // one and leaves the other at "/", which would report the machine.
+        if rel.is_empty() {
+            continue;
+        }
         for c in controllers.split(',') {
             match c {
                 "memory" => loc.memory = Some(root.join("memory").join(rel)),
@@ -45,6 +51,14 @@ pub fn locate(root: &Path, proc_cgroup: &str) -> Location {
         }
     }
     loc
+}
+
+impl Location {
+    /// The enclosing group of each controller: a scope's slice.
+    pub fn parent(&self) -> Location {
+        let up = |p: &Option<PathBuf>| p.as_ref().and_then(|p| p.parent().map(Path::to_path_buf));
+        Location { unified: up(&self.unified), memory: up(&self.memory), cpu: up(&self.cpu), pids: up(&self.pids) }
+    }
 }
 
 /// Resource figures of one cgroup.
@@ -156,6 +170,11 @@ mod tests {
         assert_eq!(s.tasks_current, Some(4));
         assert_eq!(s.oom_kills, Some(2));
         assert_eq!(s.tasks_refused, Some(7));
+        // cpuacct left at the root group (cpu and cpuacct mounted apart):
+        // no CPU figure rather than the whole machine's.
+        let apart = locate(&root, &format!("2:cpuacct:/\n1:cpu:/{scope}\n4:memory:/{scope}\n"));
+        assert_eq!(apart.cpu, None);
+        assert!(apart.memory.is_some());
         std::fs::remove_dir_all(&root).unwrap();
     }
 

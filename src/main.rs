@@ -38,6 +38,10 @@ enum Command {
         /// How long SIGTERM waits for calls in flight, e.g. "10s".
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         drain_timeout: std::time::Duration,
+        /// Name this broker's scopes corral-INSTANCE-… (several brokers under
+        /// one systemd, e.g. tests).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Run one command in a workflow's sandbox: `corral exec WORKFLOW -- CMD ARGS…`.
     Exec {
@@ -204,7 +208,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn run_async(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Broker { policies, socket, state_dir, worker_user, systemd, drain_timeout } => {
+        Command::Broker { policies, socket, state_dir, worker_user, systemd, drain_timeout, instance } => {
             init_logging();
             let exe = std::env::current_exe().context("failed to find the corral binary to start workers")?;
             let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
@@ -231,6 +235,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 systemd,
                 drain_timeout,
                 credentials,
+                instance,
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

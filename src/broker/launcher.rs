@@ -269,6 +269,14 @@ impl Worker {
         }
     }
 
+    /// Resolves when the worker process ends on its own; says how.
+    pub async fn exited(&mut self) -> String {
+        match self.child.wait().await {
+            Ok(status) => describe_exit(status),
+            Err(e) => format!("could not be waited for: {e}"),
+        }
+    }
+
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;

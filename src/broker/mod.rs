@@ -19,7 +19,7 @@ pub mod llm;
 mod notify;
 mod pool;
 pub mod scope;
-mod setup;
+pub(crate) mod setup;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -61,6 +61,9 @@ pub struct Config {
     /// `RUST_LOG` filter handed to workers.
     pub log_filter: String,
     pub systemd: SystemdMode,
+    /// Names this broker's scopes `corral-<instance>-…`, so that several
+    /// brokers under one systemd (tests) leave each other's scopes alone.
+    pub instance: Option<String>,
     /// How long SIGTERM waits for calls in flight.
     pub drain_timeout: Duration,
     /// Where the LLM gateway finds API keys.
@@ -196,13 +199,56 @@ impl Broker {
                 }
             }
         }
-        let mut fresh = Workflows::new();
+        // First pass: what each workflow would run as.
+        enum Slot<'a> {
+            Reused(Arc<Workflow>),
+            New(&'a policy::Workflow, Box<setup::Prepared>),
+        }
+        let prefix = scope::scope_prefix(self.config.instance.as_deref());
+        let broker_uid = nix::unistd::Uid::effective().as_raw();
+        let mut slots = Vec::new();
+        let mut uses = Vec::new();
         for wf in &loaded.workflows {
+            let required = wf.sandbox.landlock == policy::Requirement::Required;
             if let Some(same) = old.get(wf.name.as_str()).filter(|o| o.policy == *wf) {
-                fresh.insert(wf.name.to_string(), Arc::clone(same));
+                let uid = same.pool.worker_uid().unwrap_or(broker_uid);
+                let user = same.policy.user.clone().unwrap_or_else(|| self.config.worker_user.clone());
+                uses.push(sandbox::UserUse { workflow: wf.name.to_string(), uid, user, required });
+                slots.push(Slot::Reused(Arc::clone(same)));
                 continue;
             }
-            let prepared = setup::prepare(wf, &self.config.state_dir, &self.config.worker_user, self.systemd.as_ref());
+            let systemd = self.systemd.as_ref().map(|sd| (sd, prefix.as_str()));
+            let prepared = setup::prepare(wf, &self.config.state_dir, &self.config.worker_user, systemd);
+            let creds = prepared.pool.spec.credentials.as_ref();
+            uses.push(sandbox::UserUse {
+                workflow: wf.name.to_string(),
+                uid: creds.map_or(broker_uid, |c| c.uid),
+                user: creds.map_or_else(|| "the broker's own user".to_string(), |c| c.user.clone()),
+                required,
+            });
+            slots.push(Slot::New(wf, Box::new(prepared)));
+        }
+        // Without Landlock scopes, workflows must not share a unix user.
+        let conflicts = sandbox::shared_user_conflicts(sandbox::probe().landlock_abi, &uses);
+        let mut fresh = Workflows::new();
+        for slot in slots {
+            let (wf, mut prepared) = match slot {
+                Slot::Reused(w) => {
+                    fresh.insert(w.name.clone(), w);
+                    continue;
+                }
+                Slot::New(wf, prepared) => (wf, *prepared),
+            };
+            for (name, refuse, message) in &conflicts {
+                if name.as_str() != wf.name.as_str() {
+                    continue;
+                }
+                if *refuse && prepared.pool.unavailable.is_none() {
+                    prepared.pool.unavailable = Some(message.clone());
+                } else {
+                    tracing::warn!(workflow = %wf.name, "{message}");
+                }
+            }
             if let Some(why) = &prepared.pool.unavailable {
                 tracing::error!(workflow = %wf.name, tenant = %wf.tenant, "workflow unavailable: {why}");
             }
@@ -251,6 +297,19 @@ fn load_policies(dir: &std::path::Path) -> Result<policy::Policies, BrokerError>
     Ok(loaded)
 }
 
+/// Creates the state directory and its `workspaces`, both 0755 whatever the
+/// umask: every worker must traverse them to reach its own 0700 workspace.
+fn prepare_state_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| BrokerError::StateDir { dir: dir.to_path_buf(), source };
+    let workspaces = dir.join("workspaces");
+    std::fs::create_dir_all(&workspaces).map_err(err)?;
+    for d in [dir, workspaces.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    }
+    Ok(())
+}
+
 const RLIMITS_ONLY: &str = "rlimits only (RLIMIT_AS = memory_max, RLIMIT_NPROC = tasks_max per user, \
     RLIMIT_FSIZE, RLIMIT_NOFILE); cpu_quota, memory_swap_max, io_weight and tenant limits are NOT enforced";
 
@@ -277,18 +336,9 @@ async fn connect_systemd(mode: SystemdMode) -> Result<(Option<scope::Systemd>, S
 pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     notify::status("starting");
     let (systemd, resource_control) = connect_systemd(config.systemd).await?;
-    if let Some(sd) = &systemd {
-        notify::status("stopping scopes left by an earlier instance");
-        let stopped = sd.stop_stale_scopes().await.map_err(|e| BrokerError::StaleScopes(Box::new(e)))?;
-        if !stopped.is_empty() {
-            tracing::warn!("stopped {} scope(s) left by an earlier broker: {}", stopped.len(), stopped.join(", "));
-        }
-    } else {
-        tracing::warn!("resource control: {resource_control}");
-    }
+    let broker_instance = config.instance.clone();
     let loaded = load_policies(&config.policies)?;
-    std::fs::create_dir_all(config.state_dir.join("workspaces"))
-        .map_err(|source| BrokerError::StateDir { dir: config.state_dir.clone(), source })?;
+    prepare_state_dir(&config.state_dir)?;
     // Keys and client data live in this process: keep other processes of
     // its user from reading its memory or attaching to it.
     let _ = nix::sys::prctl::set_dumpable(false);
@@ -300,6 +350,19 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         Some(l) => (listener::from_std(l)?, false),
         None => (listener::bind(&config.socket)?, true),
     };
+    // Only once the socket is ours: a second broker started by mistake on a
+    // live socket must fail at the bind above, not first stop the scopes
+    // (and so the workers and calls in flight) of the broker serving it.
+    if let Some(sd) = &systemd {
+        notify::status("stopping scopes left by an earlier instance");
+        let prefix = scope::scope_prefix(broker_instance.as_deref());
+        let stopped = sd.stop_stale_scopes(&prefix).await.map_err(|e| BrokerError::StaleScopes(Box::new(e)))?;
+        if !stopped.is_empty() {
+            tracing::warn!("stopped {} scope(s) left by an earlier broker: {}", stopped.len(), stopped.join(", "));
+        }
+    } else {
+        tracing::warn!("resource control: {resource_control}");
+    }
     let broker = Arc::new(Broker {
         workflows: RwLock::new(Arc::new(Workflows::new())),
         config,

@@ -36,6 +36,8 @@ const BACKSTOP: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct ScopeSetup {
     pub systemd: Systemd,
+    /// `corral` or `corral-<instance>`.
+    pub prefix: String,
     pub slice: String,
     pub limits: UnitLimits,
 }
@@ -56,6 +58,8 @@ pub struct PoolConfig {
     /// `memory_max` and `tasks_max` as the policy wrote them, for messages.
     pub memory_max: String,
     pub tasks_max: u32,
+    /// Which mechanism holds each promise, for status.
+    pub enforcement: Vec<crate::sandbox::Enforcement>,
 }
 
 /// What a caller gets back: the worker id, the answer, and the limit the
@@ -199,6 +203,7 @@ impl Pool {
             queue_capacity: self.tx.max_capacity(),
             min_idle: self.cfg.min_idle,
             max_workers: self.cfg.max_workers,
+            enforcement: self.cfg.enforcement.clone(),
             workers,
         }
     }
@@ -239,7 +244,7 @@ impl Pool {
         let Some(setup) = &self.cfg.scope else {
             return (launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, None).await, None);
         };
-        let unit = scope_name(&self.cfg.workflow, self.next_scope.fetch_add(1, Ordering::Relaxed));
+        let unit = scope_name(&setup.prefix, &self.cfg.workflow, self.next_scope.fetch_add(1, Ordering::Relaxed));
         let line = self.systemd_run_line(&unit, setup);
         self.update(id, |w| {
             w.scope = Some(unit.clone());
@@ -266,6 +271,8 @@ impl Pool {
                 pid: None,
                 state: "starting".into(),
                 served: 0,
+                calls_cpu_ms: 0.0,
+                start_ms: None,
                 restarts: 0,
                 last_exit: None,
                 last_kill: None,
@@ -301,9 +308,11 @@ impl Pool {
                             self.state().cgroups.insert(id, cgroup::locate(std::path::Path::new(cgroup::ROOT), &text));
                         }
                     }
+                    let start_ms = started.elapsed().as_secs_f64() * 1000.0;
                     self.update(id, |w| {
                         w.pid = Some(worker.pid);
                         w.sandbox = Some(effective);
+                        w.start_ms = Some(start_ms);
                     });
                     end = Some(self.serve(id, worker).await);
                 }
@@ -375,8 +384,16 @@ impl Pool {
     }
 
     /// The limit the kernel enforced between two readings of the counters.
-    fn limit_hit(&self, before: &Option<Stats>, after: &Option<Stats>) -> Option<String> {
-        let (b, a) = (before.as_ref()?, after.as_ref()?);
+    /// Reads the counters of the worker's scope and of its tenant slice.
+    fn counters(loc: &Option<Location>) -> Option<(Stats, Stats)> {
+        let loc = loc.as_ref()?;
+        Some((cgroup::stats(loc), cgroup::stats(&loc.parent())))
+    }
+
+    /// The limit the kernel enforced between two readings: the workflow's
+    /// own (scope) first, then the tenant's (slice).
+    fn limit_hit(&self, before: &Option<(Stats, Stats)>, after: &Option<(Stats, Stats)>) -> Option<String> {
+        let ((b, bs), (a, as_)) = (before.as_ref()?, after.as_ref()?);
         let grew = |x: Option<u64>, y: Option<u64>| y.unwrap_or(0).saturating_sub(x.unwrap_or(0));
         let oom = grew(b.oom_kills, a.oom_kills);
         if oom > 0 {
@@ -389,6 +406,18 @@ impl Pool {
         if refused > 0 {
             return Some(format!("tasks_max {} reached: {refused} fork(s) refused", self.cfg.tasks_max));
         }
+        let slice = self.cfg.scope.as_ref().map_or("the tenant's slice", |s| s.slice.as_str());
+        let oom = grew(bs.oom_kills, as_.oom_kills);
+        if oom > 0 {
+            return Some(format!(
+                "the tenant's memory_max ([tenant] of {}) reached in {slice}: the kernel's OOM killer ended {oom} process(es)",
+                self.cfg.tenant
+            ));
+        }
+        let refused = grew(bs.tasks_refused, as_.tasks_refused);
+        if refused > 0 {
+            return Some(format!("the tenant's tasks_max reached in {slice}: {refused} fork(s) refused"));
+        }
         None
     }
 
@@ -396,7 +425,15 @@ impl Pool {
         loop {
             self.update(id, |w| w.state = "idle".into());
             self.state().idle_slots += 1;
-            let job = self.next_job().await;
+            // An idle worker that dies (OOM, kill) is replaced now, not
+            // discovered by the next call.
+            let job = tokio::select! {
+                job = self.next_job() => job,
+                how = worker.exited() => {
+                    self.state().idle_slots -= 1;
+                    return SlotEnd::WorkerLost(format!("idle worker {how}"));
+                }
+            };
             self.state().idle_slots -= 1;
             let job = match job {
                 Ok(Some(job)) => job,
@@ -413,13 +450,27 @@ impl Pool {
             self.update(id, |w| w.state = "busy".into());
             self.state().busy += 1;
             let loc = self.state().cgroups.get(&id).cloned();
-            let before = loc.as_ref().map(cgroup::stats);
+            let before = Self::counters(&loc);
             let result = worker.call(job.call, BACKSTOP, job.completions.as_ref()).await;
-            let after = loc.as_ref().map(cgroup::stats);
-            let limit = self.limit_hit(&before, &after);
+            let mut limit = self.limit_hit(&before, &Self::counters(&loc));
+            let killed = result.as_ref().is_ok_and(|a| match a {
+                Answer::Done(o) => o.termination == crate::protocol::Termination::Signaled(9) && !o.timed_out,
+                Answer::Answered(_) => false,
+            });
+            if limit.is_none() && killed && loc.is_some() {
+                // A SIGKILL nobody in corral sent: give the kernel's counters
+                // a moment before concluding it was not a limit.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                limit = self.limit_hit(&before, &Self::counters(&loc));
+            }
             if let Some(l) = &limit {
                 tracing::warn!(workflow = %self.cfg.workflow, worker = id, "{l}");
             }
+            let cpu_us = match &result {
+                Ok(Answer::Done(o)) => o.cpu_user_us + o.cpu_system_us,
+                _ => 0,
+            };
+            self.update(id, |w| w.calls_cpu_ms += cpu_us as f64 / 1000.0);
             let reply = match result {
                 Ok(outcome) => Ok((id, outcome, limit.clone())),
                 Err(CallError::Died(why)) => Err(CallError::Died(match &limit {

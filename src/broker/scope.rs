@@ -138,9 +138,18 @@ pub fn slice_name(tenant: &str) -> String {
     format!("corral-{}.slice", escape(tenant))
 }
 
-/// `corral-<workflow>-<n>.scope`.
-pub fn scope_name(workflow: &str, n: u64) -> String {
-    format!("corral-{workflow}-{n}.scope")
+/// `<prefix>-<workflow>-<n>.scope`; the prefix is `corral`, or
+/// `corral-<instance>` for a broker started with `--instance`.
+pub fn scope_name(prefix: &str, workflow: &str, n: u64) -> String {
+    format!("{prefix}-{workflow}-{n}.scope")
+}
+
+/// The scope-name prefix of a broker instance.
+pub fn scope_prefix(instance: Option<&str>) -> String {
+    match instance {
+        Some(i) => format!("corral-{}", escape(i)),
+        None => "corral".to_string(),
+    }
 }
 
 /// The broker's handle on systemd.
@@ -216,11 +225,12 @@ impl Systemd {
             .map_err(|source| ScopeError::Stop { unit: unit.to_string(), source })
     }
 
-    /// Stops every `corral-*.scope` that exists: on start they can only be
-    /// left over from an earlier broker instance (crash, kill -9), and may
-    /// still hold orphaned tool processes.
-    pub async fn stop_stale_scopes(&self) -> Result<Vec<String>, ScopeError> {
-        let units = self.manager.list_units_by_patterns(&[], &["corral-*.scope"]).await.map_err(ScopeError::List)?;
+    /// Stops every `<prefix>-*.scope` that exists: on start they can only be
+    /// left over from an earlier broker (crash, kill -9), and may still hold
+    /// orphaned tool processes.
+    pub async fn stop_stale_scopes(&self, prefix: &str) -> Result<Vec<String>, ScopeError> {
+        let pattern = format!("{prefix}-*.scope");
+        let units = self.manager.list_units_by_patterns(&[], &[pattern.as_str()]).await.map_err(ScopeError::List)?;
         let mut stopped = Vec::new();
         for u in units {
             self.stop(&u.0).await?;
@@ -246,7 +256,8 @@ mod tests {
         assert_eq!(escape("kid"), "kid");
         assert_eq!(escape("my-team"), "my\\x2dteam");
         assert_eq!(slice_name("my-team"), "corral-my\\x2dteam.slice");
-        assert_eq!(scope_name("homework", 3), "corral-homework-3.scope");
+        assert_eq!(scope_name("corral", "homework", 3), "corral-homework-3.scope");
+        assert_eq!(scope_prefix(Some("t-1")), "corral-t\\x2d1");
     }
 
     #[test]

@@ -108,7 +108,7 @@ pub fn slice_limits(t: &policy::TenantLimits) -> UnitLimits {
 
 /// `systemd`: set when workers go into transient scopes; then cgroups
 /// limit memory and tasks, and the rlimits that stood in for them go.
-pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Option<&Systemd>) -> Prepared {
+pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Option<(&Systemd, &str)>) -> Prepared {
     let workspace = wf.workspace(state_dir);
     let mut unavailable = None;
     let creds = match credentials(wf, default_user) {
@@ -177,14 +177,34 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
             max_workers: wf.pool.max_workers,
             queue: wf.pool.queue,
             unavailable,
-            scope: systemd.map(|sd| ScopeSetup {
+            scope: systemd.map(|(sd, prefix)| ScopeSetup {
                 systemd: sd.clone(),
+                prefix: prefix.to_string(),
                 slice: slice_name(wf.tenant.as_str()),
                 limits: scope_limits(wf),
             }),
+            enforcement: enforcement_rows(wf, systemd.is_some()),
             memory_max: wf.limits.memory_max.to_string(),
             tasks_max: wf.limits.tasks_max,
         },
         clients: resolve_clients(wf),
     }
+}
+
+/// The promise table of a workflow on this host (status and doctor).
+pub fn enforcement_rows(wf: &Workflow, systemd: bool) -> Vec<crate::sandbox::Enforcement> {
+    let sb = &wf.sandbox;
+    let tcp = !sb.tcp_connect.is_empty() || !sb.tcp_bind.is_empty();
+    let req = match sb.landlock {
+        policy::Requirement::Required => Requirement::Required,
+        policy::Requirement::BestEffort => Requirement::BestEffort,
+    };
+    let abi = crate::sandbox::probe().landlock_abi;
+    let mut rows = match crate::sandbox::enforcement(req, tcp, abi) {
+        Ok(rows) => rows,
+        Err(e) => vec![crate::sandbox::Enforcement { promise: "refused".into(), by: e.to_string() }],
+    };
+    let cg = systemd.then(|| crate::cgroup::version(Path::new(crate::cgroup::ROOT)));
+    rows.extend(crate::sandbox::resource_rows(cg));
+    rows
 }

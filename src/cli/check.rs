@@ -8,6 +8,9 @@ use crate::policy::{self, format_duration, Workflow};
 use crate::protocol::Requirement;
 use crate::sandbox::{self, KernelSupport};
 
+/// The broker's default `--worker-user`.
+const DEFAULT_WORKER_USER: &str = "corral-worker";
+
 /// Prints the report; returns the exit code (1 on any error).
 pub fn run(dir: &Path) -> u8 {
     let loaded = match policy::load_dir(dir) {
@@ -40,6 +43,25 @@ pub fn run(dir: &Path) -> u8 {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
+    // Across workflows: without Landlock scopes, no two may share a user.
+    let uses: Vec<sandbox::UserUse> = loaded
+        .workflows
+        .iter()
+        .filter_map(|wf| {
+            let user = wf.user.clone().unwrap_or_else(|| DEFAULT_WORKER_USER.to_string());
+            let uid = nix::unistd::User::from_name(&user).ok().flatten()?.uid.as_raw();
+            let required = wf.sandbox.landlock == policy::Requirement::Required;
+            Some(sandbox::UserUse { workflow: wf.name.to_string(), uid, user, required })
+        })
+        .collect();
+    for (name, refuse, message) in sandbox::shared_user_conflicts(kernel.landlock_abi, &uses) {
+        if refuse {
+            failed += 1;
+            eprintln!("\nerror: workflow {name} cannot start on this kernel: {message}");
+        } else {
+            eprintln!("warning: {message}");
+        }
+    }
     if failed > 0 {
         return 1;
     }
@@ -71,24 +93,20 @@ fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::San
     let _ = writeln!(out, "  write  {}", paths(&sb.write));
     let _ = writeln!(out, "  exec   {}", paths(&sb.exec));
     let _ = writeln!(out, "  tcp    connect {:?} bind {:?}", sb.tcp_connect, sb.tcp_bind);
-    for r in rows {
+    let cpu = l.cpu_quota.as_ref().map_or("none".to_string(), ToString::to_string);
+    let _ = writeln!(
+        out,
+        "  limits memory {}, tasks {}, cpu {cpu}, {} per call, output {} per stream, files up to {}, {} open files",
+        l.memory_max,
+        l.tasks_max,
+        format_duration(l.call_timeout),
+        l.output_max,
+        l.file_size_max,
+        l.open_files_max
+    );
+    let _ = writeln!(out, "  promise    held by (Landlock ABI {}, {})", kernel.landlock_abi, resources_here().1);
+    for r in rows.iter().chain(&sandbox::resource_rows(resources_here().0)) {
         let _ = writeln!(out, "  {:<10} {}", r.promise, r.by);
-    }
-    let _ = writeln!(out, "  {:<10} {} (RLIMIT_AS; a cgroup limit under systemd)", "memory", l.memory_max);
-    let _ = writeln!(out, "  {:<10} {} (RLIMIT_NPROC of the user)", "tasks", l.tasks_max);
-    let _ = writeln!(
-        out,
-        "  {:<10} {} per call: SIGKILL to the call's whole process tree",
-        "time",
-        format_duration(l.call_timeout)
-    );
-    let _ = writeln!(
-        out,
-        "  {:<10} {} per stream; files up to {}; {} open files",
-        "output", l.output_max, l.file_size_max, l.open_files_max
-    );
-    if let Some(cpu) = &l.cpu_quota {
-        let _ = writeln!(out, "  {:<10} {cpu} — not enforced without a systemd scope", "cpu");
     }
     let _ = writeln!(
         out,
@@ -96,4 +114,14 @@ fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::San
         "pool", wf.pool.min_idle, wf.pool.max_workers, wf.pool.queue
     );
     Ok(out)
+}
+
+/// Whether a broker here would get cgroups (systemd booted) and which version.
+fn resources_here() -> (Option<&'static str>, String) {
+    let cg = crate::cgroup::version(Path::new(crate::cgroup::ROOT));
+    if Path::new("/run/systemd/system").is_dir() {
+        (Some(cg), format!("systemd scopes on cgroup {cg}"))
+    } else {
+        (None, "no systemd here: rlimits".to_string())
+    }
 }

@@ -101,7 +101,8 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
     }
     let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
     let bus = Path::new("/run/dbus/system_bus_socket").exists();
-    match Systemd::connect().await {
+    let systemd = Systemd::connect().await;
+    match &systemd {
         Ok(sd) => r.line(Level::Ok, "systemd", &format!("systemd {} answers on the system bus: workers get transient scopes", sd.version)),
         Err(e) => r.line(
             Level::Warn,
@@ -136,6 +137,12 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
             }
             for w in &p.warnings {
                 r.line(Level::Warn, "policy", w);
+            }
+            for wf in &p.workflows {
+                println!("      promises of {} (Landlock ABI {abi}):", wf.name);
+                for row in crate::broker::setup::enforcement_rows(wf, systemd.is_ok()) {
+                    println!("        {:<10} {}", row.promise, row.by);
+                }
             }
         }
         Err(e) => r.line(

@@ -75,6 +75,9 @@ pub fn render(st: &Status) -> String {
         if let Some(why) = &w.unavailable {
             let _ = writeln!(out, "    UNAVAILABLE: {why}");
         }
+        for r in &w.enforcement {
+            let _ = writeln!(out, "    {:<10} {}", r.promise, r.by);
+        }
         for k in &w.workers {
             let pid = k.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(
@@ -87,6 +90,27 @@ pub fn render(st: &Status) -> String {
                 for note in &s.notes {
                     let _ = writeln!(out, "      weaker than asked: {note}");
                 }
+            }
+            if let Some(scope) = &k.scope {
+                let cg = k.cgroup.clone().unwrap_or_default();
+                let mib = |b: Option<u64>| b.map(|v| format!("{:.1}M", v as f64 / 1048576.0)).unwrap_or("n/a".into());
+                let cpu = match cg.cpu_usage_us {
+                    Some(us) => format!("{:.0} ms", us as f64 / 1000.0),
+                    None => format!("{:.0} ms in calls", k.calls_cpu_ms),
+                };
+                let tasks = cg.tasks_current.map(|t| t.to_string()).unwrap_or("n/a".into());
+                let _ = writeln!(
+                    out,
+                    "      scope {scope}: memory {} (peak {}), cpu {cpu}, tasks {tasks}",
+                    mib(cg.memory_current),
+                    mib(cg.memory_peak)
+                );
+                if let Some(line) = &k.systemd_run {
+                    let _ = writeln!(out, "      same limits by hand: {line}");
+                }
+            }
+            if let Some(kill) = &k.last_kill {
+                let _ = writeln!(out, "      last kill: {kill}");
             }
             if let Some(e) = &k.last_exit {
                 let _ = writeln!(out, "      last exit: {e}");

@@ -31,10 +31,13 @@ pub struct Layer<'a> {
     pub tcp_bind: &'a [u16],
 }
 
-/// A ruleset built and ready to enforce, with what it will and will not do.
+/// A ruleset built and ready to enforce, with what it will and will not do,
+/// and — for a tool call on a kernel without Landlock scopes — the seccomp
+/// guard that stands in for them.
 pub struct Prepared {
     ruleset: Option<RulesetCreated>,
     pub report: Report,
+    pub guard: Option<seccompiler::BpfProgram>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -53,6 +56,11 @@ pub struct Report {
 pub fn prepare(layer: &Layer<'_>, abi_num: u32, requirement: Requirement) -> Result<Prepared, SandboxError> {
     let mut report = Report { abi: abi_num, ..Report::default() };
     if abi_num == 0 {
+        if super::sys::landlock_blocked() {
+            // Never a silent downgrade: a filter hiding Landlock is a
+            // misconfiguration, whatever the policy's requirement.
+            return Err(SandboxError::LandlockBlocked);
+        }
         if requirement == Requirement::Required {
             return Err(SandboxError::LandlockUnavailable);
         }
@@ -62,7 +70,7 @@ pub fn prepare(layer: &Layer<'_>, abi_num: u32, requirement: Requirement) -> Res
              file access is limited only by the worker's uid"
                 .into(),
         );
-        return Ok(Prepared { ruleset: None, report });
+        return Ok(Prepared { ruleset: None, report, guard: None });
     }
     let abi = ABI::from(i32::try_from(abi_num).unwrap_or(i32::MAX));
     let wants_tcp = !layer.tcp_connect.is_empty() || !layer.tcp_bind.is_empty();
@@ -87,8 +95,9 @@ pub fn prepare(layer: &Layer<'_>, abi_num: u32, requirement: Requirement) -> Res
         report.scopes = true;
     } else {
         report.notes.push(format!(
-            "signals and abstract Unix sockets are not scoped (needs Landlock ABI {ABI_SCOPES}, Linux 6.12; \
-             the kernel has ABI {abi_num}): separate users and seccomp stand in"
+            "signals and abstract Unix sockets are not scoped by Landlock (needs ABI {ABI_SCOPES}, Linux 6.12; \
+             the kernel has ABI {abi_num}): seccomp refuses tools every Unix socket and any signal to their \
+             worker or to all processes, and the broker refuses workflows that share a user"
         ));
     }
     let mut created = ruleset.create().map_err(map)?;
@@ -127,13 +136,23 @@ pub fn prepare(layer: &Layer<'_>, abi_num: u32, requirement: Requirement) -> Res
         }
     }
     report.fs = true;
-    Ok(Prepared { ruleset: Some(created), report })
+    Ok(Prepared { ruleset: Some(created), report, guard: None })
 }
 
 impl Prepared {
+    /// A second handle on the same ruleset (a duplicated descriptor), so a
+    /// layer built once can be enforced in many children.
+    pub fn try_clone(&self) -> std::io::Result<Prepared> {
+        let ruleset = self.ruleset.as_ref().map(|r| r.try_clone()).transpose()?;
+        Ok(Prepared { ruleset, report: self.report.clone(), guard: self.guard.clone() })
+    }
+
     /// Restricts the calling thread (and the threads and children it creates
     /// afterwards). Sets `no_new_privs` as a side effect.
     pub fn enforce(self, requirement: Requirement) -> Result<Report, SandboxError> {
+        if let Some(guard) = &self.guard {
+            super::seccomp::apply(guard)?;
+        }
         let mut report = self.report;
         let Some(ruleset) = self.ruleset else {
             return Ok(report);

@@ -41,6 +41,12 @@ pub enum SandboxError {
          landlock = \"best-effort\" to run with no network at all"
     )]
     TcpNeedsAbi(u32),
+    #[error(
+        "the Landlock syscalls are blocked by a seccomp filter around the broker: if it runs as a systemd \
+         service, allow landlock_create_ruleset, landlock_add_rule and landlock_restrict_self in its \
+         SystemCallFilter= (see units/corral.service)"
+    )]
+    LandlockBlocked,
     #[error("failed to apply Landlock ruleset: {0}")]
     Landlock(String),
     #[error("failed to build or install the seccomp filter: {0}")]
@@ -128,6 +134,7 @@ pub fn confine_worker(spec: &SandboxSpec) -> Result<EffectiveSandbox, SandboxErr
 
     let mut notes = creds.notes;
     notes.extend(ll.notes);
+
     Ok(EffectiveSandbox {
         uid: creds.uid,
         gid: creds.gid,
@@ -157,14 +164,38 @@ pub fn tool_layer(spec: &SandboxSpec) -> Result<landlock::Prepared, SandboxError
         tcp_connect: &spec.tcp_connect,
         tcp_bind: &spec.tcp_bind,
     };
-    landlock::prepare(&layer, abi, spec.landlock)
+    let mut prepared = landlock::prepare(&layer, abi, spec.landlock)?;
+    if abi < landlock::ABI_SCOPES {
+        prepared.guard = Some(seccomp::tool_guard(std::process::id())?);
+    }
+    Ok(prepared)
 }
 
 /// One promise of a policy and what enforces it on this kernel.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Enforcement {
-    pub promise: &'static str,
+    pub promise: String,
     pub by: String,
+}
+
+/// How workers' resources are limited: by cgroups through systemd scopes
+/// (with the cgroup version), or by rlimits only.
+pub fn resource_rows(cgroups: Option<&str>) -> Vec<Enforcement> {
+    let row = |promise: &str, by: &str| Enforcement { promise: promise.into(), by: by.into() };
+    match cgroups {
+        Some(v) => vec![
+            row("memory", &format!("cgroup {v}: MemoryMax (and MemorySwapMax) of the worker's systemd scope; OOM kills named in the reply")),
+            row("tasks", &format!("cgroup {v}: TasksMax of the worker's scope")),
+            row("cpu", &format!("cgroup {v}: CPUQuota of the worker's scope; the tenant's slice on top")),
+            row("time", "the worker's deadline and SIGKILL of the call's process tree; a lost worker's scope is stopped"),
+        ],
+        None => vec![
+            row("memory", "RLIMIT_AS of each call (virtual memory; no systemd scope)"),
+            row("tasks", "RLIMIT_NPROC of the worker's user (no systemd scope)"),
+            row("cpu", "NOT enforced: needs a systemd scope"),
+            row("time", "the worker's deadline and SIGKILL of the call's process tree"),
+        ],
+    }
 }
 
 /// Which mechanism holds each promise of a workflow on a kernel offering
@@ -172,7 +203,7 @@ pub struct Enforcement {
 /// [`confine_worker`] will do, so `corral policy check` can say it before
 /// any worker runs.
 pub fn enforcement(requirement: Requirement, tcp_ports: bool, abi: u32) -> Result<Vec<Enforcement>, SandboxError> {
-    let row = |promise, by: String| Enforcement { promise, by };
+    let row = |promise: &str, by: String| Enforcement { promise: promise.to_string(), by };
     let mut rows = Vec::new();
     if abi == 0 {
         if requirement == Requirement::Required {
@@ -195,17 +226,25 @@ pub fn enforcement(requirement: Requirement, tcp_ports: bool, abi: u32) -> Resul
     rows.push(row(
         "signals",
         if abi >= landlock::ABI_SCOPES {
-            "Landlock scope (only processes of the same sandbox), separate uid".into()
+            "Landlock scope (only processes of the same call), separate uid per workflow".into()
         } else {
-            "separate uid only (Landlock scopes need ABI 6)".into()
+            "separate unix user per workflow (checked at start) and seccomp: tools cannot signal their worker \
+             or every process (Landlock scopes need ABI 6, Linux 6.12)"
+                .into()
         },
     ));
     rows.push(row(
         "ipc",
-        if abi >= landlock::ABI_SCOPES {
-            "abstract Unix sockets: Landlock scope; pathname sockets: file permissions (Landlock ABI 9 needed)".into()
+        if abi >= 9 {
+            "abstract Unix sockets: Landlock scope; pathname sockets: Landlock rules (ABI 9)".into()
+        } else if abi >= landlock::ABI_SCOPES {
+            "abstract Unix sockets: Landlock scope; pathname sockets: file permissions, and the broker refuses \
+             callers from inside a sandbox (Landlock restricts them from ABI 9, Linux 7.1)"
+                .into()
         } else {
-            "abstract Unix sockets NOT restricted (needs Landlock ABI 6); pathname sockets: file permissions".into()
+            "Unix sockets refused to tools entirely (seccomp): abstract ones cannot be scoped before Landlock \
+             ABI 6 (Linux 6.12); socket pairs still work"
+                .into()
         },
     ));
     rows.push(row("ptrace", "seccomp (ptrace, process_vm_*), no_new_privs, non-dumpable, Landlock domain".into()));
@@ -214,4 +253,70 @@ pub fn enforcement(requirement: Requirement, tcp_ports: bool, abi: u32) -> Resul
         "all capability sets emptied, no_new_privs, seccomp (mount, unshare, bpf, modules, …)".into(),
     ));
     Ok(rows)
+}
+
+/// One workflow's place in the user check: name, the uid its workers run as,
+/// and whether its Landlock is required.
+pub struct UserUse {
+    pub workflow: String,
+    pub uid: u32,
+    pub user: String,
+    pub required: bool,
+}
+
+/// On a kernel whose Landlock cannot scope signals (ABI < 6), any process may
+/// signal every other process of its uid; a workflow's tools are kept from
+/// the rest of the machine only if no other workflow shares its user.
+/// Returns, per offending workflow, whether it must be refused (required)
+/// and the message.
+pub fn shared_user_conflicts(abi: u32, uses: &[UserUse]) -> Vec<(String, bool, String)> {
+    if abi >= landlock::ABI_SCOPES {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for u in uses {
+        // Without any Landlock a required workflow is refused anyway, with
+        // the more basic reason; don't bury it under this one.
+        if abi == 0 && u.required {
+            continue;
+        }
+        let others: Vec<&str> =
+            uses.iter().filter(|o| o.uid == u.uid && o.workflow != u.workflow).map(|o| o.workflow.as_str()).collect();
+        if others.is_empty() {
+            continue;
+        }
+        let message = format!(
+            "workflow {} runs as user {} like {}; this kernel's Landlock (ABI {abi}) cannot scope signals \
+             (needs ABI 6, Linux 6.12), so their tools could signal each other's processes: give each workflow \
+             its own workflow.user, or set sandbox.landlock = \"best-effort\" to accept it",
+            u.workflow,
+            u.user,
+            others.join(", ")
+        );
+        out.push((u.workflow.clone(), u.required, message));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn use_(wf: &str, uid: u32, required: bool) -> UserUse {
+        UserUse { workflow: wf.into(), uid, user: format!("u{uid}"), required }
+    }
+
+    #[test]
+    fn shared_users_matter_only_without_landlock_scopes() {
+        let uses = [use_("a", 1000, true), use_("b", 1000, false), use_("c", 1001, true)];
+        assert!(shared_user_conflicts(6, &uses).is_empty());
+        let found = shared_user_conflicts(2, &uses);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!((found[0].0.as_str(), found[0].1), ("a", true));
+        assert_eq!((found[1].0.as_str(), found[1].1), ("b", false));
+        assert!(
+            found[0].2.contains("workflow.user") && found[0].2.contains("Linux 6.12") && found[0].2.contains("like b")
+        );
+        assert!(shared_user_conflicts(2, &[use_("a", 1, true), use_("c", 2, true)]).is_empty());
+    }
 }

@@ -130,6 +130,12 @@ fn deny_filter(allow_tcp: bool) -> Result<BpfProgram, SandboxError> {
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
     rules.insert(libc::SYS_socket, socket_rules(allow_tcp)?);
+    deny_with_eperm(rules)
+}
+
+/// Compiles rules for this architecture: what they match fails with EPERM,
+/// everything else is allowed.
+fn deny_with_eperm(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SandboxError> {
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|_| SandboxError::Seccomp(format!("unsupported architecture {}", std::env::consts::ARCH)))?;
@@ -160,6 +166,41 @@ fn x32_and_clone3_filter() -> BpfProgram {
     ]
 }
 
+/// The guard each tool call gets on a kernel whose Landlock cannot scope
+/// signals and abstract Unix sockets (ABI < 6), so that those promises are
+/// held by seccomp instead: no Unix sockets at all (abstract ones cannot be
+/// told apart, pathname ones would reach whatever their mode allows), and no
+/// signal to the tool's own worker, to every process of the user (`kill -1`),
+/// or through a pidfd. Other processes of the same uid belong to the same
+/// workflow: the broker refuses, on such kernels, workflows that share a user.
+pub fn tool_guard(worker_pid: u32) -> Result<BpfProgram, SandboxError> {
+    let pid = u64::from(worker_pid);
+    let neg_pid = u64::from(worker_pid.wrapping_neg());
+    let all = u64::from(u32::MAX); // -1 as a 32-bit int
+    let on_arg0 = |values: &[u64]| -> Result<Vec<SeccompRule>, SandboxError> {
+        values.iter().map(|&v| rule(vec![cond(0, SeccompCmpOp::Eq, v)?])).collect()
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_socket, on_arg0(&[as_u64(libc::AF_UNIX)])?);
+    rules.insert(libc::SYS_kill, on_arg0(&[pid, neg_pid, all])?);
+    for nr in [
+        libc::SYS_tkill,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+        libc::SYS_pidfd_open,
+    ] {
+        rules.insert(nr, on_arg0(&[pid])?);
+    }
+    rules.insert(libc::SYS_pidfd_send_signal, Vec::new());
+    deny_with_eperm(rules)
+}
+
+/// Installs a prepared program on the calling thread.
+pub fn apply(program: &BpfProgram) -> Result<(), SandboxError> {
+    seccompiler::apply_filter(program).map_err(|e| SandboxError::Seccomp(e.to_string()))
+}
+
 /// Installs both filters on the calling thread; they are inherited by every
 /// child and cannot be removed.
 pub fn install(allow_tcp: bool) -> Result<(), SandboxError> {
@@ -167,4 +208,68 @@ pub fn install(allow_tcp: bool) -> Result<(), SandboxError> {
     let guard = x32_and_clone3_filter();
     seccompiler::apply_filter(&guard).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     seccompiler::apply_filter(&deny).map_err(|e| SandboxError::Seccomp(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `probe` in a forked child under `program` and returns its exit
+    /// code: the filter can never be removed, so it must not touch the test
+    /// harness itself.
+    fn in_child(program: &BpfProgram, probe: fn() -> i32) -> i32 {
+        // SAFETY: the child only makes system calls (no allocation, no locks)
+        // and leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = if apply(program).is_ok() { probe() } else { 99 };
+                // SAFETY: _exit ends the child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => match nix::sys::wait::waitpid(child, None).unwrap() {
+                nix::sys::wait::WaitStatus::Exited(_, code) => code,
+                other => panic!("child ended unexpectedly: {other:?}"),
+            },
+        }
+    }
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    #[test]
+    fn tool_guard_refuses_unix_sockets_and_signals_to_the_worker_only() {
+        // The "worker" is this test process: the child's parent.
+        let program = tool_guard(std::process::id()).unwrap();
+        let code = in_child(&program, || {
+            // SAFETY: plain syscalls with integer arguments or pointers to
+            // live locals.
+            unsafe {
+                let mut bits = 0;
+                // refused: a Unix socket, a signal to the worker, kill -1
+                if libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) < 0 && errno() == libc::EPERM {
+                    bits |= 1;
+                }
+                if libc::kill(libc::getppid(), 0) < 0 && errno() == libc::EPERM {
+                    bits |= 2;
+                }
+                if libc::kill(-1, 0) < 0 && errno() == libc::EPERM {
+                    bits |= 4;
+                }
+                // the neighbours: a socket pair, a signal to itself, an inet socket
+                let mut pair = [0; 2];
+                if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) == 0 {
+                    bits |= 8;
+                }
+                if libc::kill(libc::getpid(), 0) == 0 {
+                    bits |= 16;
+                }
+                if libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) >= 0 {
+                    bits |= 32;
+                }
+                bits
+            }
+        });
+        assert_eq!(code, 63, "bits: 1 unix refused, 2 worker signal refused, 4 kill -1 refused, 8 socketpair ok, 16 self signal ok, 32 inet ok");
+    }
 }

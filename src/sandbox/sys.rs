@@ -21,22 +21,35 @@ fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// The running kernel's Landlock ABI version, 0 when Landlock is absent or
-/// disabled. Probed with the syscall itself: `/sys/kernel/security/lsm` is
-/// not always there even when Landlock works.
-pub fn landlock_abi() -> u32 {
+/// `landlock_create_ruleset(NULL, 0, VERSION)`: the kernel's Landlock ABI, or
+/// why there is none (ENOSYS/EOPNOTSUPP: not in this kernel; EPERM: a seccomp
+/// filter around us refuses it).
+fn landlock_version() -> io::Result<u32> {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
     // SAFETY: with a NULL attribute pointer, size 0 and the VERSION flag the
     // kernel reads no memory and only returns a number (or -1 and errno).
-    let ret = unsafe {
+    let ret = check(unsafe {
         libc::syscall(
             libc::SYS_landlock_create_ruleset,
             std::ptr::null::<libc::c_void>(),
             0usize,
             LANDLOCK_CREATE_RULESET_VERSION,
         )
-    };
-    u32::try_from(ret).unwrap_or(0)
+    })?;
+    Ok(u32::try_from(ret).unwrap_or(0))
+}
+
+/// The running kernel's Landlock ABI version, 0 when Landlock is absent or
+/// disabled. Probed with the syscall itself: `/sys/kernel/security/lsm` is
+/// not always there even when Landlock works.
+pub fn landlock_abi() -> u32 {
+    landlock_version().unwrap_or(0)
+}
+
+/// Whether the Landlock syscalls are refused with EPERM, i.e. by a seccomp
+/// filter around us (a service's `SystemCallFilter=`), not by the kernel.
+pub fn landlock_blocked() -> bool {
+    matches!(landlock_version(), Err(e) if e.raw_os_error() == Some(libc::EPERM))
 }
 
 /// Whether seccomp filters can be installed (`Seccomp:` field support).

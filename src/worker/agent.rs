@@ -5,6 +5,7 @@
 //! `max_steps`. Synchronous and single-threaded, like the rest of the
 //! worker: the broker does the network.
 
+use crate::sandbox::landlock::Prepared;
 use std::fs::File;
 use std::os::unix::net::UnixStream;
 use std::path::{Component, Path};
@@ -152,7 +153,13 @@ fn refused(tool: &str, why: String) -> (ToolRecord, String) {
 
 /// Runs one tool call of the model; returns its record and the text fed
 /// back.
-fn run_tool(spec: &SandboxSpec, req: &AskRequest, call: &ToolCall, devnull: &File) -> (ToolRecord, String) {
+fn run_tool(
+    spec: &SandboxSpec,
+    layer: &Prepared,
+    req: &AskRequest,
+    call: &ToolCall,
+    devnull: &File,
+) -> (ToolRecord, String) {
     let (argv, stdin) = match command(call) {
         Ok(c) => c,
         Err(why) => return refused(&call.name, why),
@@ -164,7 +171,7 @@ fn run_tool(spec: &SandboxSpec, req: &AskRequest, call: &ToolCall, devnull: &Fil
         stdin,
         timeout_ms: req.tool_timeout_ms,
     };
-    let o = tool::run(spec, &exec, devnull);
+    let o = tool::run(spec, layer, &exec, devnull);
     let (exit_code, signal) = match o.termination {
         Termination::Exited(c) => (Some(c), None),
         Termination::Signaled(s) => (None, Some(s)),
@@ -189,6 +196,7 @@ fn run_tool(spec: &SandboxSpec, req: &AskRequest, call: &ToolCall, devnull: &Fil
 pub fn run(
     sock: &mut UnixStream,
     spec: &SandboxSpec,
+    layer: &Prepared,
     req: &AskRequest,
     devnull: &File,
 ) -> Result<AskOutcome, WorkerError> {
@@ -226,7 +234,7 @@ pub fn run(
         messages.push(message);
         for (i, call) in calls.iter().enumerate() {
             let (record, text) = if u32::try_from(i).unwrap_or(u32::MAX) < MAX_TOOL_CALLS_PER_STEP {
-                run_tool(spec, req, call, devnull)
+                run_tool(spec, layer, req, call, devnull)
             } else {
                 refused(&call.name, format!("more than {MAX_TOOL_CALLS_PER_STEP} tool calls in one step; not run"))
             };

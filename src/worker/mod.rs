@@ -29,7 +29,7 @@ pub enum WorkerError {
     Protocol(&'static str),
     #[error("failed to prepare the worker")]
     Setup(#[source] std::io::Error),
-    #[error("sandbox refused: {0}")]
+    #[error("sandbox refused")]
     Refused(#[from] sandbox::SandboxError),
 }
 
@@ -48,8 +48,10 @@ pub fn run() -> Result<(), WorkerError> {
 
     // INVARIANT: nothing from a client has been read yet; the sandbox is in
     // force before the first Exec frame is.
-    let effective = match sandbox::confine_worker(&spec) {
-        Ok(eff) => eff,
+    // The per-call layer is built once; each tool child enforces a copy.
+    let confined = sandbox::confine_worker(&spec).and_then(|eff| Ok((eff, sandbox::tool_layer(&spec)?)));
+    let (effective, layer) = match confined {
+        Ok(both) => both,
         Err(e) => {
             let _ = write_frame(&mut sock, &FromWorker::Refused(e.to_string()));
             return Err(e.into());
@@ -62,14 +64,14 @@ pub fn run() -> Result<(), WorkerError> {
             ToWorker::Exec(req) => {
                 let span = tracing::info_span!("exec", request_id = %req.request_id, call = req.id);
                 let _enter = span.enter();
-                let outcome = tool::run(&spec, &req, &devnull);
+                let outcome = tool::run(&spec, &layer, &req, &devnull);
                 tracing::debug!(termination = ?outcome.termination, wall_us = outcome.wall_us, "exec done");
                 write_frame(&mut sock, &FromWorker::Done(outcome))?;
             }
             ToWorker::Ask(req) => {
                 let span = tracing::info_span!("ask", request_id = %req.request_id, call = req.id);
                 let _enter = span.enter();
-                let outcome = agent::run(&mut sock, &spec, &req, &devnull)?;
+                let outcome = agent::run(&mut sock, &spec, &layer, &req, &devnull)?;
                 write_frame(&mut sock, &FromWorker::Answered(outcome))?;
             }
             ToWorker::Completion(_) => return Err(WorkerError::Protocol("Completion outside an ask")),

@@ -17,7 +17,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::protocol::{ExecOutcome, ExecRequest, SandboxSpec, Termination};
-use crate::sandbox::{self, process, sys};
+use crate::sandbox::landlock::Prepared;
+use crate::sandbox::{process, sys};
 
 /// How long a killed tree gets to disappear before we report it.
 const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -95,9 +96,8 @@ fn elapsed_us(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-fn spawn(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> io::Result<Child> {
-    let layer =
-        sandbox::tool_layer(spec).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+fn spawn(spec: &SandboxSpec, layer: &Prepared, req: &ExecRequest, devnull: &File) -> io::Result<Child> {
+    let layer = layer.try_clone()?;
     let argv0 = req.argv.first().ok_or_else(|| io::Error::other("empty argv"))?;
     let mut cmd = Command::new(argv0);
     cmd.args(&req.argv[1..])
@@ -117,10 +117,12 @@ fn spawn(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> io::Result<Ch
 }
 
 /// Runs one call to completion. Never panics on the command's behaviour.
-pub fn run(spec: &SandboxSpec, req: &ExecRequest, devnull: &File) -> ExecOutcome {
+/// `layer` is the per-call Landlock layer, built once per worker
+/// ([`crate::sandbox::tool_layer`]) and enforced anew in every tool child.
+pub fn run(spec: &SandboxSpec, layer: &Prepared, req: &ExecRequest, devnull: &File) -> ExecOutcome {
     let start = Instant::now();
     let (cpu_user0, cpu_sys0) = children_cpu_us();
-    let mut child = match spawn(spec, req, devnull) {
+    let mut child = match spawn(spec, layer, req, devnull) {
         Ok(c) => c,
         Err(e) => {
             let argv0 = req.argv.first().map(String::as_str).unwrap_or("");

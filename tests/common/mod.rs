@@ -70,6 +70,10 @@ fn feature_present(feature: &str) -> Result<(), String> {
                 Err(format!("users {missing:?} missing: run scripts/setup-test-host.sh"))
             }
         }
+        "systemd" => match systemd_pid() {
+            Some(_) => Ok(()),
+            None => Err("no namespaced systemd: set CORRAL_TEST_SYSTEMD_PID (scripts/sd-ns/ns.sh start)".into()),
+        },
         "python3" => which("python3"),
         "bwrap" => which("bwrap"),
         other => Err(format!("unknown feature {other}")),
@@ -157,12 +161,16 @@ pub fn shipped_policies() -> Vec<PolicyFile> {
     out
 }
 
-/// A running broker, killed on drop.
+/// A running broker, killed on drop: a child process of the test (rlimit
+/// mode), or a transient-ish service of the namespaced systemd (systemd mode,
+/// see [`under_systemd`]).
 pub struct Broker {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub state: PathBuf,
-    child: Child,
+    child: Option<Child>,
+    /// systemd mode: the unit, and the namespaced systemd's PID (from here).
+    unit: Option<(String, u32)>,
     pub log: PathBuf,
 }
 
@@ -197,34 +205,57 @@ impl Broker {
         let socket = dir.join("corral.sock");
         let state = dir.join("state");
         let log = dir.join("broker.log");
-        let mut cmd = Command::new(BIN);
-        cmd.arg("broker")
-            .arg("--policies")
-            .arg(&pdir)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&state)
-            // These tests exercise the rlimit mode on any host; the systemd
-            // suite (tests/systemd.rs) runs the real service.
-            .arg("--systemd=off")
-            .env("RUST_LOG", "info")
-            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if let Some(hook) = opts.pre_exec {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: the hook is documented to be async-signal-safe.
-            unsafe { cmd.pre_exec(hook) };
-        }
-        let child = cmd.spawn().unwrap();
-        let broker = Broker { dir, socket, state, child, log };
+        let wait_ready = opts.wait_ready;
+        let broker = match under_systemd() {
+            Some(sd) => {
+                assert!(
+                    opts.pre_exec.is_none(),
+                    "a broker with a pre_exec hook cannot run as a unit: skip the test with skip_under_systemd()"
+                );
+                let unit = start_unit(sd, name, &dir, &opts.env);
+                Broker { dir, socket, state, child: None, unit: Some((unit, sd)), log }
+            }
+            None => {
+                let mut cmd = Command::new(BIN);
+                cmd.arg("broker")
+                    .arg("--policies")
+                    .arg(&pdir)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("--state-dir")
+                    .arg(&state)
+                    // These tests exercise the rlimit mode on any host; with
+                    // CORRAL_TEST_UNDER_SYSTEMD=1 they run as units instead.
+                    .arg("--systemd=off")
+                    .env("RUST_LOG", "info")
+                    .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap());
+                if let Some(hook) = opts.pre_exec {
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: the hook is documented to be async-signal-safe.
+                    unsafe { cmd.pre_exec(hook) };
+                }
+                let child = cmd.spawn().unwrap();
+                Broker { dir, socket, state, child: Some(child), unit: None, log }
+            }
+        };
         broker.wait_socket();
-        if opts.wait_ready {
+        if wait_ready {
             broker.wait_ready();
         }
         broker
+    }
+
+    /// Whether this broker runs as a unit of the namespaced systemd.
+    pub fn is_unit(&self) -> bool {
+        self.unit.is_some()
+    }
+
+    /// The unit's name (systemd mode).
+    pub fn unit_name(&self) -> Option<&str> {
+        self.unit.as_ref().map(|(u, _)| u.as_str())
     }
 
     fn wait_socket(&self) {
@@ -259,12 +290,49 @@ impl Broker {
         }
     }
 
+    /// What the broker logged: its stderr file, or the unit's journal.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        match &self.unit {
+            Some((unit, sd)) => {
+                let out = nsenter(*sd, &["journalctl", "--no-pager", "-o", "cat", "-u", unit]);
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+            None => std::fs::read_to_string(&self.log).unwrap_or_default(),
+        }
     }
 
+    /// The broker's PID as seen from here (the test's PID namespace).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match (&self.child, &self.unit) {
+            (Some(c), _) => c.id(),
+            (None, Some((_, sd))) => {
+                host_pid(*sd, self.ns_pid()).unwrap_or_else(|| panic!("broker PID {} not found", self.ns_pid()))
+            }
+            (None, None) => unreachable!("a broker is a child or a unit"),
+        }
+    }
+
+    /// The broker's PID as the broker, its workers and their tools see it
+    /// (the PID namespace of the systemd it runs under).
+    pub fn ns_pid(&self) -> u32 {
+        match &self.unit {
+            Some((unit, sd)) => {
+                let pid = systemctl_show(*sd, unit, "MainPID");
+                let pid: u32 = pid.parse().unwrap_or_else(|_| panic!("MainPID of {unit}: {pid:?}"));
+                assert_ne!(pid, 0, "{unit} has no main process; log:\n{}", self.log_text());
+                pid
+            }
+            None => self.pid(),
+        }
+    }
+
+    /// A PID the broker reported (status, as its workers see it), as seen
+    /// from here: the same number in rlimit mode, translated in systemd mode.
+    pub fn host_pid(&self, pid: u32) -> u32 {
+        match &self.unit {
+            Some((_, sd)) => host_pid(*sd, pid).unwrap_or_else(|| panic!("namespace PID {pid} not found")),
+            None => pid,
+        }
     }
 
     /// A raw HTTP request over the socket: (status code, JSON body).
@@ -319,7 +387,13 @@ impl Broker {
         self.state.join("workspaces").join(tenant).join(workflow)
     }
 
-    /// PIDs of the live workers of `workflow`.
+    /// PIDs of the live workers of `workflow`, as seen from here.
+    pub fn worker_host_pids(&self, workflow: &str) -> Vec<u32> {
+        self.worker_pids(workflow).into_iter().map(|p| self.host_pid(p)).collect()
+    }
+
+    /// PIDs of the live workers of `workflow`, as the broker reports them
+    /// (namespace PIDs in systemd mode: what a tool would use).
     pub fn worker_pids(&self, workflow: &str) -> Vec<u32> {
         let st = self.status();
         st["workflows"]
@@ -335,25 +409,210 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
+        if let Some((unit, sd)) = &self.unit {
+            if std::thread::panicking() {
+                let _ = std::fs::write(&self.log, self.log_text());
             }
-            std::thread::sleep(Duration::from_millis(10));
+            let _ = nsenter(*sd, &["systemctl", "stop", unit]);
+            let _ = std::fs::remove_file(unit_path(*sd, unit));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("broker log kept in {}", self.log.display());
         }
     }
+}
+
+// ---- systemd mode -------------------------------------------------------
+
+/// The namespaced systemd named by `CORRAL_TEST_SYSTEMD_PID`, when that
+/// process is alive and is a systemd (its PID as seen from here).
+pub fn systemd_pid() -> Option<u32> {
+    let pid: u32 = std::env::var("CORRAL_TEST_SYSTEMD_PID").ok()?.trim().parse().ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim() == "systemd").then_some(pid)
+}
+
+/// systemd mode: `CORRAL_TEST_UNDER_SYSTEMD=1` runs every [`Broker`] as a
+/// unit of the namespaced systemd (with `--systemd required`, so workers get
+/// real scopes). Returns that systemd's PID. Asking for the mode without a
+/// live systemd is an error, not a silent fall-back to rlimit mode.
+pub fn under_systemd() -> Option<u32> {
+    if std::env::var("CORRAL_TEST_UNDER_SYSTEMD").as_deref() != Ok("1") {
+        return None;
+    }
+    match systemd_pid() {
+        Some(pid) => Some(pid),
+        None => panic!(
+            "CORRAL_TEST_UNDER_SYSTEMD=1, but CORRAL_TEST_SYSTEMD_PID does not name a live systemd \
+             (start one with scripts/sd-ns/ns.sh start)"
+        ),
+    }
+}
+
+/// For tests that cannot run their broker as a unit: true (and a printed
+/// reason) in systemd mode; the test then returns.
+pub fn skip_under_systemd(why: &str) -> bool {
+    if under_systemd().is_some() {
+        eprintln!("SKIP in systemd mode: {why}");
+        return true;
+    }
+    false
+}
+
+/// Runs `args` inside the namespace of the systemd `sd` (PID and mount
+/// namespaces), with a 60 s guard.
+pub fn nsenter(sd: u32, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("60")
+        .args(["nsenter", "-t", &sd.to_string(), "-m", "-p", "--"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `systemctl show -p PROP --value UNIT` inside the namespace.
+pub fn systemctl_show(sd: u32, unit: &str, prop: &str) -> String {
+    let out = nsenter(sd, &["systemctl", "show", "-p", prop, "--value", unit]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The host PID of the process that is `ns_pid` inside the PID namespace
+/// of `sd`: scans `NSpid:` lines of the processes in that namespace.
+pub fn host_pid(sd: u32, ns_pid: u32) -> Option<u32> {
+    let ns = std::fs::read_link(format!("/proc/{sd}/ns/pid")).ok()?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("ns/pid")).ok().as_ref() != Some(&ns) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|s| s.parse::<u32>().ok());
+        if inner == Some(ns_pid) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Where a test unit's file goes: the namespace's private /run.
+fn unit_path(sd: u32, unit: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{sd}/root/run/systemd/system/{unit}"))
+}
+
+/// Quotes a word for a unit file's command line or `Environment=`.
+fn unit_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%").replace('$', "$$"))
+}
+
+/// The text of a test broker's unit: units/corral.service (same hardening,
+/// Type=notify, watchdog) with its own command line, write access to the
+/// scratch directory only, the test's environment, and no [Install].
+/// Left out: LoadCredential= (no provider keys in tests) and the
+/// Runtime/State/ConfigurationDirectory= of the real service (a test broker
+/// keeps everything in its scratch directory).
+pub fn test_unit_text(name: &str, dir: &Path, instance: &str, env: &[(String, String)]) -> String {
+    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("units/corral.service")).unwrap();
+    let q = |p: &Path| unit_quote(&p.display().to_string());
+    let mut out = String::new();
+    let mut section = String::new();
+    let mut saw_exec = false;
+    for line in shipped.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            section = t.to_string();
+        }
+        if section == "[Install]" {
+            continue;
+        }
+        let key = t.split('=').next().unwrap_or("");
+        match key {
+            "Description" => {
+                out.push_str(&format!("Description=corral test broker {name}\n"));
+                continue;
+            }
+            "LoadCredential"
+            | "RuntimeDirectory"
+            | "RuntimeDirectoryPreserve"
+            | "StateDirectory"
+            | "StateDirectoryMode"
+            | "ConfigurationDirectory" => continue,
+            "ExecStart" => {
+                saw_exec = true;
+                out.push_str(&format!(
+                    "ExecStart={} broker --policies {} --socket {} --state-dir {} --systemd required --instance {}\n",
+                    unit_quote(BIN),
+                    q(&dir.join("policies")),
+                    q(&dir.join("corral.sock")),
+                    q(&dir.join("state")),
+                    instance,
+                ));
+                out.push_str(&format!("ReadWritePaths={}\n", q(dir)));
+                out.push_str("Environment=RUST_LOG=info\n");
+                for (k, v) in env {
+                    out.push_str(&format!("Environment={}\n", unit_quote(&format!("{k}={v}"))));
+                }
+                // A crashed test broker fails its test; it is not restarted.
+                out.push_str("Restart=no\n");
+                continue;
+            }
+            "Restart" => continue,
+            _ => {}
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(saw_exec, "units/corral.service has no ExecStart=");
+    out
+}
+
+static UNIT_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Writes and starts `corral-test-<name>-<pid>x<n>.service`; returns its name.
+fn start_unit(sd: u32, name: &str, dir: &Path, env: &[(String, String)]) -> String {
+    let n = UNIT_SEQ.fetch_add(1, Ordering::Relaxed);
+    let instance = format!("t{}x{n}", std::process::id());
+    let unit = format!("corral-test-{name}-{instance}.service");
+    let text = test_unit_text(name, dir, &instance, env);
+    std::fs::write(unit_path(sd, &unit), text).unwrap();
+    // A unit never loaded before is found on disk without a daemon-reload.
+    let out = nsenter(sd, &["systemctl", "start", &unit]);
+    if !out.status.success() {
+        let journal = nsenter(sd, &["journalctl", "--no-pager", "-o", "cat", "-u", &unit]);
+        let _ = std::fs::remove_file(unit_path(sd, &unit));
+        panic!(
+            "systemctl start {unit} failed: {}{}\njournal:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&journal.stdout)
+        );
+    }
+    unit
 }
 
 /// stdout of an exec reply, as text.

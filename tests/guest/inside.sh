@@ -1,0 +1,74 @@
+#!/bin/bash
+# Runs inside the Debian 12 guest, as root, from tests/guest/run.sh:
+#
+#   inside.sh REPO NAME=TEST-EXECUTABLE...
+#
+# REPO is the repository's path on the build host; the binary, the test
+# executables, units/, policies/ and scripts/ are at the same paths here.
+# Sets the host up as a user would (scripts/setup-test-host.sh, then
+# scripts/install.sh --start as the README says), prints corral doctor,
+# policy check and status, and runs every test executable in rlimit mode and
+# in systemd mode (each test broker a unit of this guest's systemd, PID 1).
+# Prints one SUMMARY line per executable and mode; exits 1 if any failed.
+set -uo pipefail
+repo=$1; shift
+cd "$repo" || exit 1
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Landlock ABI 2: no TCP rules (landlock-tcp), no scopes (landlock-scopes).
+export CORRAL_TEST_REQUIRE=${CORRAL_GUEST_REQUIRE:-root,landlock,seccomp,users,python3,bwrap,systemd}
+section() { printf '\n===== %s =====\n' "$*"; }
+failed=0 summary=()
+
+section "guest: $(uname -r), $(stat -fc %T /sys/fs/cgroup), PID 1 $(cat /proc/1/comm), $(nproc) CPUs"
+echo "required test features: $CORRAL_TEST_REQUIRE"
+
+section "scripts/setup-test-host.sh --no-build"
+scripts/setup-test-host.sh --no-build || { echo "SUMMARY setup: FAILED"; exit 1; }
+
+section "scripts/install.sh --binary target/release/corral --start"
+if ! scripts/install.sh --binary target/release/corral --start; then
+  systemctl status corral.service --no-pager || true
+  journalctl -u corral.service --no-pager -n 50 || true
+  echo "SUMMARY install: FAILED"
+  exit 1
+fi
+systemctl is-active corral.socket corral.service
+
+section "corral doctor --policies /etc/corral/policies"
+corral doctor --policies /etc/corral/policies
+echo "(doctor exit $?)"
+section "corral policy check /etc/corral/policies"
+corral policy check /etc/corral/policies
+echo "(policy check exit $?)"
+section "corral status"
+corral status
+echo "(status exit $?)"
+corral exec shell-tools -- sh -c 'id; echo hello from the sandbox; cat /etc/shadow'
+echo "(exec exit $?)"
+
+# The tests' scratch directories live in CARGO_TARGET_TMPDIR (target/tmp).
+mkdir -p target/tmp
+
+run() { # MODE NAME EXE [ENV...]
+  local mode=$1 name=$2 exe=$3; shift 3
+  section "$name ($mode mode)"
+  local log=/var/tmp/test-$name-$mode.log start=$SECONDS
+  env "$@" timeout 900 "$exe" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local line
+  line=$(grep -a '^test result:' "$log" | tail -1)
+  [ -n "$line" ] || line="no result (exit $rc)"
+  summary+=("SUMMARY $mode $name: $line ($((SECONDS - start)) s)")
+  [ "$rc" = 0 ] || failed=1
+}
+for t in "$@"; do
+  run rlimit "${t%%=*}" "${t#*=}"
+done
+for t in "$@"; do
+  run systemd "${t%%=*}" "${t#*=}" CORRAL_TEST_UNDER_SYSTEMD=1 CORRAL_TEST_SYSTEMD_PID=1
+done
+
+section "summary"
+printf '%s\n' "${summary[@]}"
+systemctl is-active corral.service >/dev/null || { echo "corral.service is no longer active"; systemctl status corral.service --no-pager; failed=1; }
+exit $failed
