@@ -9,8 +9,10 @@
 #   --binary PATH  the corral binary (default: target/release/corral)
 #   --runtime      install below /run only (units in /run/systemd/system,
 #                  sysusers.d and tmpfiles.d in /run, binary and config in
-#                  /run/corral-install): gone at the next boot. The tests use
-#                  it inside a namespaced systemd, whose /run is private.
+#                  /run/corral-install; the binary stays where it is when
+#                  /run is noexec, as Debian mounts it): gone at the next
+#                  boot. The tests use it (a namespaced systemd's /run is
+#                  private).
 #   --start        enable and start corral.socket and corral.service
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,13 +34,23 @@ if [ $runtime = 1 ]; then
 else
   bindir=/usr/local/bin etc=/etc/corral units=/etc/systemd/system cfg=/etc
 fi
-install -d -m 0755 "$bindir" "$units" "$cfg/sysusers.d" "$cfg/tmpfiles.d" "$etc" "$etc/policies"
+exe=$bindir/corral
+# Debian's initramfs mounts /run noexec: a binary copied there cannot start
+# (203/EXEC, "Permission denied"). The runtime install then runs the given
+# binary where it is.
+if [ $runtime = 1 ] && findmnt -no OPTIONS --target /run 2>/dev/null | grep -qw noexec; then
+  exe=$(realpath "$binary")
+fi
+install -d -m 0755 "$units" "$cfg/sysusers.d" "$cfg/tmpfiles.d" "$etc" "$etc/policies"
 install -d -m 0700 "$etc/credentials"
-install -m 0755 "$binary" "$bindir/corral"
+if [ "$exe" = "$bindir/corral" ]; then
+  install -d -m 0755 "$bindir"
+  install -m 0755 "$binary" "$exe"
+fi
 for u in corral.service corral.socket corral.slice; do
   # Not through a symlink (a unit masked to /dev/null, say): replace it.
   rm -f "$units/$u"
-  sed -e "s|/usr/local/bin/corral|$bindir/corral|g" -e "s|/etc/corral/|$etc/|g" "units/$u" >"$units/$u"
+  sed -e "s|/usr/local/bin/corral|$exe|g" -e "s|/etc/corral/|$etc/|g" "units/$u" >"$units/$u"
   chmod 0644 "$units/$u"
 done
 install -m 0644 units/sysusers.d/corral.conf "$cfg/sysusers.d/corral.conf"
@@ -61,5 +73,5 @@ if [ $start = 1 ]; then
   systemctl "${enable[@]}" corral.socket >/dev/null 2>&1 || systemctl start corral.socket
   systemctl start corral.service
 fi
-echo "installed: $bindir/corral, units in $units, policies in $etc/policies"
-echo "check the host with: $bindir/corral doctor --policies $etc/policies"
+echo "installed: $exe, units in $units, policies in $etc/policies"
+echo "check the host with: $exe doctor --policies $etc/policies"
