@@ -77,9 +77,15 @@ fn http_errors_have_stable_codes() {
     if !full_sandbox() {
         return;
     }
+    // Each workflow its own user, so its own tenant (a tenant is one user):
+    // below Landlock ABI 6 the broker refuses required workflows that share
+    // a user (their tools could signal each other).
     let b = Broker::start(
         "api-errors",
-        &[policy("api", "t", None, "", "stdin_max = \"1K\"", ""), policy("other", "t", None, "", "", "min_idle = 0")],
+        &[
+            policy("api", "t", None, "", "stdin_max = \"1K\"", ""),
+            policy("other", "t2", Some("corral-test"), "", "", "min_idle = 0"),
+        ],
     );
 
     // Neighbour: a good request, with the header too.
@@ -221,9 +227,12 @@ fn cli_behaves_like_the_command() {
     if !full_sandbox() {
         return;
     }
+    // Each workflow its own user, so its own tenant (a tenant is one user):
+    // below Landlock ABI 6 the broker refuses required workflows that share
+    // a user (their tools could signal each other).
     let b = Broker::start(
         "api-cli",
-        &[policy("cli", "t", None, "", "", ""), policy("spare", "t", None, "", "", "min_idle = 0")],
+        &[policy("cli", "t", None, "", "", ""), policy("spare", "t2", Some("corral-test"), "", "", "min_idle = 0")],
     );
 
     let out = b.cli(None, &["exec", "cli", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);

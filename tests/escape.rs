@@ -287,7 +287,11 @@ fn tcp_is_refused_without_rules_and_limited_to_listed_ports() {
     let bind_ok = free_port();
     let bind_no = free_port();
     let mut policies = shipped_policies();
-    policies.push(policy("net", "ops", None, &format!("tcp_connect = [{p}]\ntcp_bind = [{bind_ok}]"), "", ""));
+    let ports = format!("tcp_connect = [{p}]\ntcp_bind = [{bind_ok}]");
+    // Its own user, so its own tenant (a tenant is one user): below Landlock
+    // ABI 6 the broker refuses required workflows that share a user
+    // (shell-tools runs as corral-worker).
+    policies.push(policy("net", "net", Some("corral-test"), &ports, "", ""));
     let b = Broker::start("tcp", &policies);
 
     let probe = format!(
@@ -334,7 +338,34 @@ attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close(
     lp.set_nonblocking(true).unwrap();
     assert!(lp.accept().is_err(), "shell-tools reached the listener");
 
+    let abi = corral::sandbox::probe().landlock_abi;
     if !require(&["landlock-tcp"]) {
+        // No Landlock TCP rules (ABI < 4): a required workflow that lists
+        // ports refuses to run, naming the key and the kernel that has them.
+        let (code, r) = b.exec_body(&serde_json::json!({ "workflow": "net", "argv": ["true"] }));
+        assert_eq!(code, 503, "{r:#}");
+        assert_eq!(r["error"]["code"], "unavailable", "{r:#}");
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("sandbox.tcp_connect") && msg.contains("Linux 6.7"), "{msg}");
+        // The same ports with landlock = "best-effort": it runs, with no
+        // network at all (seccomp), not with an unrestricted one.
+        let mut be = policy("net", "net", Some("corral-test"), &ports, "", "");
+        be.text = be.text.replacen("landlock = \"required\"", "landlock = \"best-effort\"", 1);
+        let b2 = Broker::start("tcp-be", &[be]);
+        let out = py(&b2, "net", &probe);
+        for name in ["connect-p", "connect-q", "bind-ok", "bind-no", "udp"] {
+            assert_eq!(field(&out, name), eperm, "best-effort {name} on ABI {abi}: {out}");
+        }
+        let r = b2.exec("net", &["bash", "-c", &format!("echo x > /dev/tcp/127.0.0.1/{p}")]);
+        assert_denied(&r, "Operation not permitted");
+        assert!(lp.accept().is_err(), "best-effort net reached the listed port on ABI {abi}");
+        lq.set_nonblocking(true).unwrap();
+        assert!(lq.accept().is_err(), "best-effort net reached an unlisted port on ABI {abi}");
+        // The workflow says what holds the network promise.
+        let st = b2.status();
+        let wf = st["workflows"].as_array().unwrap().iter().find(|w| w["name"] == "net").unwrap().clone();
+        let net = wf["enforcement"].as_array().unwrap().iter().find(|e| e["promise"] == "network").unwrap().clone();
+        assert!(net["by"].as_str().unwrap_or_default().starts_with("none"), "{wf:#}");
         return;
     }
     // net: exactly the listed ports.
@@ -621,11 +652,19 @@ fn landlock_required_is_honoured() {
     let net = rows.iter().find(|r| r.promise == "network").unwrap();
     assert!(net.by.starts_with("listed TCP ports"), "{}", net.by);
 
-    // And on this kernel a required policy with a port starts for real.
-    if !require(&["root", "landlock-tcp", "users"]) {
+    // And on this kernel a required policy with a port starts for real, or
+    // (ABI < 4) is refused with the key and the kernel that has TCP rules.
+    if !require(&["root", "landlock", "users"]) {
         return;
     }
     let b = Broker::start("required", &[policy("req", "ops", None, "tcp_connect = [1]", "", "")]);
+    if !require(&["landlock-tcp"]) {
+        let (code, r) = b.exec_body(&serde_json::json!({ "workflow": "req", "argv": ["true"] }));
+        assert_eq!(code, 503, "{r:#}");
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("sandbox.tcp_connect") && msg.contains("Linux 6.7"), "{msg}");
+        return;
+    }
     let r = b.exec("req", &["true"]);
     assert_ok(&r);
 }

@@ -543,7 +543,10 @@ fn reload_applies_a_changed_policy_and_keeps_the_old_set_on_error() {
     };
 
     // A fourth workflow appears on reload and serves, without a restart.
-    let probe = policy("probe", "ops", None, "", "", "min_idle = 1");
+    // Its own user, so its own tenant (a tenant is one user): below Landlock
+    // ABI 6 the broker refuses required workflows that share a user
+    // (shell-tools runs as corral-worker).
+    let probe = policy("probe", "probe", Some("corral-test"), "", "", "min_idle = 1");
     std::fs::write(svc.policies_dir().join(&probe.name), &probe.text).unwrap();
     svc.systemctl_ok(&["reload", SERVICE]);
     let st = poll(Duration::from_secs(10), || {
