@@ -6,7 +6,12 @@
 #   1. cargo test: the suites in rlimit mode (brokers as plain children) and
 #      tests/systemd.rs (the installed corral.service under that systemd);
 #   2. the escape, IPC, limit and API suites again with every broker running
-#      as a unit of that systemd (CORRAL_TEST_UNDER_SYSTEMD=1).
+#      as a unit of that systemd (CORRAL_TEST_UNDER_SYSTEMD=1);
+#   3. all of it once more inside a stock Debian 12 guest under qemu
+#      (tests/guest/run.sh: systemd as PID 1, cgroup v2, Landlock ABI 2),
+#      with corral installed there as the README says. Listed as the feature
+#      "guest"; leave it out of CORRAL_TEST_REQUIRE to skip it (it needs
+#      qemu and, the first time, a Debian mirror to build the guest from).
 # Needs root.
 #
 # CORRAL_TEST_REQUIRE lists the features this machine must have; a test
@@ -16,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-test-host.sh
-export CORRAL_TEST_REQUIRE="${CORRAL_TEST_REQUIRE:-root,landlock,landlock-tcp,landlock-scopes,seccomp,users,python3,bwrap,systemd}"
+export CORRAL_TEST_REQUIRE="${CORRAL_TEST_REQUIRE:-root,landlock,landlock-tcp,landlock-scopes,seccomp,users,python3,bwrap,systemd,guest}"
 echo "required test features: $CORRAL_TEST_REQUIRE"
 
 # Build first, so the systemd is not kept waiting on the compiler.
@@ -29,3 +34,12 @@ echo "namespaced systemd: PID $CORRAL_TEST_SYSTEMD_PID"
 
 cargo test --release --locked
 CORRAL_TEST_UNDER_SYSTEMD=1 cargo test --release --locked --test escape --test escape_ipc --test limits --test api
+
+case ",$CORRAL_TEST_REQUIRE," in
+  *,guest,* | *,all,*)
+    scripts/sd-ns/ns.sh stop
+    trap - EXIT
+    tests/guest/run.sh
+    ;;
+  *) echo "SKIP: the Debian 12 guest suites (tests/guest/run.sh): CORRAL_TEST_REQUIRE does not list guest" ;;
+esac
