@@ -464,7 +464,9 @@ fn limits_hold_inside_the_scopes() {
     // Fork bomb in homework (tasks_max 32): TasksMax refuses the forks and
     // nothing of it is left.
     let (code, r) = svc.exec_body(
-        &json!({ "workflow": "homework", "argv": ["bash", "-c", ":(){ :|:& };:; sleep 5"], "timeout_ms": 2000 }),
+        // 8 s: homework's CPUQuota=25% on an emulated CPU (the Debian guest)
+        // gives bash about 0.6 s of CPU in 2 s, too little to fork 32 times.
+        &json!({ "workflow": "homework", "argv": ["bash", "-c", ":(){ :|:& };:; sleep 8"], "timeout_ms": 8000 }),
     );
     assert_eq!(code, 200, "{r:#}");
     let limit = r["limit"].as_str().unwrap_or_default();
@@ -673,7 +675,11 @@ fn a_broker_that_crashes_at_start_trips_the_start_limit() {
     let out = svc.ns(&["systemctl", "start", SERVICE]);
     assert!(!out.status.success(), "started despite the start limit: {}", text(&out));
     assert_eq!(svc.show(SERVICE, "ActiveState"), "failed");
-    assert_eq!(svc.journal(10_000).lines().count(), before, "a broker ran: {}", svc.journal(10));
+    // Only systemd's own refusal may appear (a systemd that is PID 1 of the
+    // machine logs it under the unit: "Start request repeated too quickly").
+    let journal = svc.journal(10_000);
+    let new: Vec<&str> = journal.lines().skip(before).collect();
+    assert!(new.iter().all(|l| l.contains(" systemd[1]: ") && !l.contains("Starting ")), "a broker ran: {new:#?}");
     // The socket went down with it.
     assert_eq!(svc.show(SOCKET, "Result"), "service-start-limit-hit");
     // A reset-failed lets both start again.

@@ -48,8 +48,10 @@ fi
 # What the guest carries, beyond a minimal Debian: systemd as PID 1 and
 # D-Bus (corral's scopes), the kernel, and what corral's tests call:
 # bwrap, runuser/nsenter (util-linux), python3, ps/pgrep (procps), ip
-# (iproute2), useradd (passwd), curl. Changing the list rebuilds the root.
-packages=systemd,systemd-sysv,dbus,linux-image-amd64,udev,kmod,passwd,util-linux,procps,python3,bubblewrap,iproute2,curl
+# (iproute2), useradd (passwd), curl; ca-certificates as on any installed
+# Debian (the LLM gateway's HTTP client wants a CA store). Changing the list
+# rebuilds the root.
+packages=systemd,systemd-sysv,dbus,linux-image-amd64,udev,kmod,passwd,util-linux,procps,python3,bubblewrap,iproute2,curl,ca-certificates
 root=$cache/rootfs
 if [ ! -f "$cache/.built" ] || [ "$(cat "$cache/.built")" != "$packages" ]; then
   # the same mirror apt uses on this machine
