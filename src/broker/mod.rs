@@ -213,7 +213,8 @@ impl Broker {
             if let Some(same) = old.get(wf.name.as_str()).filter(|o| o.policy == *wf) {
                 let uid = same.pool.worker_uid().unwrap_or(broker_uid);
                 let user = same.policy.user.clone().unwrap_or_else(|| self.config.worker_user.clone());
-                uses.push(sandbox::UserUse { workflow: wf.name.to_string(), uid, user, required });
+                let tenant = wf.tenant.to_string();
+                uses.push(sandbox::UserUse { workflow: wf.name.to_string(), tenant, uid, user, required });
                 slots.push(Slot::Reused(Arc::clone(same)));
                 continue;
             }
@@ -222,6 +223,7 @@ impl Broker {
             let creds = prepared.pool.spec.credentials.as_ref();
             uses.push(sandbox::UserUse {
                 workflow: wf.name.to_string(),
+                tenant: wf.tenant.to_string(),
                 uid: creds.map_or(broker_uid, |c| c.uid),
                 user: creds.map_or_else(|| "the broker's own user".to_string(), |c| c.user.clone()),
                 required,

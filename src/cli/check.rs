@@ -51,7 +51,7 @@ pub fn run(dir: &Path) -> u8 {
             let user = wf.user.clone().unwrap_or_else(|| DEFAULT_WORKER_USER.to_string());
             let uid = nix::unistd::User::from_name(&user).ok().flatten()?.uid.as_raw();
             let required = wf.sandbox.landlock == policy::Requirement::Required;
-            Some(sandbox::UserUse { workflow: wf.name.to_string(), uid, user, required })
+            Some(sandbox::UserUse { workflow: wf.name.to_string(), tenant: wf.tenant.to_string(), uid, user, required })
         })
         .collect();
     for (name, refuse, message) in sandbox::shared_user_conflicts(kernel.landlock_abi, &uses) {

@@ -97,7 +97,7 @@ pub fn prepare(layer: &Layer<'_>, abi_num: u32, requirement: Requirement) -> Res
         report.notes.push(format!(
             "signals and abstract Unix sockets are not scoped by Landlock (needs ABI {ABI_SCOPES}, Linux 6.12; \
              the kernel has ABI {abi_num}): seccomp refuses tools every Unix socket and any signal to their \
-             worker or to all processes, and the broker refuses workflows that share a user"
+             worker or to all processes, and the broker refuses tenants that share a user"
         ));
     }
     let mut created = ruleset.create().map_err(map)?;

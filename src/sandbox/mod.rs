@@ -228,7 +228,7 @@ pub fn enforcement(requirement: Requirement, tcp_ports: bool, abi: u32) -> Resul
         if abi >= landlock::ABI_SCOPES {
             "Landlock scope (only processes of the same call), separate uid per workflow".into()
         } else {
-            "separate unix user per workflow (checked at start) and seccomp: tools cannot signal their worker \
+            "separate unix user per tenant (checked at start) and seccomp: tools cannot signal their worker \
              or every process (Landlock scopes need ABI 6, Linux 6.12)"
                 .into()
         },
@@ -259,13 +259,17 @@ pub fn enforcement(requirement: Requirement, tcp_ports: bool, abi: u32) -> Resul
 /// and whether its Landlock is required.
 pub struct UserUse {
     pub workflow: String,
+    pub tenant: String,
     pub uid: u32,
     pub user: String,
     pub required: bool,
 }
 
 /// On a kernel whose Landlock cannot scope signals (ABI < 6), any process may
-/// signal every other process of its uid; a workflow's tools are kept from
+/// signal every other process of its uid. A tenant is one unix user by
+/// design (its workflows all name the same `user`), so what must not happen
+/// is two *tenants* sharing a uid: their tools could reach each other's
+/// processes. A workflow's tools are kept from
 /// the rest of the machine only if no other workflow shares its user.
 /// Returns, per offending workflow, whether it must be refused (required)
 /// and the message.
@@ -281,15 +285,16 @@ pub fn shared_user_conflicts(abi: u32, uses: &[UserUse]) -> Vec<(String, bool, S
             continue;
         }
         let others: Vec<&str> =
-            uses.iter().filter(|o| o.uid == u.uid && o.workflow != u.workflow).map(|o| o.workflow.as_str()).collect();
+            uses.iter().filter(|o| o.uid == u.uid && o.tenant != u.tenant).map(|o| o.workflow.as_str()).collect();
         if others.is_empty() {
             continue;
         }
         let message = format!(
-            "workflow {} runs as user {} like {}; this kernel's Landlock (ABI {abi}) cannot scope signals \
-             (needs ABI 6, Linux 6.12), so their tools could signal each other's processes: give each workflow \
-             its own workflow.user, or set sandbox.landlock = \"best-effort\" to accept it",
+            "workflow {} (tenant {}) runs as user {} like {} of another tenant; this kernel's Landlock (ABI {abi}) \
+             cannot scope signals (needs ABI 6, Linux 6.12), so their tools could signal each other's processes: \
+             give each tenant its own workflow.user, or set sandbox.landlock = \"best-effort\" to accept it",
             u.workflow,
+            u.tenant,
             u.user,
             others.join(", ")
         );
@@ -303,7 +308,7 @@ mod tests {
     use super::*;
 
     fn use_(wf: &str, uid: u32, required: bool) -> UserUse {
-        UserUse { workflow: wf.into(), uid, user: format!("u{uid}"), required }
+        UserUse { workflow: wf.into(), tenant: format!("t-{wf}"), uid, user: format!("u{uid}"), required }
     }
 
     #[test]
@@ -318,5 +323,11 @@ mod tests {
             found[0].2.contains("workflow.user") && found[0].2.contains("Linux 6.12") && found[0].2.contains("like b")
         );
         assert!(shared_user_conflicts(2, &[use_("a", 1, true), use_("c", 2, true)]).is_empty());
+        // Workflows of one tenant share its user by design: no conflict.
+        let same_tenant = [
+            UserUse { workflow: "x".into(), tenant: "kid".into(), uid: 7, user: "k".into(), required: true },
+            UserUse { workflow: "y".into(), tenant: "kid".into(), uid: 7, user: "k".into(), required: true },
+        ];
+        assert!(shared_user_conflicts(2, &same_tenant).is_empty());
     }
 }

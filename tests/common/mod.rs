@@ -294,8 +294,27 @@ impl Broker {
     pub fn log_text(&self) -> String {
         match &self.unit {
             Some((unit, sd)) => {
-                let out = nsenter(*sd, &["journalctl", "--no-pager", "-o", "cat", "-u", unit]);
-                String::from_utf8_lossy(&out.stdout).into_owned()
+                // Workers log from their own scopes: corral-<instance>-*.scope.
+                let instance = unit.rsplit('-').next().unwrap_or("").trim_end_matches(".service");
+                let scopes = format!("corral-{instance}-*.scope");
+                let out = nsenter(*sd, &["journalctl", "--no-pager", "-o", "json", "-u", unit, "-u", &scopes]);
+                // One line per entry, as the plain log reads: the message,
+                // then its CORRAL_* fields as key=value.
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .map(|e| {
+                        let mut line = e["MESSAGE"].as_str().unwrap_or("").to_string();
+                        if let Some(fields) = e.as_object() {
+                            for (k, v) in fields {
+                                if let (Some(name), Some(v)) = (k.strip_prefix("CORRAL_"), v.as_str()) {
+                                    line.push_str(&format!(" {}={v}", name.to_lowercase()));
+                                }
+                            }
+                        }
+                        line + "\n"
+                    })
+                    .collect()
             }
             None => std::fs::read_to_string(&self.log).unwrap_or_default(),
         }

@@ -64,15 +64,26 @@ impl Gateway {
         if let Some(c) = clients.get(&timeout) {
             return Ok(c.clone());
         }
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| GatewayError::ProviderDown {
-                base_url: String::new(),
-                tries: 0,
-                detail: format!("failed to build the HTTP client: {e}"),
-            })?;
+        let builder =
+            || reqwest::Client::builder().timeout(timeout).connect_timeout(timeout.min(Duration::from_secs(10)));
+        let client = match builder().build() {
+            Ok(c) => c,
+            // No CA store on this host (no ca-certificates): plain-HTTP
+            // providers (a local Ollama) must still work; HTTPS ones then fail
+            // certificate checks, and this says why.
+            Err(e) => {
+                tracing::warn!(
+                    "no TLS root certificates ({e}): HTTPS providers will fail; install the ca-certificates package"
+                );
+                builder().tls_certs_only(Vec::<reqwest::Certificate>::new()).build().map_err(|e| {
+                    GatewayError::ProviderDown {
+                        base_url: "(any)".into(),
+                        tries: 0,
+                        detail: format!("failed to build the HTTP client: {e}"),
+                    }
+                })?
+            }
+        };
         clients.insert(timeout, client.clone());
         Ok(client)
     }
