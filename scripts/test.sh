@@ -28,6 +28,8 @@ echo "required test features: $CORRAL_TEST_REQUIRE"
 cargo test --release --locked --no-run
 
 trap 'scripts/sd-ns/ns.sh stop' EXIT
+# The checkout may live under /tmp (private inside the namespace): keep it visible.
+export CORRAL_NS_KEEP=$PWD
 CORRAL_TEST_SYSTEMD_PID=$(scripts/sd-ns/ns.sh start)
 export CORRAL_TEST_SYSTEMD_PID
 echo "namespaced systemd: PID $CORRAL_TEST_SYSTEMD_PID"
@@ -43,3 +45,11 @@ case ",$CORRAL_TEST_REQUIRE," in
     ;;
   *) echo "SKIP: the Debian 12 guest suites (tests/guest/run.sh): CORRAL_TEST_REQUIRE does not list guest" ;;
 esac
+
+# A test run must leave the machine as it found it. (An install step once
+# chmod-ed /dev/null through a masked unit's symlink; catch any repeat.)
+if [ "$(stat -c %a /dev/null)" != 666 ]; then
+  echo "FAIL: /dev/null is now mode $(stat -c %a /dev/null), not 666: a step of this run changed it" >&2
+  exit 1
+fi
+echo "test.sh: all suites passed"

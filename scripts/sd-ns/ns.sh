@@ -16,7 +16,9 @@ sdpid() {
 case "$1" in
 start)
   [ -n "$(sdpid)" ] && { sdpid; exit 0; }
-  setsid unshare --pid --fork --mount --uts --ipc "$here/pid1.sh" >"$log" 2>&1 </dev/null &
+  # CORRAL_NS_KEEP: a directory under /tmp or /var/tmp to keep visible inside.
+  setsid unshare --pid --fork --mount --uts --ipc env CORRAL_NS_KEEP="${CORRAL_NS_KEEP:-}" "$here/pid1.sh" \
+    >"$log" 2>&1 </dev/null &
   echo $! >"$pidfile"
   for _ in $(seq 1 150); do
     p=$(sdpid)
