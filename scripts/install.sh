@@ -36,17 +36,17 @@ else
 fi
 exe=$bindir/corral
 # Debian's initramfs mounts /run noexec: a binary copied there cannot start
-# (203/EXEC, "Permission denied"). The runtime install then runs the given
-# binary where it is.
+# (203/EXEC, "Permission denied"). The runtime install then puts it in
+# /var/lib/corral-install (not where it is: a checkout under /tmp would be
+# hidden from the service by its PrivateTmp).
 if [ $runtime = 1 ] && findmnt -no OPTIONS --target /run 2>/dev/null | grep -qw noexec; then
-  exe=$(realpath "$binary")
+  bindir=/var/lib/corral-install/bin
+  exe=$bindir/corral
 fi
 install -d -m 0755 "$units" "$cfg/sysusers.d" "$cfg/tmpfiles.d" "$etc" "$etc/policies"
 install -d -m 0700 "$etc/credentials"
-if [ "$exe" = "$bindir/corral" ]; then
-  install -d -m 0755 "$bindir"
-  install -m 0755 "$binary" "$exe"
-fi
+install -d -m 0755 "$bindir"
+install -m 0755 "$binary" "$exe"
 for u in corral.service corral.socket corral.slice; do
   # Not through a symlink (a unit masked to /dev/null, say): replace it.
   rm -f "$units/$u"

@@ -14,7 +14,9 @@ mount --make-rprivate /
 keep=${CORRAL_NS_KEEP:-}
 case "$keep" in /tmp/*|/var/tmp/*) exec 9<"$keep" ;; *) keep= ;; esac
 for d in /run /tmp /var/tmp; do mount -t tmpfs tmpfs "$d"; done
-if [ -n "$keep" ]; then mkdir -p "$keep" && mount --bind /proc/self/fd/9 "$keep"; exec 9<&-; fi
+# --no-canonicalize: mount(8) would resolve the fd link to the path string,
+# which by now names the new, empty directory.
+if [ -n "$keep" ]; then mkdir -p "$keep" && mount --no-canonicalize --bind /proc/self/fd/9 "$keep"; exec 9<&-; fi
 mount -t proc proc /proc
 mkdir -p /run/systemd/system && cd /run/systemd/system
 units_kept=" systemd-logind.service systemd-journald.service systemd-journald.socket systemd-journald-dev-log.socket systemd-journald-audit.socket dbus.service dbus.socket "

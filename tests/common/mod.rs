@@ -592,6 +592,13 @@ pub fn test_unit_text(name: &str, dir: &Path, instance: &str, env: &[(String, St
                     instance,
                 ));
                 out.push_str(&format!("ReadWritePaths={}\n", q(dir)));
+                // The unit's PrivateTmp would hide a checkout under /tmp (CI
+                // may clone there): bind the scratch dir and the binary back,
+                // taken from the host's view.
+                if dir.starts_with("/tmp") || dir.starts_with("/var/tmp") {
+                    out.push_str(&format!("BindPaths={}\n", q(dir)));
+                    out.push_str(&format!("BindReadOnlyPaths={}\n", unit_quote(BIN)));
+                }
                 out.push_str("Environment=RUST_LOG=info\n");
                 for (k, v) in env {
                     out.push_str(&format!("Environment={}\n", unit_quote(&format!("{k}={v}"))));
