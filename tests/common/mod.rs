@@ -596,7 +596,9 @@ pub fn test_unit_text(name: &str, dir: &Path, instance: &str, env: &[(String, St
                 // may clone there): bind the scratch dir and the binary back,
                 // taken from the host's view.
                 if dir.starts_with("/tmp") || dir.starts_with("/var/tmp") {
-                    out.push_str(&format!("BindPaths={}\n", q(dir)));
+                    // All of the tests' scratch space: some tests keep files
+                    // (a setuid binary, say) beside the broker's own dir.
+                    out.push_str(&format!("BindPaths={}\n", q(Path::new(env!("CARGO_TARGET_TMPDIR")))));
                     out.push_str(&format!("BindReadOnlyPaths={}\n", unit_quote(BIN)));
                 }
                 out.push_str("Environment=RUST_LOG=info\n");
