@@ -13,6 +13,11 @@
 # Prints one SUMMARY line per executable and mode; exits 1 if any failed.
 set -uo pipefail
 repo=$1; shift
+# A checkout from under /tmp on the build host was copied to /srv/corral-guest:
+# bind it back where the test executables expect it.
+if [ -n "${CORRAL_GUEST_BIND_FROM:-}" ]; then
+  mkdir -p "$repo" && mount --bind "$CORRAL_GUEST_BIND_FROM" "$repo" || exit 1
+fi
 cd "$repo" || exit 1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Landlock ABI 2: no TCP rules (landlock-tcp), no scopes (landlock-scopes).

@@ -52,14 +52,21 @@ binary=$repo/target/release/corral
 [ -x "$binary" ] || { echo "no $binary after the build" >&2; exit 1; }
 echo "built in $(($(date +%s) - t0)) s: corral and ${#tests[@]} test executables (${tests[*]%%=*})"
 
-copies=(--copy "$binary" "$binary")
-for t in "${tests[@]}"; do copies+=(--copy "${t#*=}" "${t#*=}"); done
-for d in units policies scripts tests/guest; do copies+=(--copy "$repo/$d" "$repo/$d"); done
+# Files keep their absolute paths in the guest (the test executables have
+# them compiled in). A checkout under /tmp or /var/tmp would be hidden by the
+# guest's own /tmp: it goes to /srv/corral-guest/... and inside.sh binds it
+# back onto the original path first.
+prefix=""
+case "$repo" in /tmp/*|/var/tmp/*) prefix=/srv/corral-guest ;; esac
+copies=(--copy "$binary" "$prefix$binary")
+for t in "${tests[@]}"; do copies+=(--copy "${t#*=}" "$prefix${t#*=}"); done
+for d in units policies scripts tests/guest; do copies+=(--copy "$repo/$d" "$prefix$repo/$d"); done
 
 t1=$(date +%s)
 set +e
 tests/guest/debian-guest.sh "${guest_args[@]}" --mem "$mem" --timeout "$limit" "${copies[@]}" \
-  -- env CORRAL_GUEST_REQUIRE="${CORRAL_GUEST_REQUIRE:-}" "$repo/tests/guest/inside.sh" "$repo" "${tests[@]}" \
+  -- env CORRAL_GUEST_REQUIRE="${CORRAL_GUEST_REQUIRE:-}" CORRAL_GUEST_BIND_FROM="${prefix:+$prefix$repo}" \
+  "$prefix$repo/tests/guest/inside.sh" "$repo" "${tests[@]}" \
   | tee target/guest/console.log
 code=${PIPESTATUS[0]}
 set -e
