@@ -72,6 +72,10 @@ pub struct Stats {
     pub oom_kills: Option<u64>,
     /// Times a fork was refused because of the task limit.
     pub tasks_refused: Option<u64>,
+    /// Times the group's memory hit its limit (v2 `memory.events` max, v1
+    /// `memory.failcnt`): the kernel reclaimed instead of allocating.
+    #[serde(default)]
+    pub memory_max_hits: Option<u64>,
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
@@ -96,6 +100,7 @@ pub fn stats(loc: &Location) -> Stats {
             tasks_current: read_u64(&g.join("pids.current")),
             oom_kills: keyed(&g.join("memory.events"), "oom_kill"),
             tasks_refused: keyed(&g.join("pids.events"), "max"),
+            memory_max_hits: keyed(&g.join("memory.events"), "max"),
         };
     }
     Stats {
@@ -105,6 +110,7 @@ pub fn stats(loc: &Location) -> Stats {
         tasks_current: loc.pids.as_ref().and_then(|g| read_u64(&g.join("pids.current"))),
         oom_kills: loc.memory.as_ref().and_then(|g| keyed(&g.join("memory.oom_control"), "oom_kill")),
         tasks_refused: loc.pids.as_ref().and_then(|g| keyed(&g.join("pids.events"), "max")),
+        memory_max_hits: loc.memory.as_ref().and_then(|g| read_u64(&g.join("memory.failcnt"))),
     }
 }
 
@@ -206,6 +212,7 @@ mod tests {
                 tasks_current: Some(3),
                 oom_kills: Some(1),
                 tasks_refused: Some(0),
+                memory_max_hits: Some(5),
             }
         );
         std::fs::remove_dir_all(&root).unwrap();

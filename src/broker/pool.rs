@@ -392,7 +392,12 @@ impl Pool {
 
     /// The limit the kernel enforced between two readings: the workflow's
     /// own (scope) first, then the tenant's (slice).
-    fn limit_hit(&self, before: &Option<(Stats, Stats)>, after: &Option<(Stats, Stats)>) -> Option<String> {
+    fn limit_hit(
+        &self,
+        before: &Option<(Stats, Stats)>,
+        after: &Option<(Stats, Stats)>,
+        timed_out: bool,
+    ) -> Option<String> {
         let ((b, bs), (a, as_)) = (before.as_ref()?, after.as_ref()?);
         let grew = |x: Option<u64>, y: Option<u64>| y.unwrap_or(0).saturating_sub(x.unwrap_or(0));
         let oom = grew(b.oom_kills, a.oom_kills);
@@ -405,6 +410,15 @@ impl Pool {
         let refused = grew(b.tasks_refused, a.tasks_refused);
         if refused > 0 {
             return Some(format!("tasks_max {} reached: {refused} fork(s) refused", self.cfg.tasks_max));
+        }
+        // cgroup v2 may hold a group at memory.max, reclaiming, rather than
+        // OOM-kill it at once: a call that ran out of time pinned there was
+        // stopped by its memory limit as much as by its clock.
+        if timed_out && grew(b.memory_max_hits, a.memory_max_hits) > 0 {
+            return Some(format!(
+                "memory_max {} reached: the call was held at its memory limit until its time ran out",
+                self.cfg.memory_max
+            ));
         }
         let slice = self.cfg.scope.as_ref().map_or("the tenant's slice", |s| s.slice.as_str());
         let oom = grew(bs.oom_kills, as_.oom_kills);
@@ -452,7 +466,8 @@ impl Pool {
             let loc = self.state().cgroups.get(&id).cloned();
             let before = Self::counters(&loc);
             let result = worker.call(job.call, BACKSTOP, job.completions.as_ref()).await;
-            let mut limit = self.limit_hit(&before, &Self::counters(&loc));
+            let timed_out = matches!(&result, Ok(Answer::Done(o)) if o.timed_out);
+            let mut limit = self.limit_hit(&before, &Self::counters(&loc), timed_out);
             let killed = result.as_ref().is_ok_and(|a| match a {
                 Answer::Done(o) => o.termination == crate::protocol::Termination::Signaled(9) && !o.timed_out,
                 Answer::Answered(_) => false,
@@ -461,7 +476,7 @@ impl Pool {
                 // A SIGKILL nobody in corral sent: give the kernel's counters
                 // a moment before concluding it was not a limit.
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                limit = self.limit_hit(&before, &Self::counters(&loc));
+                limit = self.limit_hit(&before, &Self::counters(&loc), timed_out);
             }
             if let Some(l) = &limit {
                 tracing::warn!(workflow = %self.cfg.workflow, worker = id, "{l}");
