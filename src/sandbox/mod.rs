@@ -226,7 +226,7 @@ pub fn enforcement(requirement: Requirement, tcp_ports: bool, abi: u32) -> Resul
     rows.push(row(
         "signals",
         if abi >= landlock::ABI_SCOPES {
-            "Landlock scope (only processes of the same call), separate uid per workflow".into()
+            "Landlock scope (only processes of the same call), a separate unix user per tenant".into()
         } else {
             "separate unix user per tenant (checked at start) and seccomp: tools cannot signal their worker \
              or every process (Landlock scopes need ABI 6, Linux 6.12)"
