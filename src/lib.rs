@@ -54,3 +54,15 @@ pub mod protocol;
 pub mod sandbox;
 pub mod utc;
 pub mod worker;
+
+/// An error and all its causes on one line: "failed to X: because Y: …".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -178,7 +178,7 @@ fn main() -> ExitCode {
         return match corral::worker::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!("worker: {}", error_chain(&e));
+                tracing::error!("worker: {}", corral::error_chain(&e));
                 ExitCode::from(3)
             }
         };
@@ -193,17 +193,6 @@ fn main() -> ExitCode {
             ExitCode::from(corral::cli::EXIT_CORRAL)
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn run_async(command: Command) -> anyhow::Result<u8> {
@@ -238,7 +227,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 instance,
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(corral::error_chain(&e)))?;
             Ok(0)
         }
         Command::Exec { socket, json, stdin, timeout_ms, workflow, argv } => {

@@ -71,20 +71,6 @@ fn with_cmdline(needle: &str) -> Vec<Proc> {
     processes().into_iter().filter(|p| p.cmdline.contains(needle)).collect()
 }
 
-/// Polls `f` every 10 ms until it returns `Some` or `limit` passes.
-fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Waits until no process's command line contains `needle`; panics with the
 /// survivors after `limit`.
 fn assert_gone(needle: &str, limit: Duration) {

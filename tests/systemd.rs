@@ -323,19 +323,6 @@ fn procs_of_uid(sd: u32, uid: u32) -> Vec<u32> {
     out
 }
 
-fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The limits of the shipped policies, as `systemctl show` prints them:
 /// (workflow, tenant, MemoryMax, TasksMax, CPUQuotaPerSecUSec).
 const WORKFLOW_LIMITS: &[(&str, &str, &str, &str, &str)] = &[

@@ -204,10 +204,10 @@ fn classify(e: OpenAIError, ep: &Endpoint<'_>, attempts: &Attempts) -> GatewayEr
         OpenAIError::Reqwest(err) if err.is_connect() => GatewayError::ProviderDown {
             base_url,
             tries: attempts.tries,
-            detail: format!("cannot connect: {}", error_chain(&err)),
+            detail: format!("cannot connect: {}", crate::error_chain(&err)),
         },
         OpenAIError::Reqwest(err) => {
-            GatewayError::ProviderDown { base_url, tries: attempts.tries, detail: error_chain(&err) }
+            GatewayError::ProviderDown { base_url, tries: attempts.tries, detail: crate::error_chain(&err) }
         }
         OpenAIError::JSONDeserialize(err, content) => match attempts.last_status {
             // An error status with a body that is not OpenAI's error JSON.
@@ -216,15 +216,4 @@ fn classify(e: OpenAIError, ep: &Endpoint<'_>, attempts: &Attempts) -> GatewayEr
         },
         other => GatewayError::BadResponse { base_url, detail: other.to_string() },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
