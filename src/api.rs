@@ -17,8 +17,14 @@ pub const STATUS_PATH: &str = "/v1/status";
 pub const ASK_PATH: &str = "/v1/ask";
 /// OpenAI-compatible: `model` names the workflow.
 pub const CHAT_PATH: &str = "/v1/chat/completions";
+/// Tokens used: `GET /v1/usage?since=YYYY-MM-DD&by=workflow|tenant|model`.
+pub const USAGE_PATH: &str = "/v1/usage";
 /// Header carrying the request id on every answer.
 pub const REQUEST_ID_HEADER: &str = "x-corral-request-id";
+/// Optional request header naming the workflow of a call (exec, ask, chat):
+/// the broker then authorizes the caller for it before reading the body,
+/// and the body must name the same workflow.
+pub const WORKFLOW_HEADER: &str = "x-corral-workflow";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,7 +99,8 @@ pub struct ErrorReply {
 pub struct ErrorInfo {
     /// Stable, machine-readable: `bad_request`, `invalid_json`, `forbidden`,
     /// `unknown_workflow`, `not_found`, `method_not_allowed`, `too_large`,
-    /// `busy`, `unavailable`, `worker_died`, `timeout`, `internal`; for
+    /// `length_required`, `busy`, `overloaded`, `stopping`, `unavailable`,
+    /// `worker_died`, `timeout`, `internal`; for
     /// asks also `no_llm`, `budget_exhausted`, `provider_unauthorized`,
     /// `model_not_found`, `provider_rate_limited`, `provider_down`,
     /// `provider_timeout`, `provider_rejected`, `bad_provider_response`.
@@ -164,6 +171,30 @@ pub struct WorkerStatus {
     /// Memory, CPU and tasks of the worker's scope (with systemd).
     pub cgroup: Option<crate::cgroup::Stats>,
     pub sandbox: Option<EffectiveSandbox>,
+}
+
+/// The query of `GET /v1/usage`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// Only calls from this UTC date on, `YYYY-MM-DD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// `workflow` (default), `tenant` or `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<crate::broker::ledger::GroupBy>,
+}
+
+/// One row of `GET /v1/usage`: model calls and their tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// The workflow, tenant or model.
+    pub key: String,
+    pub calls: u64,
+    pub failed: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
 }
 
 /// `POST /v1/ask`.

@@ -28,6 +28,19 @@ pub async fn request(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Bytes), ClientError> {
+    request_for(socket, method, path, None, body).await
+}
+
+/// Like [`request`], for a call of `workflow`: names it in the
+/// `x-corral-workflow` header, so the broker authorizes the caller before
+/// it reads the body.
+pub async fn request_for(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    workflow: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Bytes), ClientError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| ClientError::Connect { path: socket.to_path_buf(), source })?;
@@ -35,12 +48,15 @@ pub async fn request(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, "corral")
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(w) = workflow {
+        req = req.header(crate::api::WORKFLOW_HEADER, w);
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();

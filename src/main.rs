@@ -70,11 +70,14 @@ enum Command {
         workflow: String,
         prompt: String,
     },
-    /// Tokens used, from the broker's ledger (reads the file directly).
+    /// Tokens used, from the broker: your own calls (root: everyone's).
     Usage {
-        /// The broker's state directory (holds ledger.sqlite3).
-        #[arg(long, default_value = "/var/lib/corral")]
-        state_dir: PathBuf,
+        #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Ignored: usage comes from the broker on --socket (kept so that
+        /// older scripts still run).
+        #[arg(long, hide = true)]
+        state_dir: Option<PathBuf>,
         /// Only calls from this UTC date on, YYYY-MM-DD.
         #[arg(long)]
         since: Option<String>,
@@ -225,6 +228,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 drain_timeout,
                 credentials,
                 instance,
+                http: corral::broker::http::limits::Limits::default(),
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(corral::error_chain(&e)))?;
@@ -245,8 +249,12 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(corral::cli::ask::run(&socket, &workflow, &prompt, json))
         }
-        Command::Usage { state_dir, since, by, json } => {
-            corral::cli::usage::run(&state_dir, since.as_deref(), by, json)
+        Command::Usage { socket, state_dir, since, by, json } => {
+            if state_dir.is_some() {
+                eprintln!("corral: --state-dir is ignored: usage comes from the broker on --socket");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(corral::cli::usage::run(&socket, since.as_deref(), by, json))
         }
         Command::Canary { socket, workflow, prompt, expect, max_latency } => {
             let expect = match regex::Regex::new(&expect) {

@@ -5,8 +5,8 @@
 //! one per tool call of an ask (`tool_calls`). Budgets are sums over these
 //! rows since the last UTC midnight, so they are checked against what
 //! providers reported to the broker, never against what a worker says.
-//! Times are Unix seconds (UTC). `corral usage` opens the same file
-//! read-only.
+//! Times are Unix seconds (UTC). `GET /v1/usage` (and so `corral usage`)
+//! answers from it, each client with the rows of its own calls.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -76,6 +76,8 @@ pub struct ModelCall<'a> {
     pub request_id: &'a str,
     pub workflow: &'a str,
     pub tenant: &'a str,
+    /// The client that asked (`SO_PEERCRED`); `None` in rows of old ledgers.
+    pub uid: Option<u32>,
     pub model: &'a str,
     pub usage: Usage,
     pub latency_ms: u64,
@@ -92,7 +94,8 @@ pub enum Scope<'a> {
 }
 
 /// What `corral usage` groups by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum GroupBy {
     Workflow,
     Tenant,
@@ -121,6 +124,18 @@ pub struct Ledger {
     conn: Mutex<Connection>,
 }
 
+/// Ledgers written before the caller's uid was recorded lack the column.
+fn add_uid_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool =
+        conn.query_row("SELECT COUNT(*) FROM pragma_table_info('model_calls') WHERE name = 'uid'", [], |r| {
+            r.get::<_, i64>(0).map(|n| n > 0)
+        })?;
+    if !has {
+        conn.execute_batch("ALTER TABLE model_calls ADD COLUMN uid INTEGER")?;
+    }
+    Ok(())
+}
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -140,6 +155,7 @@ impl Ledger {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
             .and_then(|()| conn.execute_batch(SCHEMA))
+            .and_then(|()| add_uid_column(&conn))
             .map_err(|source| LedgerError::Schema { path: path.clone(), source })?;
         Ok(Ledger { conn: Mutex::new(conn) })
     }
@@ -161,8 +177,8 @@ impl Ledger {
         self.conn()
             .execute(
                 "INSERT INTO model_calls (time, request_id, workflow, tenant, model, prompt_tokens, \
-                 completion_tokens, total_tokens, latency_ms, tries, outcome) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 completion_tokens, total_tokens, latency_ms, tries, outcome, uid) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     c.time,
                     c.request_id,
@@ -174,7 +190,8 @@ impl Ledger {
                     to_i64(c.usage.total_tokens),
                     to_i64(c.latency_ms),
                     c.tries,
-                    c.outcome
+                    c.outcome,
+                    c.uid
                 ],
             )
             .map(drop)
@@ -248,8 +265,9 @@ impl Ledger {
             .then_some(Spike { hour_tokens: current, hourly_average: average }))
     }
 
-    /// Model calls since `since`, summed per workflow, tenant or model.
-    pub fn usage(&self, since: i64, by: GroupBy) -> Result<Vec<UsageRow>, LedgerError> {
+    /// Model calls since `since`, summed per workflow, tenant or model;
+    /// with `uid`, only the calls that client made.
+    pub fn usage(&self, since: i64, by: GroupBy, uid: Option<u32>) -> Result<Vec<UsageRow>, LedgerError> {
         let column = match by {
             GroupBy::Workflow => "workflow",
             GroupBy::Tenant => "tenant",
@@ -258,12 +276,12 @@ impl Ledger {
         let sql = format!(
             "SELECT {column}, COUNT(*), SUM(outcome != 'ok'), SUM(prompt_tokens), \
              SUM(completion_tokens), SUM(total_tokens) FROM model_calls WHERE time >= ?1 \
-             GROUP BY {column} ORDER BY {column}"
+             AND (?2 IS NULL OR uid = ?2) GROUP BY {column} ORDER BY {column}"
         );
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql).map_err(LedgerError::Read)?;
         let rows = stmt
-            .query_map(params![since], |r| {
+            .query_map(params![since, uid], |r| {
                 Ok(UsageRow {
                     key: r.get(0)?,
                     calls: to_u64(r.get(1)?),
@@ -301,6 +319,7 @@ mod tests {
                 request_id: "r",
                 workflow,
                 tenant,
+                uid: Some(7),
                 model,
                 usage: Usage {
                     prompt_tokens: tokens / 2,
@@ -323,12 +342,14 @@ mod tests {
         call(&l, now, "w2", "t", "m2", 5);
         assert_eq!(l.tokens_today(Scope::Workflow("w"), now).unwrap(), 10);
         assert_eq!(l.tokens_today(Scope::Tenant("t"), now).unwrap(), 15);
-        let by_model = l.usage(0, GroupBy::Model).unwrap();
+        let by_model = l.usage(0, GroupBy::Model, None).unwrap();
         assert_eq!(by_model.len(), 2);
         assert_eq!((by_model[0].key.as_str(), by_model[0].total_tokens, by_model[0].calls), ("m1", 1010, 2));
-        let today = l.usage(utc::day_start(now), GroupBy::Tenant).unwrap();
+        let today = l.usage(utc::day_start(now), GroupBy::Tenant, None).unwrap();
         assert_eq!(today[0].total_tokens, 15);
         assert_eq!(today[0].prompt_tokens + today[0].completion_tokens, 15);
+        assert_eq!(l.usage(0, GroupBy::Tenant, Some(7)).unwrap()[0].total_tokens, 1015, "uid 7 made every call");
+        assert!(l.usage(0, GroupBy::Tenant, Some(8)).unwrap().is_empty(), "uid 8 made none");
         let mode = std::fs::metadata(dir.join(FILE_NAME)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(dir);

@@ -3,19 +3,19 @@
 //!
 //! Parts: [`setup`] turns a policy into a pool configuration, [`pool`] runs
 //! the workers ([`launcher`] starts one, [`scope`] puts it in a systemd
-//! scope), [`auth`] decides who may call what, [`api`] serves the routes
-//! ([`ask`] and [`chat`] the prompts), [`llm`] is the gateway to model
-//! providers and [`ledger`] its token ledger, [`listener`] accepts
-//! connections, [`notify`] talks to the service manager.
+//! scope), [`auth`] decides who may call what, [`http`] is the front door
+//! (socket, accept loop, per-uid caps, routes), [`ask`] runs prompts,
+//! [`llm`] is the gateway to model providers and [`ledger`] its token
+//! ledger, [`log`] escapes client text for the log, [`notify`] talks to the
+//! service manager.
 
-mod api;
 mod ask;
 mod auth;
-mod chat;
+pub mod http;
 mod launcher;
 pub mod ledger;
-mod listener;
 pub mod llm;
+mod log;
 mod notify;
 mod pool;
 pub mod scope;
@@ -23,7 +23,7 @@ pub(crate) mod setup;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use crate::api::{BrokerInfo, Status};
 use crate::policy;
 use crate::sandbox;
 
-pub use listener::BindError;
+pub use http::BindError;
 
 /// Whether workers go into systemd scopes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,6 +68,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Where the LLM gateway finds API keys.
     pub credentials: llm::CredentialStore,
+    /// Connection and body caps, timeouts of the front door.
+    pub http: http::limits::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +93,6 @@ pub enum BrokerError {
 /// One workflow as the request path needs it.
 struct Workflow {
     name: String,
-    source: String,
     policy: policy::Workflow,
     clients: auth::Clients,
     pool: Arc<pool::Pool>,
@@ -107,11 +108,16 @@ pub struct Broker {
     config: Config,
     systemd: Option<scope::Systemd>,
     resource_control: String,
+    /// Why systemd is not used, when it failed: for root's status only (a
+    /// D-Bus error names paths and services of the host).
+    resource_control_error: Option<String>,
     started: Instant,
     request_seq: AtomicU64,
     call_seq: AtomicU64,
     in_flight: AtomicUsize,
     gateway: llm::Gateway,
+    /// Set once SIGTERM starts the drain: new requests are refused.
+    draining: AtomicBool,
 }
 
 /// Counts a call in flight for as long as it lives.
@@ -131,6 +137,17 @@ impl Drop for InFlight<'_> {
 }
 
 impl Broker {
+    /// Whether the broker drains after SIGTERM: the front door answers new
+    /// requests 503 `stopping`.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts the drain (see [`Broker::draining`]).
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
     fn snapshot(&self) -> Arc<Workflows> {
         Arc::clone(&self.workflows.read().unwrap_or_else(|p| p.into_inner()))
     }
@@ -141,6 +158,16 @@ impl Broker {
 
     fn workflow_names(&self) -> Vec<String> {
         self.snapshot().keys().cloned().collect()
+    }
+
+    /// The workflows `peer` may use.
+    fn workflows_of(&self, peer: &auth::Peer) -> Vec<String> {
+        self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| w.name.clone()).collect()
+    }
+
+    /// Whether `peer` is a client of any workflow.
+    fn may_use_any(&self, peer: &auth::Peer) -> bool {
+        self.snapshot().values().any(|w| w.clients.allows(peer))
     }
 
     fn next_request_id(&self) -> String {
@@ -172,6 +199,11 @@ impl Broker {
     /// Status of the workflows `peer` may use (all of them for root).
     fn status(&self, peer: &auth::Peer) -> Status {
         let kernel = sandbox::probe();
+        let operator = peer.uid == 0 || peer.uid == nix::unistd::Uid::effective().as_raw();
+        let resource_control = match &self.resource_control_error {
+            Some(e) if operator => format!("{} ({e})", self.resource_control),
+            _ => self.resource_control.clone(),
+        };
         Status {
             broker: BrokerInfo {
                 pid: std::process::id(),
@@ -179,7 +211,7 @@ impl Broker {
                 uptime_s: self.started.elapsed().as_secs(),
                 landlock_abi: kernel.landlock_abi,
                 seccomp: kernel.seccomp,
-                resource_control: self.resource_control.clone(),
+                resource_control,
             },
             workflows: self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| w.pool.status()).collect(),
         }
@@ -260,7 +292,6 @@ impl Broker {
                 wf.name.to_string(),
                 Arc::new(Workflow {
                     name: wf.name.to_string(),
-                    source: wf.source.display().to_string(),
                     policy: wf.clone(),
                     clients: prepared.clients,
                     pool,
@@ -315,9 +346,13 @@ fn prepare_state_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
 const RLIMITS_ONLY: &str = "rlimits only (RLIMIT_AS = memory_max, RLIMIT_NPROC = tasks_max per user, \
     RLIMIT_FSIZE, RLIMIT_NOFILE); cpu_quota, memory_swap_max, io_weight and tenant limits are NOT enforced";
 
-async fn connect_systemd(mode: SystemdMode) -> Result<(Option<scope::Systemd>, String), BrokerError> {
+/// systemd when it answers; the resource control text; why systemd is not
+/// used (shown to root only).
+type Connected = (Option<scope::Systemd>, String, Option<String>);
+
+async fn connect_systemd(mode: SystemdMode) -> Result<Connected, BrokerError> {
     if mode == SystemdMode::Off {
-        return Ok((None, format!("{RLIMITS_ONLY} (--systemd=off)")));
+        return Ok((None, format!("{RLIMITS_ONLY} (--systemd=off)"), None));
     }
     match scope::Systemd::connect().await {
         Ok(sd) => {
@@ -327,17 +362,17 @@ async fn connect_systemd(mode: SystemdMode) -> Result<(Option<scope::Systemd>, S
                  CPUQuota, TasksMax, IOWeight; tenant limits on the slice), cgroup {cg}",
                 sd.version
             );
-            Ok((Some(sd), text))
+            Ok((Some(sd), text, None))
         }
         Err(e) if mode == SystemdMode::Required => Err(BrokerError::NoSystemd(Box::new(e))),
-        Err(e) => Ok((None, format!("{RLIMITS_ONLY}: systemd is not reachable ({e})"))),
+        Err(e) => Ok((None, format!("{RLIMITS_ONLY}: systemd is not reachable"), Some(e.to_string()))),
     }
 }
 
 /// Runs the broker until SIGINT or SIGTERM.
 pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     notify::status("starting");
-    let (systemd, resource_control) = connect_systemd(config.systemd).await?;
+    let (systemd, resource_control, resource_control_error) = connect_systemd(config.systemd).await?;
     let broker_instance = config.instance.clone();
     let loaded = load_policies(&config.policies)?;
     prepare_state_dir(&config.state_dir)?;
@@ -349,8 +384,8 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     let gateway = llm::Gateway::new(ledger, std::mem::take(&mut config.credentials), llm::RetryPolicy::default());
 
     let (listener, bound) = match config.listener.take() {
-        Some(l) => (listener::from_std(l)?, false),
-        None => (listener::bind(&config.socket)?, true),
+        Some(l) => (http::listener::from_std(l)?, false),
+        None => (http::listener::bind(&config.socket)?, true),
     };
     // Only once the socket is ours: a second broker started by mistake on a
     // live socket must fail at the bind above, not first stop the scopes
@@ -363,24 +398,32 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
             tracing::warn!("stopped {} scope(s) left by an earlier broker: {}", stopped.len(), stopped.join(", "));
         }
     } else {
-        tracing::warn!("resource control: {resource_control}");
+        match &resource_control_error {
+            Some(e) => tracing::warn!("resource control: {resource_control} ({e})"),
+            None => tracing::warn!("resource control: {resource_control}"),
+        }
     }
+    // Request bodies are released to the kernel when freed (see
+    // sandbox::memory): a burst of large bodies must not stay in RSS.
+    crate::sandbox::memory::pin_mmap_threshold(256 << 10);
     let broker = Arc::new(Broker {
         workflows: RwLock::new(Arc::new(Workflows::new())),
         config,
         systemd,
         resource_control,
+        resource_control_error,
         started: Instant::now(),
         request_seq: AtomicU64::new(1),
         call_seq: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
         gateway,
+        draining: AtomicBool::new(false),
     });
     let (initial, _) = broker.build(&loaded, &Workflows::new()).await;
     let count = initial.len();
     *broker.workflows.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(initial);
 
-    let server = tokio::spawn(listener::serve(listener, Arc::clone(&broker)));
+    let server = http::Server::start(listener, Arc::clone(&broker), broker.config.http.clone());
     notify::ready(&format!("serving {count} workflows on {}", broker.config.socket.display()));
     tracing::info!(socket = %broker.config.socket.display(), workflows = count, "broker ready");
     let watchdog =
@@ -410,8 +453,9 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         }
     }
 
-    // Drain: no new connections; calls in flight get drain_timeout to end.
-    server.abort();
+    // Drain: new requests are answered 503 `stopping`; calls in flight get
+    // drain_timeout to end.
+    broker.start_draining();
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -438,6 +482,9 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     while pools.iter().any(|p| p.live_slots() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Calls the drain cut have their answer ("stopping"); let them be
+    // written, then close every connection and the socket.
+    server.shutdown().await;
     if bound {
         let _ = std::fs::remove_file(&broker.config.socket);
     }

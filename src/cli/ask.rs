@@ -18,8 +18,9 @@ pub async fn ask(socket: &Path, workflow: &str, prompt: &str) -> Result<(AskRepl
     let body = AskBody { workflow: workflow.to_string(), prompt: prompt.to_string(), conversation: Vec::new() };
     let started = Instant::now();
     let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-    let (status, reply) =
-        client::request(socket, Method::POST, ASK_PATH, Some(bytes)).await.map_err(|e| e.to_string())?;
+    let (status, reply) = client::request_for(socket, Method::POST, ASK_PATH, Some(workflow), Some(bytes))
+        .await
+        .map_err(|e| e.to_string())?;
     let elapsed = started.elapsed();
     if !status.is_success() {
         return Err(describe_error(status, &reply));

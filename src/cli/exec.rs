@@ -59,8 +59,14 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
             }
         }
     }
-    let (status, bytes) =
-        client::request(args.socket, Method::POST, EXEC_PATH, Some(serde_json::to_vec(&body)?)).await?;
+    let (status, bytes) = client::request_for(
+        args.socket,
+        Method::POST,
+        EXEC_PATH,
+        Some(&body.workflow),
+        Some(serde_json::to_vec(&body)?),
+    )
+    .await?;
     if !status.is_success() {
         eprintln!("corral: {}", describe_error(status, &bytes));
         return Ok(EXIT_CORRAL);

@@ -1,25 +1,33 @@
-//! `corral usage`: tokens per workflow, tenant or model, read straight from
-//! the broker's ledger file (no broker needed; root, or whoever may read
-//! the state directory).
+//! `corral usage`: tokens per workflow, tenant or model, from the broker
+//! (`GET /v1/usage`): each user sees the calls they made, root sees all.
 
 use std::path::Path;
 
-use crate::broker::ledger::{GroupBy, Ledger, FILE_NAME};
-use crate::utc;
+use hyper::Method;
 
-pub fn run(state_dir: &Path, since: Option<&str>, by: GroupBy, json: bool) -> anyhow::Result<u8> {
-    let since_ts = match since {
-        Some(d) => utc::parse_date(d)?,
-        None => 0,
+use super::{describe_error, EXIT_CORRAL};
+use crate::api::{UsageRow, USAGE_PATH};
+use crate::broker::ledger::GroupBy;
+use crate::client;
+
+pub async fn run(socket: &Path, since: Option<&str>, by: GroupBy, json: bool) -> anyhow::Result<u8> {
+    let by_name = match by {
+        GroupBy::Workflow => "workflow",
+        GroupBy::Tenant => "tenant",
+        GroupBy::Model => "model",
     };
-    let path = state_dir.join(FILE_NAME);
-    if !path.exists() {
-        anyhow::bail!(
-            "no ledger at {}: the broker has not run with this --state-dir yet, or point --state-dir at its state directory",
-            path.display()
-        );
+    let mut path = format!("{USAGE_PATH}?by={by_name}");
+    if let Some(d) = since {
+        // Checked here, so it is plain digits and dashes in the query.
+        crate::utc::parse_date(d)?;
+        path.push_str(&format!("&since={}", d.trim()));
     }
-    let rows = Ledger::open_read_only(&path)?.usage(since_ts, by)?;
+    let (status, bytes) = client::request(socket, Method::GET, &path, None).await?;
+    if !status.is_success() {
+        eprintln!("corral: {}", describe_error(status, &bytes));
+        return Ok(EXIT_CORRAL);
+    }
+    let rows: Vec<UsageRow> = serde_json::from_slice(&bytes)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);

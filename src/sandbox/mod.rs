@@ -16,10 +16,12 @@
 //! ([`tool_layer`]): the policy's paths only (no `/proc` unless the policy
 //! grants it) and a fresh scope, so a tool cannot signal its own worker.
 //!
-//! All `unsafe` code of corral is in this module ([`sys`] and [`process`]).
+//! All `unsafe` code of corral is in this module ([`sys`], [`process`] and
+//! [`memory`], the broker's allocator settings).
 
 pub mod creds;
 pub mod landlock;
+pub mod memory;
 pub mod process;
 pub mod seccomp;
 pub mod sys;

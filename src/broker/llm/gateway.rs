@@ -21,6 +21,8 @@ pub struct CallContext<'a> {
     pub workflow: &'a str,
     pub tenant: &'a str,
     pub llm: Option<&'a Llm>,
+    /// The client whose request this is (`SO_PEERCRED`), for its usage.
+    pub uid: Option<u32>,
 }
 
 pub struct Gateway {
@@ -120,6 +122,7 @@ impl Gateway {
                 request_id: ctx.request_id,
                 workflow: ctx.workflow,
                 tenant: ctx.tenant,
+                uid: ctx.uid,
                 model: &llm.model,
                 usage,
                 latency_ms,

@@ -1,20 +1,9 @@
-//! The Unix socket: bind it safely, accept connections, serve HTTP/1.1.
+//! The Unix socket: bind it safely, or take it from systemd.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
-
-use super::auth::Peer;
-use super::{api, Broker};
-
-/// Connections served at once; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -53,35 +42,4 @@ pub fn from_std(listener: std::os::unix::net::UnixListener) -> Result<UnixListen
     let err = |source| BindError::Bind { path: PathBuf::from("(socket from systemd)"), source };
     listener.set_nonblocking(true).map_err(err)?;
     UnixListener::from_std(listener).map_err(err)
-}
-
-pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                continue;
-            }
-        };
-        let peer = match stream.peer_cred() {
-            Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
-            Err(e) => {
-                tracing::warn!("failed to read peer credentials, dropping connection: {e}");
-                continue;
-            }
-        };
-        let broker = Arc::clone(&broker);
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| api::handle(Arc::clone(&broker), peer, req));
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!("connection ended: {e}");
-            }
-            drop(permit);
-        });
-    }
 }

@@ -5,18 +5,20 @@
 //! end before the first event: the stream carries the whole answer in one
 //! content chunk, then the finish chunk and `data: [DONE]`.
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
 
-use super::api::{json, read_json, ApiError, Reply};
-use super::ask::{self, AskInput};
-use super::auth::Peer;
-use super::Broker;
+use super::ask::{ask_error, role};
+use super::body::JsonBody;
+use super::error::ApiError;
+use super::routes::{json, resolve, Early};
+use super::{AppState, Caller};
 use crate::api::{
     ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply, ChatReplyMessage, ChatUsage,
-    REQUEST_ID_HEADER,
 };
+use crate::broker::ask::{self, AskInput};
 use crate::protocol::{AskStop, ChatMessage, Role};
 use crate::utc;
 
@@ -36,14 +38,22 @@ fn text(content: &serde_json::Value) -> Result<String, ApiError> {
     }
 }
 
-pub async fn route(broker: &Broker, peer: Peer, req: Request<Incoming>, request_id: &str) -> Result<Reply, ApiError> {
-    let body: ChatBody = read_json(req).await?;
+pub(super) async fn chat(
+    State(front): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    early: Option<Extension<Early>>,
+    body: JsonBody<ChatBody>,
+) -> Result<Response, ApiError> {
+    let broker = &front.broker;
+    let request_id: &str = &caller.request_id;
+    let body = body.value;
+    let wf = resolve(broker, &caller.peer, early, &body.model)?;
     let mut messages = Vec::with_capacity(body.messages.len());
     for m in &body.messages {
         if m.role == "tool" {
             continue; // the workflow's tools are its own
         }
-        messages.push(ChatMessage::text(ask::role(&m.role)?, text(&m.content)?));
+        messages.push(ChatMessage::text(role(&m.role)?, text(&m.content)?));
     }
     let last_user = messages.iter().rposition(|m| m.role == Role::User).ok_or_else(|| {
         ApiError::new(
@@ -54,8 +64,9 @@ pub async fn route(broker: &Broker, peer: Peer, req: Request<Incoming>, request_
     })?;
     let prompt = messages.remove(last_user).content.unwrap_or_default();
     messages.truncate(last_user);
-    let input = AskInput { workflow: body.model.clone(), prompt, conversation: messages };
-    let r = ask::run(broker, &peer, input, request_id).await?;
+    let input = AskInput { prompt, conversation: messages };
+    let r =
+        ask::run(broker, &caller.peer, wf.clone(), input, request_id).await.map_err(|e| ask_error(broker, &wf, e))?;
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
     let finish = match r.outcome.stop {
@@ -82,7 +93,7 @@ pub async fn route(broker: &Broker, peer: Peer, req: Request<Incoming>, request_
             usage,
             corral: ChatExtras { request_id: request_id.to_string(), transcript: r.transcript() },
         };
-        return Ok(json(StatusCode::OK, &reply, request_id));
+        return Ok(json(StatusCode::OK, &reply));
     }
     let chunk = |delta: ChatDelta, finish: Option<&str>, usage: Option<ChatUsage>| ChatChunk {
         id: id.clone(),
@@ -104,12 +115,9 @@ pub async fn route(broker: &Broker, peer: Peer, req: Request<Incoming>, request_
         sse.push_str("\n\n");
     }
     sse.push_str("data: [DONE]\n\n");
-    let mut resp = Response::new(Full::new(Bytes::from(sse)));
+    let mut resp = sse.into_response();
     let headers = resp.headers_mut();
-    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/event-stream"));
-    headers.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-cache"));
-    if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
-        headers.insert(REQUEST_ID_HEADER, v);
-    }
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(resp)
 }

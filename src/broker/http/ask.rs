@@ -1,0 +1,97 @@
+//! `POST /v1/ask`, and what it shares with `/v1/chat/completions`: the
+//! mapping of an [`AskError`] to the API's error.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Extension;
+
+use super::body::JsonBody;
+use super::error::ApiError;
+use super::routes::{call_error, dropped, json, resolve, submit_error, Early};
+use super::{AppState, Caller};
+use crate::api::{AskBody, AskReply, UsageReport};
+use crate::broker::ask::{self, AskError, AskInput};
+use crate::broker::llm::GatewayError;
+use crate::broker::{Broker, Workflow};
+use crate::protocol::{AskStop, ChatMessage, Role};
+use crate::utc;
+
+/// A conversation role as the API spells it.
+pub(super) fn role(name: &str) -> Result<Role, ApiError> {
+    match name {
+        "system" | "developer" => Ok(Role::System),
+        "user" => Ok(Role::User),
+        "assistant" => Ok(Role::Assistant),
+        other => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("unknown role {other:?} in the conversation: use system, user or assistant"),
+        )),
+    }
+}
+
+pub(super) fn gateway_error(e: &GatewayError) -> ApiError {
+    let mut err = ApiError::new(
+        StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
+        e.code(),
+        e.to_string(),
+    );
+    err.resets_at = e.resets_at().map(utc::format);
+    err
+}
+
+pub(super) fn ask_error(broker: &Broker, wf: &Workflow, e: AskError) -> ApiError {
+    match e {
+        AskError::Gateway(g) => gateway_error(&g),
+        AskError::NulInPrompt => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        AskError::Submit(s) => submit_error(broker, s),
+        AskError::Call(c) => call_error(broker, wf, c),
+        AskError::Timeout { .. } if broker.draining() => ApiError::stopping(),
+        AskError::Timeout { .. } => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.to_string()),
+        AskError::Dropped => dropped(broker, "ask"),
+        AskError::WrongAnswer => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        AskError::Failed(text) if broker.draining() => ApiError { message: text, ..ApiError::stopping() },
+        AskError::Failed(text) => ApiError::new(StatusCode::BAD_GATEWAY, "ask_failed", text),
+    }
+}
+
+pub(super) async fn ask(
+    State(front): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    early: Option<Extension<Early>>,
+    body: JsonBody<AskBody>,
+) -> Result<Response, ApiError> {
+    let broker = &front.broker;
+    let body = body.value;
+    let wf = resolve(broker, &caller.peer, early, &body.workflow)?;
+    let conversation = body
+        .conversation
+        .iter()
+        .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let input = AskInput { prompt: body.prompt, conversation };
+    let r = ask::run(broker, &caller.peer, wf.clone(), input, &caller.request_id)
+        .await
+        .map_err(|e| ask_error(broker, &wf, e))?;
+    let reply = AskReply {
+        request_id: caller.request_id.to_string(),
+        workflow: r.workflow.clone(),
+        model: r.model.clone(),
+        answer: r.outcome.answer.clone(),
+        stopped: match r.outcome.stop {
+            AskStop::MaxSteps => "max_steps",
+            _ => "answer",
+        }
+        .to_string(),
+        steps: r.outcome.steps,
+        transcript: r.transcript(),
+        usage: UsageReport {
+            prompt_tokens: r.usage.prompt_tokens,
+            completion_tokens: r.usage.completion_tokens,
+            total_tokens: r.usage.total_tokens,
+            model_calls: r.model_calls,
+        },
+    };
+    Ok(json(StatusCode::OK, &reply))
+}

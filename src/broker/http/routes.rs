@@ -1,0 +1,230 @@
+//! The routes, and the gate every request passes before its handler runs
+//! (and so before any byte of its body is read):
+//!
+//! 1. while the broker drains after SIGTERM: 503 `stopping`;
+//! 2. a caller inside a sandbox (a worker's uid, or below a worker): 403;
+//! 3. a call (`POST` exec, ask, chat): a caller who is no workflow's
+//!    client is refused 403; with an `x-corral-workflow` header the
+//!    workflow is authorized here, and the body must then name the same one.
+//!
+//! Afterwards the gate renders the answer: an [`ApiError`], axum's own
+//! rejections and caught panics all become the JSON error with the request
+//! id, which every answer also carries as `x-corral-request-id`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+
+use super::error::{render, ApiError};
+use super::{ask, chat, exec, status, AppState, Caller};
+use crate::api::{ASK_PATH, CHAT_PATH, EXEC_PATH, REQUEST_ID_HEADER, STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER};
+use crate::broker::auth::{describe_uid, Peer};
+use crate::broker::launcher::CallError;
+use crate::broker::log::Escaped;
+use crate::broker::pool::SubmitError;
+use crate::broker::{Broker, Workflow};
+
+pub(super) fn router(front: AppState) -> Router {
+    Router::new()
+        .route(EXEC_PATH, post(exec::exec))
+        .route(ASK_PATH, post(ask::ask))
+        .route(CHAT_PATH, post(chat::chat))
+        .route(STATUS_PATH, get(status::status))
+        .route(USAGE_PATH, get(status::usage))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&front), gate))
+        .with_state(front)
+}
+
+/// A workflow the gate authorized from the `x-corral-workflow` header.
+#[derive(Clone)]
+pub(super) struct Early(pub Arc<Workflow>);
+
+async fn gate(
+    State(front): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = match check(&front.broker, &caller.peer, &mut req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            let (parts, body) = req.into_parts();
+            super::body::linger(&parts.headers, body, front.gate.limits.body_max);
+            e.into_response()
+        }
+    };
+    finish(resp, &caller, &method, &path)
+}
+
+fn check(broker: &Broker, peer: &Peer, req: &mut Request) -> Result<(), ApiError> {
+    if broker.draining() {
+        return Err(ApiError::stopping());
+    }
+    if broker.is_sandboxed_peer(peer) {
+        tracing::warn!(uid = peer.uid, pid = ?peer.pid, "refused a connection from inside a sandbox");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "requests from inside a corral sandbox are refused: tools may not call the broker",
+        ));
+    }
+    let is_call = req.method() == Method::POST && matches!(req.uri().path(), EXEC_PATH | ASK_PATH | CHAT_PATH);
+    if !is_call {
+        return Ok(());
+    }
+    if let Some(name) = req.headers().get(WORKFLOW_HEADER) {
+        let name = name.to_str().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("{WORKFLOW_HEADER} is not text"))
+        })?;
+        let wf = authorize(broker, peer, name)?;
+        req.extensions_mut().insert(Early(wf));
+        return Ok(());
+    }
+    if !broker.may_use_any(peer) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "uid {} may not use any workflow of this broker: ask its operator to add the user to a \
+                 workflow's clients.users (or one of its groups to clients.groups)",
+                describe_uid(peer.uid)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The final form of every answer: errors as JSON, the request id header.
+fn finish(mut resp: Response, caller: &Caller, method: &Method, path: &str) -> Response {
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        let e = resp
+            .extensions_mut()
+            .remove::<ApiError>()
+            .unwrap_or_else(|| ApiError::from_status(status, method.as_str(), &Escaped(path).to_string()));
+        tracing::info!(code = e.code, status = e.status.as_u16(), message = %Escaped(&e.message), "request failed");
+        resp = render(&e, &caller.request_id);
+    }
+    if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+/// Whether `peer` sees every workflow: root and the broker's own user.
+pub(super) fn sees_all(peer: &Peer) -> bool {
+    peer.uid == 0 || peer.uid == nix::unistd::Uid::effective().as_raw()
+}
+
+/// The workflow `name`, when `peer` may use it; records it on the request's
+/// span. To a caller who may not use it, a workflow that does not exist
+/// and one that does are refused alike, so the answer tells nothing about
+/// other tenants' workflows; only root and the broker's user learn which
+/// exist.
+pub(super) fn authorize(broker: &Broker, peer: &Peer, name: &str) -> Result<Arc<Workflow>, ApiError> {
+    let found = broker.workflow(name).filter(|wf| wf.clients.allows(peer));
+    let Some(wf) = found else {
+        if sees_all(peer) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_workflow",
+                format!("no workflow named {:?}; known workflows: {}", name, broker.workflow_names().join(", ")),
+            ));
+        }
+        let yours = broker.workflows_of(peer);
+        let yours = if yours.is_empty() { "none".to_string() } else { yours.join(", ") };
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "uid {} may not use workflow {}: no workflow of that name lists this user in its clients \
+                 (workflows this user may use: {yours}); to be added, ask the broker's operator",
+                describe_uid(peer.uid),
+                name.escape_debug()
+            ),
+        ));
+    };
+    let span = tracing::Span::current();
+    span.record("workflow", wf.name.as_str());
+    span.record("tenant", wf.policy.tenant.as_str());
+    Ok(wf)
+}
+
+/// The workflow of a call: the one the gate authorized from the header,
+/// which the body must then name too, or the body's.
+pub(super) fn resolve(
+    broker: &Broker,
+    peer: &Peer,
+    early: Option<Extension<Early>>,
+    named: &str,
+) -> Result<Arc<Workflow>, ApiError> {
+    match early {
+        Some(Extension(Early(wf))) if wf.name == named => Ok(wf),
+        Some(Extension(Early(wf))) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "{WORKFLOW_HEADER} names {} but the body names {}: send one workflow",
+                wf.name,
+                named.escape_debug()
+            ),
+        )),
+        None => authorize(broker, peer, named),
+    }
+}
+
+/// Maps a submission failure to the API's error.
+pub(super) fn submit_error(broker: &Broker, e: SubmitError) -> ApiError {
+    if broker.draining() {
+        return ApiError::stopping();
+    }
+    match e {
+        SubmitError::Busy { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
+        SubmitError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    }
+}
+
+/// Maps a failed call to the API's error.
+pub(super) fn call_error(broker: &Broker, wf: &Workflow, e: CallError) -> ApiError {
+    if broker.draining() {
+        return ApiError::stopping();
+    }
+    match e {
+        CallError::Died(why) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "worker_died",
+            format!("the worker of {} running the call died: {why}; it is being replaced, retry the call", wf.name),
+        ),
+        e @ CallError::Stuck(_) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{e}; retry the call"))
+        }
+    }
+}
+
+/// A call whose answer channel closed: the pool dropped it.
+pub(super) fn dropped(broker: &Broker, what: &str) -> ApiError {
+    if broker.draining() {
+        return ApiError::stopping();
+    }
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("the {what} was dropped by the broker; retry it"),
+    )
+}
+
+/// A JSON answer.
+pub(super) fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = (status, bytes).into_response();
+    resp.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
