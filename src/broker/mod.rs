@@ -472,6 +472,9 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         notify::stopping(&format!("draining {n} call(s)"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Calls the drain cut are answered "stopping", every answer is
+    // written, then connections and the socket close.
+    server.shutdown().await;
     notify::stopping("stopping workers");
     let pools: Vec<_> = broker.snapshot().values().map(|w| Arc::clone(&w.pool)).collect();
     for p in &pools {
@@ -482,9 +485,6 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     while pools.iter().any(|p| p.live_slots() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Calls the drain cut have their answer ("stopping"); let them be
-    // written, then close every connection and the socket.
-    server.shutdown().await;
     if bound {
         let _ = std::fs::remove_file(&broker.config.socket);
     }

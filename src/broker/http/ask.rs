@@ -71,9 +71,10 @@ pub(super) async fn ask(
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
     let input = AskInput { prompt: body.prompt, conversation };
-    let r = ask::run(broker, &caller.peer, wf.clone(), input, &caller.request_id)
-        .await
-        .map_err(|e| ask_error(broker, &wf, e))?;
+    let r = tokio::select! {
+        r = ask::run(broker, &caller.peer, wf.clone(), input, &caller.request_id) => r.map_err(|e| ask_error(broker, &wf, e))?,
+        () = front.stopped() => return Err(ApiError::stopping()),
+    };
     let reply = AskReply {
         request_id: caller.request_id.to_string(),
         workflow: r.workflow.clone(),

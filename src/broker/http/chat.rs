@@ -65,8 +65,10 @@ pub(super) async fn chat(
     let prompt = messages.remove(last_user).content.unwrap_or_default();
     messages.truncate(last_user);
     let input = AskInput { prompt, conversation: messages };
-    let r =
-        ask::run(broker, &caller.peer, wf.clone(), input, request_id).await.map_err(|e| ask_error(broker, &wf, e))?;
+    let r = tokio::select! {
+        r = ask::run(broker, &caller.peer, wf.clone(), input, request_id) => r.map_err(|e| ask_error(broker, &wf, e))?,
+        () = front.stopped() => return Err(ApiError::stopping()),
+    };
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
     let finish = match r.outcome.stop {

@@ -78,13 +78,16 @@ pub(super) async fn exec(
     tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), "exec");
     let rx = wf.pool.submit(Call::Exec(call), None).map_err(|e| submit_error(broker, e))?;
     let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
-    let result = tokio::time::timeout(wait, rx).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!("no worker of {} answered within {wait:?}; see `corral status` for its workers", wf.name),
-        )
-    })?;
+    let result = tokio::select! {
+        r = tokio::time::timeout(wait, rx) => r.map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("no worker of {} answered within {wait:?}; see `corral status` for its workers", wf.name),
+            )
+        })?,
+        () = front.stopped() => return Err(ApiError::stopping()),
+    };
     let (worker, outcome, limit) = match result {
         Err(_) => return Err(dropped(broker, "call")),
         Ok(Err(e)) => return Err(call_error(broker, &wf, e)),

@@ -51,6 +51,17 @@ pub use listener::BindError;
 pub(crate) struct Front {
     broker: Arc<Broker>,
     gate: Arc<Gate>,
+    /// Turns true when [`Server::shutdown`] starts.
+    stop: watch::Receiver<bool>,
+}
+
+impl Front {
+    /// Resolves once the server shuts down: a call still waiting for its
+    /// answer then answers `stopping` at once.
+    async fn stopped(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|s| *s).await;
+    }
 }
 
 type AppState = Arc<Front>;
@@ -72,15 +83,16 @@ impl Server {
     /// Serves `listener` until [`Server::shutdown`].
     pub fn start(listener: UnixListener, broker: Arc<Broker>, limits: Limits) -> Server {
         let gate = Gate::new(fit_fd_limit(limits));
-        let front = Arc::new(Front { broker, gate });
         let (stop, stopped) = watch::channel(false);
+        let front = Arc::new(Front { broker, gate, stop: stopped.clone() });
         tokio::spawn(trim_freed_memory(Arc::clone(&front.gate), stopped.clone()));
         let task = tokio::spawn(accept_loop(listener, front, stopped));
         Server { stop, task }
     }
 
-    /// Stops accepting, lets every request in progress finish its answer
-    /// and closes idle connections; after a few seconds the rest are
+    /// Stops accepting; calls still waiting for a worker's answer are
+    /// answered 503 `stopping` at once; every answer in progress is written
+    /// and idle connections are closed; after a few seconds the rest are
     /// dropped.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

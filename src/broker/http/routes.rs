@@ -110,7 +110,7 @@ fn finish(mut resp: Response, caller: &Caller, method: &Method, path: &str) -> R
             .extensions_mut()
             .remove::<ApiError>()
             .unwrap_or_else(|| ApiError::from_status(status, method.as_str(), &Escaped(path).to_string()));
-        tracing::info!(code = e.code, status = e.status.as_u16(), message = %Escaped(&e.message), "request failed");
+        tracing::info!(code = e.code, status = e.status.as_u16(), why = %Escaped(&e.message), "request failed");
         resp = render(&e, &caller.request_id);
     }
     if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
