@@ -122,6 +122,9 @@ enum Command {
         policies: PathBuf,
         #[arg(long, default_value = "corral-worker")]
         worker_user: String,
+        /// The broker to check, through its API.
+        #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Internal: a sandboxed worker, started by the broker.
     #[command(hide = true)]
@@ -271,9 +274,9 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(corral::cli::status::run(&socket, json))
         }
-        Command::Doctor { policies, worker_user } => {
+        Command::Doctor { policies, worker_user, socket } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            Ok(rt.block_on(corral::cli::doctor::run(&policies, &worker_user)))
+            Ok(rt.block_on(corral::cli::doctor::run(&policies, &worker_user, &socket)))
         }
         Command::Policy { .. } | Command::Worker => Ok(0),
     }

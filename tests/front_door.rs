@@ -582,6 +582,7 @@ async fn load_level(socket: &Path, level: usize, calls: usize) -> (usize, usize)
                     .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
                     .unwrap();
                 let answer = tokio::time::timeout(HANG, async {
+                    sender.ready().await?;
                     let resp = sender.send_request(req).await?;
                     let status = resp.status().as_u16();
                     let close = resp.headers().get("connection").is_some_and(|v| v == "close");
@@ -702,4 +703,10 @@ fn usage_shows_each_caller_its_own_calls() {
     assert_eq!(rows(Some("kid"))[0]["total_tokens"], 22, "kid sees his own call only");
     assert_eq!(rows(None)[0]["total_tokens"], 33, "root sees all");
     assert_eq!(rows(Some("mallory")).as_array().unwrap().len(), 0, "mallory made none");
+    // doctor asks the broker through the same API, as its user.
+    let out = b.cli(Some("kid"), &["doctor", "--policies", b.dir.join("policies").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("answers on") && text.contains("1 workflow(s) you may use"), "{text}");
+    let out = b.cli(Some("mallory"), &["doctor", "--policies", b.dir.join("policies").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 workflow(s) you may use"), "{out:?}");
 }

@@ -40,8 +40,34 @@ fn user_exists(name: &str) -> bool {
     nix::unistd::User::from_name(name).ok().flatten().is_some()
 }
 
+/// The running broker, through its socket API (`GET /v1/status`), as the
+/// user running doctor sees it.
+async fn broker_check(r: &mut Report, socket: &Path) {
+    match crate::client::request(socket, hyper::Method::GET, crate::api::STATUS_PATH, None).await {
+        Ok((status, bytes)) if status.is_success() => match serde_json::from_slice::<crate::api::Status>(&bytes) {
+            Ok(st) => r.line(
+                Level::Ok,
+                "broker",
+                &format!(
+                    "pid {} (corral {}) answers on {}; {} workflow(s) you may use; resources: {}",
+                    st.broker.pid,
+                    st.broker.version,
+                    socket.display(),
+                    st.workflows.len(),
+                    st.broker.resource_control
+                ),
+            ),
+            Err(e) => r.line(Level::Warn, "broker", &format!("unreadable status from {}: {e}", socket.display())),
+        },
+        Ok((status, bytes)) => {
+            r.line(Level::Warn, "broker", &format!("{}: {}", socket.display(), super::describe_error(status, &bytes)))
+        }
+        Err(e) => r.line(Level::Warn, "broker", &e.to_string()),
+    }
+}
+
 /// Runs every check; exit code 1 when any failed.
-pub async fn run(policies: &Path, worker_user: &str) -> u8 {
+pub async fn run(policies: &Path, worker_user: &str, socket: &Path) -> u8 {
     let mut r = Report { worst: Level::Ok };
     let kernel = sandbox::probe();
     let abi = kernel.landlock_abi;
@@ -166,6 +192,7 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
         Some(p) => r.line(Level::Ok, "service", &format!("{p} installed")),
         None => r.line(Level::Warn, "service", "corral.service not installed: run scripts/install.sh"),
     }
+    broker_check(&mut r, socket).await;
     match r.worst {
         Level::Fail => {
             println!("\nsome checks failed: fix them before running the broker");
