@@ -5,8 +5,9 @@
 //! many calls at several concurrency levels, none lost, wrong or hung; the
 //! drain after SIGTERM; and what an error or the log may show.
 //!
-//! `CORRAL_TEST_LOAD_CALLS` scales the load test (default 10,000) and
-//! `CORRAL_TEST_FUZZ_BODIES` the fuzzing (default 5,000), for slow guests.
+//! `CORRAL_TEST_LOAD_CALLS` scales the load test (default 10,000 calls) and
+//! `CORRAL_TEST_FUZZ_BODIES` the fuzzing (default 5,000 bodies per
+//! endpoint), for slow guests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -476,7 +477,7 @@ fn fuzzed_bodies_on_every_endpoint_then_a_neighbour_is_served() {
         ("GET", "/v1/status", b""),
         ("GET", "/v1/usage?by=tenant&since=2025-01-01", b""),
     ];
-    let count = env_count("CORRAL_TEST_FUZZ_BODIES", 5000);
+    let count = env_count("CORRAL_TEST_FUZZ_BODIES", 5000) * seeds.len();
     let mut rng = Rng(0x00C0_FFEE_D15E_A5E5);
     let mut s = UnixStream::connect(&b.socket).unwrap();
     s.set_read_timeout(Some(HANG)).unwrap();
@@ -511,7 +512,7 @@ fn fuzzed_bodies_on_every_endpoint_then_a_neighbour_is_served() {
             s.set_read_timeout(Some(HANG)).unwrap();
         }
     }
-    eprintln!("{count} fuzzed bodies: answers by status {by_status:?}");
+    eprintln!("{count} fuzzed bodies ({} per endpoint): answers by status {by_status:?}", count / seeds.len());
     assert!(by_status.get(&400).copied().unwrap_or(0) > count / 4, "the fuzzer hardly fuzzed: {by_status:?}");
     neighbour_served(&b, Some("alice"), "nb", "after-fuzz");
     assert_eq!(b.exec("fz", &["echo", "alive"])["stdout"], "alive\n");

@@ -25,6 +25,11 @@ pub(super) fn linger(headers: &axum::http::HeaderMap, body: axum::body::Body, ma
     if !declared.is_some_and(|n| n > 0 && n <= max) {
         return;
     }
+    // A client that waits for "100 Continue" sends nothing until told to,
+    // and polling the body would tell it to after the final answer.
+    if headers.get(header::EXPECT).is_some() {
+        return;
+    }
     tokio::spawn(async move {
         let mut body = body;
         let _ = tokio::time::timeout(LINGER, async { while let Some(Ok(_)) = body.frame().await {} }).await;
