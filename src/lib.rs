@@ -9,8 +9,10 @@
 //! # Layout
 //!
 //! - [`policy`]: the TOML policy schema, loading and validation.
-//! - [`broker`]: listener, HTTP API, authorization, pools, worker launcher,
-//!   the LLM gateway (keys, retries, budgets) and its token ledger.
+//! - [`broker`]: the front door ([`broker::http`]: socket, accept loop with
+//!   per-uid caps, timeouts and body budgets, routes), authorization,
+//!   pools, worker launcher, the LLM gateway (keys, retries, budgets) and
+//!   its token ledger.
 //! - [`worker`]: the worker process: confine, then serve tool calls and run
 //!   the agent loop (model → tools → model …) of asks.
 //! - [`sandbox`]: privilege drop, Landlock, seccomp, process control. All
@@ -32,6 +34,11 @@
 //! its socket pair and never sees a key, and token counts come from the
 //! provider's answers as the broker received them, so a worker cannot forge
 //! its usage.
+//! Every local user can reach the broker's socket: a user who is no
+//! workflow's client, or a client who misbehaves, can hold only its own
+//! share of connections and request-body memory, is refused before any
+//! body byte it sends is read where it may not call, and learns nothing
+//! of other tenants' workflows from an error.
 //! Kernel bugs and side channels are out of scope. Where the running kernel
 //! lacks a mechanism, the weaker result is reported, never hidden; a policy
 //! marked `required` refuses to start instead.

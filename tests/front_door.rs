@@ -279,6 +279,21 @@ fn malformed_requests_get_the_json_error() {
         })
     };
 
+    // A keep-alive connection left idle after its answer: closed after the
+    // idle timeout (30 s), with no answer owed.
+    let idle = {
+        let socket = b.socket.clone();
+        std::thread::spawn(move || {
+            let mut s = UnixStream::connect(socket).unwrap();
+            s.set_read_timeout(Some(HANG)).unwrap();
+            s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: c\r\n\r\n").unwrap();
+            assert_eq!(read_answer(&mut s).status, 200);
+            let started = Instant::now();
+            let mut rest = Vec::new();
+            let n = s.read_to_end(&mut rest).expect("the idle connection was not closed");
+            (n, started.elapsed())
+        })
+    };
     let body = br#"{"workflow": "fd", "argv": ["echo", "ok"]}"#;
     // Neighbour: a well-formed request.
     let ok = raw(
@@ -333,6 +348,9 @@ fn malformed_requests_get_the_json_error() {
     let (r, took) = slow.join().unwrap();
     assert_error(&r, 408, "timeout");
     assert!(took < HANG, "{took:?}");
+    let (n, took) = idle.join().unwrap();
+    assert_eq!(n, 0, "an idle connection gets no bytes, only its end");
+    assert!(took >= Duration::from_secs(20) && took < HANG, "idle connection closed after {took:?}");
     // Still serving.
     assert_eq!(b.exec("fd", &["echo", "still"])["stdout"], "still\n");
 }
