@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use super::auth::{describe_uid, Peer};
 use super::launcher::{signal_name, Answer, Call, CallError};
-use super::pool::SubmitError;
+use super::pool::{Failure, SubmitError};
 use super::{Broker, Workflow};
 use crate::api::{self, ErrorInfo, ErrorReply, ExecBody, ExecReply, ASK_PATH, CHAT_PATH, EXEC_PATH, STATUS_PATH};
 use crate::protocol::{ExecRequest, Termination};
@@ -67,6 +67,9 @@ fn error_reply(e: ApiError, request_id: &str) -> Reply {
 
 /// Entry point for every request on a connection from `peer`.
 pub async fn handle(broker: Arc<Broker>, peer: Peer, req: Request<Incoming>) -> Result<Reply, Infallible> {
+    // Counted for the drain; when the drain time is over, the request
+    // answers `stopping` instead of losing its connection.
+    let _counted = broker.request_guard();
     let request_id = broker.next_request_id();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     // Field names become journal fields CORRAL_REQUEST_ID, CORRAL_WORKFLOW, …
@@ -80,7 +83,20 @@ pub async fn handle(broker: Arc<Broker>, peer: Peer, req: Request<Incoming>) -> 
         %method,
         %path
     );
-    Ok(route(&broker, peer, req, &request_id, method, path).instrument(span).await)
+    let routed = route(&broker, peer, req, &request_id, method, path).instrument(span);
+    Ok(tokio::select! {
+        reply = routed => reply,
+        () = broker.drain_over() => error_reply(stopping(), &request_id),
+    })
+}
+
+/// The answer to a request the stopping broker will not serve.
+fn stopping() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "stopping",
+        "the broker is stopping (shutdown or restart); retry the request in a few seconds",
+    )
 }
 
 async fn route(
@@ -91,6 +107,9 @@ async fn route(
     method: Method,
     path: String,
 ) -> Reply {
+    if broker.draining() && !(method == Method::GET && path == STATUS_PATH) {
+        return error_reply(stopping(), request_id);
+    }
     if broker.is_sandboxed_peer(&peer) {
         let e = ApiError::new(
             StatusCode::FORBIDDEN,
@@ -186,18 +205,23 @@ pub(super) fn submit_error(e: SubmitError) -> ApiError {
     match e {
         SubmitError::Busy { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
         SubmitError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        SubmitError::Quarantined { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string()),
     }
 }
 
 /// Maps a failed call to the API's error.
-pub(super) fn call_error(wf: &Workflow, e: CallError) -> ApiError {
+pub(super) fn call_error(wf: &Workflow, e: Failure) -> ApiError {
     match e {
-        CallError::Died(why) => ApiError::new(
+        Failure::Quarantined(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string()),
+        Failure::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        Failure::NoWorker { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_worker", e.to_string()),
+        Failure::QueueTimeout { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
+        Failure::Call(CallError::Died(why)) => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "worker_died",
             format!("the worker of {} running the call died: {why}; it is being replaced, retry the call", wf.name),
         ),
-        e @ CallError::Stuck(_) => {
+        Failure::Call(e @ CallError::Stuck(_)) => {
             ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{e}; retry the call"))
         }
     }

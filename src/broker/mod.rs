@@ -6,7 +6,15 @@
 //! scope), [`auth`] decides who may call what, [`api`] serves the routes
 //! ([`ask`] and [`chat`] the prompts), [`llm`] is the gateway to model
 //! providers and [`ledger`] its token ledger, [`listener`] accepts
-//! connections, [`notify`] talks to the service manager.
+//! connections, [`notify`] talks to the service manager, [`status`] shows
+//! the pools' state as the API's.
+//!
+//! # Stopping
+//!
+//! SIGTERM starts a drain: new requests get 503 `stopping` (status still
+//! answers), calls in flight get `--drain-timeout` to finish, and those
+//! still running then get a JSON `stopping` error; only then do the workers
+//! stop and the socket close.
 
 mod api;
 mod ask;
@@ -20,10 +28,11 @@ mod notify;
 mod pool;
 pub mod scope;
 pub(crate) mod setup;
+mod status;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -111,11 +120,19 @@ pub struct Broker {
     request_seq: AtomicU64,
     call_seq: AtomicU64,
     in_flight: AtomicUsize,
+    /// Requests being handled, whatever their route: the drain waits for
+    /// them.
+    requests: AtomicUsize,
+    /// Set on SIGTERM: new requests are answered 503 `stopping`.
+    draining: AtomicBool,
+    /// Set when the drain time is over: requests still running answer
+    /// `stopping` at once.
+    drain_over: tokio::sync::watch::Sender<bool>,
     gateway: llm::Gateway,
 }
 
 /// Counts a call in flight for as long as it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+pub(crate) struct InFlight<'a>(&'a AtomicUsize);
 
 impl<'a> InFlight<'a> {
     fn new(counter: &'a AtomicUsize) -> Self {
@@ -131,6 +148,28 @@ impl Drop for InFlight<'_> {
 }
 
 impl Broker {
+    /// Whether the broker is stopping: new requests get 503 `stopping`.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts the drain (SIGTERM).
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Resolves when the drain time is over; requests still running must
+    /// then answer `stopping`.
+    pub(crate) async fn drain_over(&self) {
+        let mut rx = self.drain_over.subscribe();
+        let _ = rx.wait_for(|over| *over).await;
+    }
+
+    /// Counts a request for the drain, for as long as the guard lives.
+    pub(crate) fn request_guard(&self) -> InFlight<'_> {
+        InFlight::new(&self.requests)
+    }
+
     fn snapshot(&self) -> Arc<Workflows> {
         Arc::clone(&self.workflows.read().unwrap_or_else(|p| p.into_inner()))
     }
@@ -181,7 +220,12 @@ impl Broker {
                 seccomp: kernel.seccomp,
                 resource_control: self.resource_control.clone(),
             },
-            workflows: self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| w.pool.status()).collect(),
+            workflows: self
+                .snapshot()
+                .values()
+                .filter(|w| w.clients.allows(peer))
+                .map(|w| status::workflow_status(w.pool.status()))
+                .collect(),
         }
     }
 
@@ -215,6 +259,8 @@ impl Broker {
                 let user = same.policy.user.clone().unwrap_or_else(|| self.config.worker_user.clone());
                 let tenant = wf.tenant.to_string();
                 uses.push(sandbox::UserUse { workflow: wf.name.to_string(), tenant, uid, user, required });
+                // A reload is how an operator says "fixed, try again".
+                same.pool.lift_quarantine();
                 slots.push(Slot::Reused(Arc::clone(same)));
                 continue;
             }
@@ -312,6 +358,10 @@ fn prepare_state_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// After the last request's answer is handed to the connection: time for
+/// the connection task to write it before the process exits.
+const ANSWER_FLUSH: Duration = Duration::from_millis(100);
+
 const RLIMITS_ONLY: &str = "rlimits only (RLIMIT_AS = memory_max, RLIMIT_NPROC = tasks_max per user, \
     RLIMIT_FSIZE, RLIMIT_NOFILE); cpu_quota, memory_swap_max, io_weight and tenant limits are NOT enforced";
 
@@ -374,6 +424,9 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         request_seq: AtomicU64::new(1),
         call_seq: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
+        requests: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        drain_over: tokio::sync::watch::channel(false).0,
         gateway,
     });
     let (initial, _) = broker.build(&loaded, &Workflows::new()).await;
@@ -410,24 +463,35 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         }
     }
 
-    // Drain: no new connections; calls in flight get drain_timeout to end.
-    server.abort();
+    // Drain: keep accepting, so that new requests get a 503 `stopping`
+    // rather than a refused connection; calls in flight get drain_timeout.
+    broker.start_draining();
     if let Some(w) = watchdog {
         w.abort();
     }
-    let deadline = Instant::now() + broker.config.drain_timeout;
+    let drain = broker.config.drain_timeout;
+    let deadline = Instant::now() + drain;
     loop {
-        let n = broker.in_flight.load(Ordering::SeqCst);
+        let n = broker.requests.load(Ordering::SeqCst);
         if n == 0 {
             break;
         }
         if Instant::now() >= deadline {
-            tracing::warn!("{n} call(s) still running after {:?}; stopping anyway", broker.config.drain_timeout);
+            tracing::warn!("{n} request(s) still running after {drain:?}: answering them `stopping`");
             break;
         }
-        notify::stopping(&format!("draining {n} call(s)"));
+        notify::stopping(&format!("draining {n} request(s)"));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Whatever still runs answers `stopping` now, and gets a moment to be
+    // written out before the connections close.
+    broker.drain_over.send_replace(true);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while broker.requests.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(ANSWER_FLUSH).await;
+    server.abort();
     notify::stopping("stopping workers");
     let pools: Vec<_> = broker.snapshot().values().map(|w| Arc::clone(&w.pool)).collect();
     for p in &pools {
