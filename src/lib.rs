@@ -20,6 +20,8 @@
 //! - [`api`] and [`client`]: client ↔ broker HTTP types and a small client.
 //! - [`cli`]: the client-side subcommands.
 //! - [`utc`]: UTC day and hour arithmetic for budgets and the ledger.
+//! - [`sockets`]: who owns a TCP socket here (`/proc/net/tcp`), so the
+//!   broker can refuse a model endpoint another local user has bound.
 //!
 //! # Threat model
 //!
@@ -31,7 +33,10 @@
 //! API keys live only in the broker: a worker asks it for completions over
 //! its socket pair and never sees a key, and token counts come from the
 //! provider's answers as the broker received them, so a worker cannot forge
-//! its usage.
+//! its usage. A local user is hostile too: the broker sends prompts and
+//! keys only to an endpoint no such user could have bound first (https, a
+//! Unix socket in a protected directory, a privileged port, or a loopback
+//! port whose listener belongs to the policy's `endpoint_user`).
 //! Kernel bugs and side channels are out of scope. Where the running kernel
 //! lacks a mechanism, the weaker result is reported, never hidden; a policy
 //! marked `required` refuses to start instead.
@@ -52,6 +57,7 @@ pub mod frame;
 pub mod policy;
 pub mod protocol;
 pub mod sandbox;
+pub mod sockets;
 pub mod utc;
 pub mod worker;
 
