@@ -36,6 +36,11 @@ fn idle_worker(b: &Broker, name: &str, not: Option<u32>, limit: Duration) -> u32
     .unwrap_or_else(|| panic!("no new idle worker of {name}: {:#}\nlog:\n{}", b.status(), b.log_text()))
 }
 
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('T')))
+}
+
 fn gone(pid: u32) -> bool {
     // A zombie still has /proc/PID; its state is Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -57,6 +62,7 @@ fn twenty_kills_of_an_idle_worker_never_lock_callers_out() {
     for _ in 0..20 {
         let pid = idle_worker(&b, "solo", last, Duration::from_secs(10));
         signal(pid, Signal::SIGKILL);
+        assert!(poll(Duration::from_secs(5), || gone(pid).then_some(())).is_some(), "{pid} survived SIGKILL");
         last = Some(pid);
     }
     // The next call is served within its own timeout: no 30 s backoff.
@@ -83,6 +89,7 @@ fn a_stopped_worker_is_replaced_and_calls_get_an_answer_in_time() {
     // Stopped while idle: the call goes to a fresh worker.
     let stopped = idle_worker(&b, "frozen", None, Duration::from_secs(10));
     signal(stopped, Signal::SIGSTOP);
+    assert!(poll(Duration::from_secs(5), || is_stopped(stopped).then_some(())).is_some(), "{stopped} not stopped");
     let t = Instant::now();
     let (code, r) = b.exec_body(&json!({"workflow": "frozen", "argv": ["echo", "fresh"], "timeout_ms": 3000}));
     assert_eq!(code, 200, "{r:#}\nlog:\n{}", b.log_text());

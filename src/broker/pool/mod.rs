@@ -174,14 +174,23 @@ fn signal_of(text: &str) -> Option<i32> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
+/// The state letter of process `pid` (`R`, `S`, `T`, `Z`, …); `None` when
+/// it is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (comm) S ...": the state follows the last ')'.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next())
+}
+
 /// Whether process `pid` is stopped (SIGSTOP, a tracer): such a worker
 /// takes calls and never answers them.
 fn is_stopped(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // "PID (comm) S ...": the state follows the last ')'.
-    stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|c| c == 'T' || c == 't')
+    matches!(proc_state(pid), Some('T' | 't'))
+}
+
+/// Whether process `pid` has died (a zombie not yet reaped, or gone).
+fn is_dead(pid: u32) -> bool {
+    matches!(proc_state(pid), None | Some('Z' | 'X'))
 }
 
 /// How often a busy worker is checked for being stopped.
@@ -603,8 +612,9 @@ impl Pool {
             }
             // Calls waiting for this slot may now be out of time.
             self.janitor.notify_one();
+            let state = if self.quarantine_left().is_some() { WorkerState::Quarantined } else { WorkerState::Backoff };
             self.update(id, |w| {
-                w.state = WorkerState::Backoff;
+                w.state = state;
                 w.pid = None;
                 w.restarts += 1;
             });
@@ -722,14 +732,22 @@ impl Pool {
                     return SlotEnd::Retired;
                 }
             };
-            // A stopped worker (SIGSTOP) would take the call and never
-            // answer: give the call back and replace the worker.
-            if is_stopped(worker.pid) {
+            // A worker that died or was stopped while idle, and whose end
+            // was not seen yet, must not get the call: it goes back to the
+            // head of the queue, for the replacement.
+            let unfit = if is_stopped(worker.pid) {
+                Some("idle worker was stopped (SIGSTOP or a tracer); killed it".to_string())
+            } else if is_dead(worker.pid) {
+                Some(format!("idle worker {}", worker.exited().await))
+            } else {
+                None
+            };
+            if let Some(why) = unfit {
                 self.state().queue.push_front(job);
                 self.work.notify_one();
                 worker.kill().await;
-                let why = "idle worker was stopped (SIGSTOP or a tracer); killed it".to_string();
-                return SlotEnd::Lost { why, outside: true };
+                let outside = why.contains("stopped") || outside_kill(signal_of(&why));
+                return SlotEnd::Lost { why, outside };
             }
             self.update(id, |w| w.state = WorkerState::Busy);
             self.state().busy += 1;
