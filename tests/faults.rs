@@ -132,10 +132,24 @@ fn a_crashing_workflow_is_quarantined_and_its_neighbour_is_served() {
     let b = Broker::start("faults-crash", &[single("crashy", "t"), single("nb", "u")]);
     // Five crashes (SIGABRT: the worker's own failure, not an outside kill).
     let mut last = None;
-    for _ in 0..5 {
+    for n in 1..=5 {
         let pid = idle_worker(&b, "crashy", last, Duration::from_secs(10));
         signal(pid, Signal::SIGABRT);
         last = Some(pid);
+        if n == 4 {
+            // Backing off (800 ms) with no worker up: a call that cannot
+            // wait that long gets an error within its own timeout.
+            poll(Duration::from_secs(5), || {
+                (workflow(&b.status(), "crashy")["workers"][0]["state"] == "backoff").then_some(())
+            })
+            .expect("no backoff after 4 crashes");
+            let t = Instant::now();
+            let (code, r) = b.exec_body(&json!({"workflow": "crashy", "argv": ["true"], "timeout_ms": 100}));
+            assert!(t.elapsed() < Duration::from_millis(700), "took {:?}: {r:#}", t.elapsed());
+            assert_eq!((code, r["error"]["code"].as_str()), (503, Some("no_worker")), "{r:#}");
+            let msg = r["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("no worker of crashy could start within") && msg.contains("SIGABRT"), "{msg}");
+        }
     }
     let wf = poll(Duration::from_secs(10), || {
         let wf = workflow(&b.status(), "crashy");
@@ -167,7 +181,7 @@ fn a_crashing_workflow_is_quarantined_and_its_neighbour_is_served() {
 
 /// `n` exec calls of `sleep secs` at once, each on its own thread:
 /// (status, reply) per call; a lost connection is a panic in its thread.
-fn calls_in_flight(b: &Broker, workflow: &str, n: usize, secs: u32) -> Vec<std::thread::JoinHandle<(u16, Value)>> {
+fn calls_in_flight(b: &Broker, workflow: &str, n: usize, secs: &str) -> Vec<std::thread::JoinHandle<(u16, Value)>> {
     (0..n)
         .map(|i| {
             let socket = b.socket.clone();
@@ -210,7 +224,7 @@ fn sigterm_lets_calls_in_flight_finish_and_a_new_broker_serves_after() {
         return;
     }
     let mut b = Broker::start("faults-drain", &[wide("busy")]);
-    let calls = calls_in_flight(&b, "busy", 10, 4);
+    let calls = calls_in_flight(&b, "busy", 10, "4");
     wait_busy(&b, "busy", 10);
     let workers = b.worker_host_pids("busy");
     b.terminate();
@@ -247,7 +261,8 @@ fn calls_still_running_when_the_drain_ends_get_a_stopping_error() {
     }
     let opts = BrokerOptions { env: vec![("CORRAL_DRAIN_TIMEOUT".into(), "1s".into())], ..BrokerOptions::default() };
     let mut b = Broker::start_with("faults-drain-end", &[wide("slow")], opts);
-    let calls = calls_in_flight(&b, "slow", 5, 8);
+    // An unusual duration, to find leftovers by their command line.
+    let calls = calls_in_flight(&b, "slow", 5, "7.25");
     wait_busy(&b, "slow", 5);
     let t = Instant::now();
     b.terminate();
@@ -258,6 +273,14 @@ fn calls_still_running_when_the_drain_ends_get_a_stopping_error() {
     }
     assert!(t.elapsed() < Duration::from_secs(6), "the drain took {:?}", t.elapsed());
     assert!(b.wait_stopped(Duration::from_secs(20)), "the broker did not stop\nlog:\n{}", b.log_text());
+    // The calls cut short left nothing running.
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x007.25\x00"))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(leftovers.is_empty(), "tool processes outlived the broker: {leftovers:?}");
     b.start_again();
     assert_eq!(stdout(&b.exec("slow", &["echo", "after"])), "after\n");
 }

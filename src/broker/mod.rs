@@ -495,7 +495,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     notify::stopping("stopping workers");
     let pools: Vec<_> = broker.snapshot().values().map(|w| Arc::clone(&w.pool)).collect();
     for p in &pools {
-        p.shutdown();
+        p.abort();
     }
     // Slots kill their worker and stop its scope on the way out.
     let deadline = Instant::now() + Duration::from_secs(5);

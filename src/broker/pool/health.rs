@@ -66,7 +66,7 @@ pub struct Quarantine {
 pub struct Health {
     /// Times of recent failures (pruned to [`FAILURE_WINDOW`]).
     failures: VecDeque<Instant>,
-    /// Failures since the last worker that started.
+    /// Failures since the last proven worker.
     consecutive: u32,
     /// Quarantines in a row without a proven worker between them.
     level: u32,
@@ -93,11 +93,6 @@ impl Health {
     /// The quarantine as last set, without ending an expired one.
     pub fn current(&self) -> Option<&Quarantine> {
         self.quarantine.as_ref()
-    }
-
-    /// A worker started and reported ready.
-    pub fn started(&mut self) {
-        self.consecutive = 0;
     }
 
     /// A worker served a call, or lived long: the workflow works.
@@ -220,8 +215,8 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..20u64 {
             // One failure every 20 s: never 5 within a minute.
-            h.failed(t0 + Duration::from_secs(20 * i), "x", QuarantineKind::Crashing);
-            h.started();
+            let wait = h.failed(t0 + Duration::from_secs(20 * i), "x", QuarantineKind::Crashing);
+            assert!(wait <= FAILURE_BACKOFF_MAX, "{wait:?}");
         }
         assert!(h.quarantine(t0 + Duration::from_secs(400)).is_none());
         let mut h = Health::default();

@@ -165,6 +165,8 @@ pub struct Pool {
     next_worker: AtomicU64,
     next_scope: AtomicU64,
     shutdown: watch::Sender<bool>,
+    /// Set by [`Pool::abort`].
+    abort: watch::Sender<bool>,
 }
 
 /// The signal number in a [`launcher::describe_exit`] text, if a signal
@@ -186,6 +188,47 @@ fn proc_state(pid: u32) -> Option<char> {
 /// takes calls and never answers them.
 fn is_stopped(pid: u32) -> bool {
     matches!(proc_state(pid), Some('T' | 't'))
+}
+
+/// Every process below `root` (its tool calls and theirs), from /proc.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(entry.path().join("stat")).ok().and_then(|s| {
+            s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()))
+        });
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// Kills the processes below a worker before the worker itself, so no tool
+/// outlives it (a worker is their subreaper: orphans stay below it).
+fn kill_descendants(worker: u32) {
+    for _ in 0..3 {
+        let found = descendants(worker);
+        if found.is_empty() {
+            return;
+        }
+        for pid in found {
+            if let Ok(p) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
 }
 
 /// Whether process `pid` has died (a zombie not yet reaped, or gone).
@@ -240,6 +283,7 @@ impl Pool {
             next_worker: AtomicU64::new(1),
             next_scope: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
+            abort: watch::channel(false).0,
         });
         tokio::spawn(Arc::clone(&pool).janitor());
         pool
@@ -300,7 +344,10 @@ impl Pool {
             }
             let (reply, rx) = oneshot::channel();
             s.queue.push_back(Job { call, completions, reply, queued_at: Instant::now(), own_timeout });
-            let grow = s.idle_slots == 0 && s.live_slots < self.cfg.max_workers && !s.shutting_down;
+            // Every queued call beyond the slots that will take one (idle,
+            // or starting) gets a new slot, up to max_workers.
+            let coming = s.live_slots.saturating_sub(s.busy);
+            let grow = s.queue.len() > coming as usize && s.live_slots < self.cfg.max_workers && !s.shutting_down;
             (grow, rx)
         };
         let (grow, rx) = grow;
@@ -322,6 +369,13 @@ impl Pool {
         }
         self.shutdown.send_replace(true);
         self.work.notify_waiters();
+    }
+
+    /// Stops now (the broker's drain time is over): busy workers are killed
+    /// with their tool calls, whose callers have been answered `stopping`.
+    pub fn abort(&self) {
+        self.shutdown();
+        self.abort.send_replace(true);
     }
 
     /// Ends a quarantine at once (a reload): the next start is tried now.
@@ -555,7 +609,6 @@ impl Pool {
             let mut end = None;
             match launched {
                 Ok(worker) => {
-                    self.state().health.started();
                     tracing::info!(workflow = %wf, worker = id, pid = worker.pid, scope = ?unit, "worker ready");
                     let effective: EffectiveSandbox = worker.effective.clone();
                     for note in &effective.notes {
@@ -637,6 +690,9 @@ impl Pool {
             // Register first, then look: a call queued in between still
             // wakes this slot.
             notified.as_mut().enable();
+            if *self.abort.borrow() {
+                return Ok(None);
+            }
             {
                 let mut s = self.state();
                 if let Some(job) = s.queue.pop_front() {
@@ -754,11 +810,20 @@ impl Pool {
             let loc = self.state().cgroups.get(&id).cloned();
             let before = Self::counters(&loc);
             let pid = worker.pid;
+            let mut abort = self.abort.subscribe();
             let result = tokio::select! {
                 r = worker.call(job.call, BACKSTOP, job.completions.as_ref()) => r,
                 () = stopped(pid) => {
+                    kill_descendants(pid);
                     worker.kill().await;
                     Err(CallError::Died(format!("{STOPPED_MID_CALL}; it was killed")))
+                }
+                () = async { let _ = abort.wait_for(|a| *a).await; } => {
+                    kill_descendants(pid);
+                    worker.kill().await;
+                    self.state().busy -= 1;
+                    let _ = job.reply.send(Err(CallError::Died("the broker is stopping".into()).into()));
+                    return SlotEnd::Shutdown;
                 }
             };
             let timed_out = matches!(&result, Ok(Answer::Done(o)) if o.timed_out);
