@@ -30,10 +30,20 @@ fn idle_worker(b: &Broker, name: &str, not: Option<u32>, limit: Duration) -> u32
             .iter()
             .filter(|w| w["state"] == "idle")
             .filter_map(|w| w["pid"].as_u64())
-            .map(|p| b.host_pid(u32::try_from(p).unwrap()))
+            .filter_map(|p| host(b, u32::try_from(p).unwrap()))
             .find(|p| Some(*p) != not)
     })
     .unwrap_or_else(|| panic!("no new idle worker of {name}: {:#}\nlog:\n{}", b.status(), b.log_text()))
+}
+
+/// A PID the broker reported, as seen here; `None` when that process is
+/// already gone (status may still show a worker just killed).
+fn host(b: &Broker, pid: u32) -> Option<u32> {
+    if b.is_unit() {
+        host_pid(systemd_pid().unwrap(), pid)
+    } else {
+        Some(pid)
+    }
 }
 
 fn is_stopped(pid: u32) -> bool {
