@@ -7,7 +7,8 @@
 //!   operator, the OOM killer, a fault injector) is not the workflow's
 //!   fault: it is replaced at once. Only a burst of such losses is slowed
 //!   down, to a fixed pace, so a kill loop cannot make the broker spin; the
-//!   pace never grows, so callers are never locked out.
+//!   pace never grows, and the pool skips it when a call is waiting, so
+//!   callers are never locked out.
 //! - A worker that **cannot start**, or that **crashes** on its own (an exit
 //!   code, SIGSEGV, SIGABRT, …), is the workflow's fault. Consecutive
 //!   failures back off briefly (100 ms doubling, at most

@@ -160,6 +160,8 @@ pub struct Pool {
     work: Notify,
     /// Wakes the janitor: a call was queued or a start failed.
     janitor: Notify,
+    /// Wakes every slot pacing a replacement: a call was queued.
+    arrived: Notify,
     /// Bumped when a quarantine is lifted.
     lifted: watch::Sender<u64>,
     next_worker: AtomicU64,
@@ -279,6 +281,7 @@ impl Pool {
             state: Mutex::new(state),
             work: Notify::new(),
             janitor: Notify::new(),
+            arrived: Notify::new(),
             lifted: watch::channel(0).0,
             next_worker: AtomicU64::new(1),
             next_scope: AtomicU64::new(1),
@@ -353,6 +356,7 @@ impl Pool {
         let (grow, rx) = grow;
         self.work.notify_one();
         self.janitor.notify_one();
+        self.arrived.notify_waiters();
         if grow {
             self.add_slot();
         }
@@ -579,6 +583,27 @@ impl Pool {
         }
     }
 
+    /// Waits `delay` before replacing a worker killed from outside, but not
+    /// while a call waits for it: the pace only keeps a kill loop on idle
+    /// workers from making the broker spin.
+    async fn pace(&self, delay: Duration) {
+        if delay.is_zero() {
+            return;
+        }
+        let arrived = self.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        if !self.state().queue.is_empty() {
+            return;
+        }
+        let mut stop = self.shutdown.subscribe();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = arrived => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }
+
     /// One slot: start a worker, serve, restart as [`health`] says; until
     /// retired or shut down.
     async fn slot(self: Arc<Self>) {
@@ -606,6 +631,7 @@ impl Pool {
             let started = Instant::now();
             let (launched, unit) = self.launch(id).await;
             let mut delay = Duration::ZERO;
+            let mut paced = false;
             let mut end = None;
             match launched {
                 Ok(worker) => {
@@ -655,6 +681,7 @@ impl Pool {
                     }
                     delay = if outside {
                         tracing::warn!(workflow = %wf, worker = id, "worker lost: {why}; replacing it");
+                        paced = true;
                         self.state().health.killed(Instant::now())
                     } else {
                         tracing::warn!(workflow = %wf, worker = id, "worker crashed: {why}; restarting");
@@ -671,7 +698,11 @@ impl Pool {
                 w.pid = None;
                 w.restarts += 1;
             });
-            self.pause(delay, &mut lifted).await;
+            if paced {
+                self.pace(delay).await;
+            } else {
+                self.pause(delay, &mut lifted).await;
+            }
         }
         let mut s = self.state();
         s.workers.remove(&id);
