@@ -264,6 +264,46 @@ mod tests {
         assert!(matches!(check(&ours, proc), Err(Distrust::Absent(_))));
     }
 
+    /// Through reqwest, as the gateway connects: the provider's end of the
+    /// socket must belong to the expected uid, or nothing is sent.
+    #[test]
+    fn the_peer_of_every_connection_is_checked_before_the_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let seen = std::sync::Arc::clone(&requests);
+            tokio::spawn(async move {
+                loop {
+                    let (mut s, _) = l.accept().await.unwrap();
+                    let mut buf = [0u8; 4096];
+                    if s.read(&mut buf).await.unwrap_or(0) > 0 {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                    }
+                }
+            });
+            let me = nix::unistd::Uid::effective().as_raw();
+            let client = |uid| {
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .connector_layer(PeerCheckLayer { uid, proc: PathBuf::from("/proc") })
+                    .build()
+                    .unwrap()
+            };
+            let url = format!("http://{addr}/v1/chat/completions");
+            let err = client(me.wrapping_add(54321)).post(&url).body("secret prompt").send().await.unwrap_err();
+            let chain = crate::error_chain(&err);
+            assert!(chain.contains("its socket belongs to"), "{chain}");
+            assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 0, "the request was sent");
+            let ok = client(me).post(&url).body("prompt").send().await.unwrap();
+            assert_eq!(ok.text().await.unwrap(), "ok");
+            assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+        });
+    }
+
     #[test]
     fn a_socket_in_a_directory_others_can_write_is_refused() {
         use std::os::unix::fs::PermissionsExt;
