@@ -100,6 +100,7 @@ pub struct ErrorInfo {
     /// Stable, machine-readable: `bad_request`, `invalid_json`, `forbidden`,
     /// `unknown_workflow`, `not_found`, `method_not_allowed`, `too_large`,
     /// `length_required`, `busy`, `overloaded`, `stopping`, `unavailable`,
+    /// `quarantined`, `no_worker`,
     /// `worker_died`, `timeout`, `internal`; for
     /// asks also `no_llm`, `budget_exhausted`, `provider_unauthorized`,
     /// `model_not_found`, `provider_rate_limited`, `provider_down`,
@@ -138,8 +139,13 @@ pub struct WorkflowStatus {
     pub tenant: String,
     pub user: Option<String>,
     pub workspace: String,
-    /// `None` when the workflow can serve calls; otherwise why not.
+    /// `None` when the workflow can serve calls; otherwise why not (also
+    /// why it is quarantined, until when, and how to lift it).
     pub unavailable: Option<String>,
+    /// Set while the workflow is quarantined: when one worker is tried
+    /// again (UTC, e.g. `2025-01-31T12:00:00Z`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined_until: Option<String>,
     pub queue_depth: usize,
     pub queue_capacity: usize,
     pub min_idle: u32,
@@ -153,7 +159,7 @@ pub struct WorkflowStatus {
 pub struct WorkerStatus {
     pub id: u64,
     pub pid: Option<u32>,
-    /// `starting`, `idle`, `busy` or `backoff`.
+    /// `starting`, `idle`, `busy`, `backoff` or `quarantined`.
     pub state: String,
     pub served: u64,
     /// CPU time of the calls this worker ran (their rusage), in ms.

@@ -22,6 +22,8 @@
 //! - [`api`] and [`client`]: client ↔ broker HTTP types and a small client.
 //! - [`cli`]: the client-side subcommands.
 //! - [`utc`]: UTC day and hour arithmetic for budgets and the ledger.
+//! - [`sockets`]: who owns a TCP socket here (`/proc/net/tcp`), so the
+//!   broker can refuse a model endpoint another local user has bound.
 //!
 //! # Threat model
 //!
@@ -39,6 +41,10 @@
 //! share of connections and request-body memory, is refused before any
 //! body byte it sends is read where it may not call, and learns nothing
 //! of other tenants' workflows from an error.
+//! Nor can a local user pose as a model provider: the broker sends prompts and
+//! keys only to an endpoint no such user could have bound first (https, a
+//! Unix socket in a protected directory, a privileged port, or a loopback
+//! port whose listener belongs to the policy's `endpoint_user`).
 //! Kernel bugs and side channels are out of scope. Where the running kernel
 //! lacks a mechanism, the weaker result is reported, never hidden; a policy
 //! marked `required` refuses to start instead.
@@ -59,6 +65,7 @@ pub mod frame;
 pub mod policy;
 pub mod protocol;
 pub mod sandbox;
+pub mod sockets;
 pub mod utc;
 pub mod worker;
 

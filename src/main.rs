@@ -35,8 +35,9 @@ enum Command {
         /// (rlimits only), required (refuse to start without systemd).
         #[arg(long, value_enum, default_value = "auto")]
         systemd: corral::broker::SystemdMode,
-        /// How long SIGTERM waits for calls in flight, e.g. "10s".
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        /// How long SIGTERM waits for calls in flight, e.g. "10s"; calls still
+        /// running then get a "stopping" error.
+        #[arg(long, env = "CORRAL_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
         drain_timeout: std::time::Duration,
         /// Name this broker's scopes corral-INSTANCE-… (several brokers under
         /// one systemd, e.g. tests).

@@ -480,3 +480,126 @@ fn tenant_budget_counts_every_workflow_of_the_tenant() {
     assert!(msg.contains("tenant lab") && msg.contains("tenant_daily_tokens"), "{msg}");
     assert_eq!(stub.received().len(), 1);
 }
+
+/// A fake OpenAI-compatible provider run as `user` (python3 under
+/// runuser), so its listening socket belongs to that user. It prints its
+/// port, then one JSON line per request: path, Authorization, body.
+struct FakeProvider {
+    child: std::process::Child,
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+const FAKE_PROVIDER: &str = r#"
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get('Content-Length', 0))).decode('utf-8', 'replace')
+        print(json.dumps({"path": self.path, "auth": self.headers.get('Authorization'), "body": body}), flush=True)
+        reply = json.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "stub-model",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "answered by " + sys.argv[1]}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(('127.0.0.1', int(sys.argv[2])), H)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+impl FakeProvider {
+    fn start(user: &str, port: u16) -> FakeProvider {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("runuser")
+            .args(["-u", user, "--", "python3", "-c", FAKE_PROVIDER, user, &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = lines.next().unwrap().unwrap().trim().parse().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                shared.lock().unwrap().push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        FakeProvider { child, port, seen }
+    }
+
+    fn seen(&self) -> Vec<Value> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        // runuser waits for python; end both.
+        let _ = std::process::Command::new("pkill").args(["-KILL", "-P", &self.child.id().to_string()]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_squatted_model_port_never_sees_the_prompt_or_the_key() {
+    if !full_sandbox() {
+        return;
+    }
+    // mallory binds the provider's port first.
+    let squatter = FakeProvider::start("mallory", 0);
+    let port = squatter.port;
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let extra = "endpoint_user = \"alice\"\ncredential = \"TESTKEY\"";
+    let opts = BrokerOptions { env: vec![("TESTKEY".into(), "sk-secret-of-alice".into())], ..Default::default() };
+    let b = Broker::start_with("llm-squat", &[llm_policy("chat", "lab", &url, extra)], opts);
+    let (code, r) = b.ask("chat", "alice's private question");
+    assert_eq!(code, 502, "{r:#}");
+    assert_eq!(r["error"]["code"], "provider_untrusted", "{r:#}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("is held by") && msg.contains("mallory") && msg.contains("alice"), "{msg}");
+    assert!(msg.contains("nothing was sent"), "{msg}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(squatter.seen().is_empty(), "the squatter received: {:?}", squatter.seen());
+    assert!(!b.log_text().contains("sk-secret-of-alice"), "the key reached the log");
+
+    // The real provider (run by the expected user) on the same port, with
+    // the same policy: the check is made again for this call, and passes.
+    drop(squatter);
+    let provider = FakeProvider::start("alice", port);
+    let (code, r) = b.ask("chat", "alice's private question");
+    assert_eq!(code, 200, "{r:#}\nlog:\n{}", b.log_text());
+    assert_eq!(r["answer"], "answered by alice");
+    let seen = provider.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["auth"], "Bearer sk-secret-of-alice");
+    assert!(seen[0]["body"].as_str().unwrap().contains("alice's private question"), "{seen:?}");
+}
+
+#[test]
+fn policy_check_refuses_a_squattable_endpoint_and_says_how_to_fix_it() {
+    let dir = scratch_dir("llm-policy-check");
+    let open = llm_policy("chat", "lab", "http://127.0.0.1:11434/v1", "endpoint_socket = \"\"");
+    // endpoint_socket = "" is not absolute: replaced by the case under test.
+    let text = open.text.replace("endpoint_socket = \"\"\n", "");
+    std::fs::write(dir.join("chat.toml"), &text).unwrap();
+    let out = std::process::Command::new(BIN).args(["policy", "check"]).arg(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("llm.base_url: 127.0.0.1:11434 is a port any local user can bind"), "{err}");
+    assert!(err.contains("endpoint_user = \"ollama\""), "{err}");
+    // With the provider's user named, the same file passes and the report
+    // says what the broker checks.
+    std::fs::write(dir.join("chat.toml"), text.replace("[llm]\n", "[llm]\nendpoint_user = \"mallory\"\n")).unwrap();
+    let out = std::process::Command::new(BIN).args(["policy", "check"]).arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("the listener must belong to user mallory"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

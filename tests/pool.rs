@@ -16,7 +16,7 @@ fn idle_worker_that_dies_is_replaced_before_the_next_call() {
     let old = b.worker_pids("shell-tools");
     assert_eq!(old.len(), 1, "one idle worker: {old:?}");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(old[0]).unwrap()),
+        nix::unistd::Pid::from_raw(i32::try_from(b.host_pid(old[0])).unwrap()),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::auth::Peer;
-use super::launcher::{Answer, Call, CallError, CompletionJob};
+use super::launcher::{Answer, Call, CompletionJob};
+use super::pool::Failure;
 use super::llm::{CallContext, GatewayError};
 use super::pool::SubmitError;
 use super::{Broker, Workflow};
@@ -69,7 +70,7 @@ pub enum AskError {
     #[error(transparent)]
     Submit(SubmitError),
     #[error("the worker failed")]
-    Call(CallError),
+    Call(Failure),
     #[error("no worker of {workflow} finished the ask within {after:?}; see `corral status`")]
     Timeout { workflow: String, after: Duration },
     #[error("the ask was dropped by the broker; retry it")]

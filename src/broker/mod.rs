@@ -7,7 +7,13 @@
 //! (socket, accept loop, per-uid caps, routes), [`ask`] runs prompts,
 //! [`llm`] is the gateway to model providers and [`ledger`] its token
 //! ledger, [`log`] escapes client text for the log, [`notify`] talks to the
-//! service manager.
+//! service manager, [`status`] shows the pools' state as the API's.
+//!
+//! # Stopping
+//!
+//! SIGTERM starts a drain: new requests get 503 `stopping`, calls in flight
+//! get `--drain-timeout` to finish, and those still running then get a JSON
+//! `stopping` error; only then do the workers stop and the socket close.
 
 mod ask;
 mod auth;
@@ -18,6 +24,7 @@ pub mod llm;
 mod log;
 mod notify;
 mod pool;
+mod status;
 pub mod scope;
 pub(crate) mod setup;
 
@@ -213,7 +220,7 @@ impl Broker {
                 seccomp: kernel.seccomp,
                 resource_control,
             },
-            workflows: self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| w.pool.status()).collect(),
+            workflows: self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| status::workflow_status(w.pool.status())).collect(),
         }
     }
 
@@ -247,6 +254,8 @@ impl Broker {
                 let user = same.policy.user.clone().unwrap_or_else(|| self.config.worker_user.clone());
                 let tenant = wf.tenant.to_string();
                 uses.push(sandbox::UserUse { workflow: wf.name.to_string(), tenant, uid, user, required });
+                // A reload is how an operator says "fixed, try again".
+                same.pool.lift_quarantine();
                 slots.push(Slot::Reused(Arc::clone(same)));
                 continue;
             }
@@ -478,7 +487,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     notify::stopping("stopping workers");
     let pools: Vec<_> = broker.snapshot().values().map(|w| Arc::clone(&w.pool)).collect();
     for p in &pools {
-        p.shutdown();
+        p.abort();
     }
     // Slots kill their worker and stop its scope on the way out.
     let deadline = Instant::now() + Duration::from_secs(5);

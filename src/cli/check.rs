@@ -113,7 +113,21 @@ fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::San
         "  {:<10} min_idle {}, max_workers {}, queue {}",
         "pool", wf.pool.min_idle, wf.pool.max_workers, wf.pool.queue
     );
+    if let Some(llm) = &wf.llm {
+        let _ = writeln!(out, "  llm        {} ({}): {}", llm.base_url, llm.model, llm.endpoint.describe());
+        let _ = writeln!(out, "             now: {}", endpoint_now(&llm.endpoint));
+    }
     Ok(out)
+}
+
+/// What the broker's check of a model endpoint would say right now.
+pub(crate) fn endpoint_now(endpoint: &policy::Endpoint) -> String {
+    use crate::broker::llm::{check_endpoint, Distrust};
+    match check_endpoint(endpoint, Path::new("/proc")) {
+        Ok(_) => "trusted".into(),
+        Err(Distrust::Absent(why)) => format!("not running ({why})"),
+        Err(Distrust::Untrusted(why)) => format!("REFUSED: {why}"),
+    }
 }
 
 /// Whether a broker here would get cgroups (systemd booted) and which version.

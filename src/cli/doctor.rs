@@ -165,6 +165,16 @@ pub async fn run(policies: &Path, worker_user: &str, socket: &Path) -> u8 {
                 r.line(Level::Warn, "policy", w);
             }
             for wf in &p.workflows {
+                let Some(llm) = &wf.llm else { continue };
+                let now = super::check::endpoint_now(&llm.endpoint);
+                let level = if now.starts_with("REFUSED") { Level::Warn } else { Level::Ok };
+                r.line(
+                    level,
+                    "llm",
+                    &format!("{} ({}): {}; now: {now}", llm.base_url, wf.name, llm.endpoint.describe()),
+                );
+            }
+            for wf in &p.workflows {
                 println!("      promises of {} (Landlock ABI {abi}):", wf.name);
                 for row in crate::broker::setup::enforcement_rows(wf, systemd.is_ok()) {
                     println!("        {:<10} {}", row.promise, row.by);

@@ -267,6 +267,8 @@ fn expected_for(key: &str) -> Option<&'static str> {
         "llm.base_url" => "a URL such as \"http://127.0.0.1:11434/v1\"",
         "llm.model" => "a model name such as \"qwen2.5:3b\"",
         "llm.credential" => "a credential name such as \"ollama\"",
+        "llm.endpoint_user" => "a user name such as \"ollama\"",
+        "llm.endpoint_socket" => "an absolute path such as \"/run/ollama/api.sock\"",
         _ if key.starts_with("env.") => "a string",
         _ => return None,
     })

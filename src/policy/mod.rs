@@ -52,6 +52,9 @@
 //! base_url = "http://127.0.0.1:11434/v1"
 //! model = "qwen2.5:3b"
 //! credential = "ollama"           # file under $CREDENTIALS_DIRECTORY, or env var
+//! endpoint_user = "ollama"        # who must own the listener of a loopback port >= 1024
+//! endpoint_socket = "/run/x.sock" # optional: plain http over this Unix socket instead
+//!                                 # Plain http only to loopback; see [`endpoint`].
 //! max_steps = 8                   # default 8, 1..=64
 //! daily_tokens = 200000           # optional, per workflow
 //! tenant_daily_tokens = 500000    # optional, per tenant
@@ -81,9 +84,11 @@
 //! - `units`, `names`, `path`: value grammars (sizes, names, path templates).
 //! - `raw`: the file as serde reads it; `document`: spans, lines, unknown keys.
 //! - `validate`: raw to validated; `load`: files and directories; `host`:
-//!   warnings about this host; `error`: [`PolicyError`].
+//!   warnings about this host; `error`: [`PolicyError`]; [`endpoint`]: which
+//!   model endpoints the broker trusts.
 
 mod document;
+pub mod endpoint;
 mod error;
 mod host;
 mod load;
@@ -97,6 +102,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
+pub use endpoint::Endpoint;
 pub use error::{FirstUser, Place, PolicyError, PolicyErrors};
 pub use load::{load_dir, parse_workflow, Policies};
 pub use names::{InvalidName, TenantName, WorkflowName};

@@ -86,6 +86,8 @@ pub(crate) struct RawLlm {
     pub base_url: Option<String>,
     pub model: Option<String>,
     pub credential: Option<String>,
+    pub endpoint_user: Option<String>,
+    pub endpoint_socket: Option<String>,
     pub max_steps: Option<i64>,
     pub daily_tokens: Option<i64>,
     pub tenant_daily_tokens: Option<i64>,

@@ -160,6 +160,9 @@ pub struct PoolConfig {
 pub struct Llm {
     /// `http://` or `https://` URL of the API root, e.g. `http://127.0.0.1:11434/v1`.
     pub base_url: String,
+    /// Why the broker may trust that endpoint, from `base_url`,
+    /// `endpoint_user` and `endpoint_socket` (see [`super::endpoint`]).
+    pub endpoint: super::Endpoint,
     /// Model name as the endpoint knows it.
     pub model: String,
     /// Name of a file under `$CREDENTIALS_DIRECTORY`, or of an environment

@@ -78,6 +78,10 @@ fn shipped_policies_parse() {
     assert_eq!(chat.limits.tasks_max, 128);
     let llm = chat.llm.unwrap();
     assert_eq!(llm.base_url, "http://127.0.0.1:11434/v1");
+    assert_eq!(
+        llm.endpoint,
+        crate::policy::Endpoint::OwnedPort { addr: "127.0.0.1:11434".parse().unwrap(), owner: "ollama".into() }
+    );
     assert_eq!(llm.daily_tokens, Some(200_000));
     assert_eq!(llm.max_steps, 8);
 
@@ -258,7 +262,7 @@ fn missing_table_and_keys() {
         "policies/x.toml:2: workflow.tenant: missing key; add it, e.g. tenant = \"kid\""
     );
     assert_eq!(
-        error(&format!("{MINIMAL}\n[llm]\nbase_url = \"http://x/v1\"\n")),
+        error(&format!("{MINIMAL}\n[llm]\nbase_url = \"https://x/v1\"\n")),
         "policies/x.toml:5: llm.model: missing key; add it, e.g. model = \"qwen2.5:3b\""
     );
 }
@@ -636,7 +640,7 @@ fn tenant_table_in_one_file_is_inherited() {
 
 #[test]
 fn llm_timeout_and_spike_factor() {
-    let llm = |body: &str| format!("{MINIMAL}[llm]\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n{body}\n");
+    let llm = |body: &str| format!("{MINIMAL}[llm]\nbase_url = \"https://x/v1\"\nmodel = \"m\"\n{body}\n");
     let wf = parse(&llm("")).unwrap();
     let l = wf.llm.unwrap();
     assert_eq!(l.timeout, Duration::from_secs(30));
@@ -661,4 +665,20 @@ fn llm_timeout_and_spike_factor() {
         "policies/x.toml:7: llm.timeout: duration \"10m1s\" is out of range: expected from \
          100ms to 10m"
     );
+}
+
+#[test]
+fn llm_endpoints_anyone_could_squat_are_refused() {
+    let llm = |body: &str| format!("{MINIMAL}[llm]\nmodel = \"m\"\n{body}\n");
+    let e = error(&llm("base_url = \"http://127.0.0.1:11434/v1\""));
+    assert!(e.contains(".toml:6: llm.base_url: 127.0.0.1:11434 is a port any local user"), "{e}");
+    assert!(e.contains("endpoint_user = \"ollama\""), "{e}");
+    let e = error(&llm("base_url = \"http://10.0.0.2:8080/v1\"\nendpoint_user = \"ollama\""));
+    assert!(e.contains("llm.base_url: plain http to \"10.0.0.2\" is refused") && e.contains("https://"), "{e}");
+    let e = error(&llm("base_url = \"http://localhost/v1\"\nendpoint_socket = \"api.sock\""));
+    assert!(e.contains("llm.endpoint_socket:") && e.contains("absolute"), "{e}");
+    let e = error(&llm("base_url = \"https://x/v1\"\nendpoint_user = \"-x\""));
+    assert!(e.contains("llm.endpoint_user: invalid user name"), "{e}");
+    let ok = parse(&llm("base_url = \"http://127.0.0.1:11434/v1\"\nendpoint_user = \"ollama\"")).unwrap();
+    assert!(matches!(ok.llm.unwrap().endpoint, crate::policy::Endpoint::OwnedPort { .. }));
 }

@@ -360,21 +360,29 @@ fn env(c: &mut Check<'_>, raw: BTreeMap<String, String>) -> BTreeMap<String, Str
 }
 
 fn llm(c: &mut Check<'_>, raw: RawLlm) -> Option<Llm> {
-    let base_url = match raw.base_url {
-        Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
+    if let Some(user) = &raw.endpoint_user {
+        let ok = !user.is_empty()
+            && !user.starts_with('-')
+            && user.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !ok {
+            c.invalid("llm.endpoint_user", format!("invalid user name {user:?}: expected e.g. \"ollama\""));
+        }
+    }
+    let (base_url, endpoint) = match raw.base_url {
         Some(url) => {
-            c.invalid(
-                "llm.base_url",
-                format!(
-                    "invalid URL {url:?}: expected an http:// or https:// URL, \
-                     e.g. \"http://127.0.0.1:11434/v1\""
-                ),
-            );
-            None
+            match super::endpoint::classify(&url, raw.endpoint_user.as_deref(), raw.endpoint_socket.as_deref()) {
+                Ok(endpoint) => (Some(url), Some(endpoint)),
+                Err(message) => {
+                    let key =
+                        if message.starts_with("endpoint_socket") { "llm.endpoint_socket" } else { "llm.base_url" };
+                    c.invalid(key, message);
+                    (None, None)
+                }
+            }
         }
         None => {
             c.missing("llm.base_url", "base_url = \"http://127.0.0.1:11434/v1\"");
-            None
+            (None, None)
         }
     };
     let model = match raw.model {
@@ -441,6 +449,7 @@ fn llm(c: &mut Check<'_>, raw: RawLlm) -> Option<Llm> {
     };
     Some(Llm {
         base_url: base_url?,
+        endpoint: endpoint?,
         model: model?,
         credential: raw.credential,
         max_steps,

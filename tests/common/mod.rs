@@ -172,6 +172,37 @@ pub struct Broker {
     /// systemd mode: the unit, and the namespaced systemd's PID (from here).
     unit: Option<(String, u32)>,
     pub log: PathBuf,
+    /// The broker's extra environment (rlimit mode: for a restart).
+    env: Vec<(String, String)>,
+}
+
+type PreExec = Box<dyn FnMut() -> std::io::Result<()> + Send + Sync>;
+
+/// Starts `corral broker` on `dir`'s policies, socket and state, as a child
+/// of the test (rlimit mode), logging to `log`.
+fn spawn_broker(dir: &Path, log: &std::fs::File, env: &[(String, String)], pre_exec: Option<PreExec>) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("broker")
+        .arg("--policies")
+        .arg(dir.join("policies"))
+        .arg("--socket")
+        .arg(dir.join("corral.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        // These tests exercise the rlimit mode on any host; with
+        // CORRAL_TEST_UNDER_SYSTEMD=1 they run as units instead.
+        .arg("--systemd=off")
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.try_clone().unwrap());
+    if let Some(hook) = pre_exec {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook is documented to be async-signal-safe.
+        unsafe { cmd.pre_exec(hook) };
+    }
+    cmd.spawn().unwrap()
 }
 
 pub struct BrokerOptions {
@@ -181,7 +212,7 @@ pub struct BrokerOptions {
     pub wait_ready: bool,
     /// Hook run in the broker's process before exec (e.g. a seccomp filter
     /// that hides Landlock). Must be async-signal-safe.
-    pub pre_exec: Option<Box<dyn FnMut() -> std::io::Result<()> + Send + Sync>>,
+    pub pre_exec: Option<PreExec>,
 }
 
 impl Default for BrokerOptions {
@@ -213,32 +244,11 @@ impl Broker {
                     "a broker with a pre_exec hook cannot run as a unit: skip the test with skip_under_systemd()"
                 );
                 let unit = start_unit(sd, name, &dir, &opts.env);
-                Broker { dir, socket, state, child: None, unit: Some((unit, sd)), log }
+                Broker { dir, socket, state, child: None, unit: Some((unit, sd)), log, env: opts.env }
             }
             None => {
-                let mut cmd = Command::new(BIN);
-                cmd.arg("broker")
-                    .arg("--policies")
-                    .arg(&pdir)
-                    .arg("--socket")
-                    .arg(&socket)
-                    .arg("--state-dir")
-                    .arg(&state)
-                    // These tests exercise the rlimit mode on any host; with
-                    // CORRAL_TEST_UNDER_SYSTEMD=1 they run as units instead.
-                    .arg("--systemd=off")
-                    .env("RUST_LOG", "info")
-                    .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(&log).unwrap());
-                if let Some(hook) = opts.pre_exec {
-                    use std::os::unix::process::CommandExt;
-                    // SAFETY: the hook is documented to be async-signal-safe.
-                    unsafe { cmd.pre_exec(hook) };
-                }
-                let child = cmd.spawn().unwrap();
-                Broker { dir, socket, state, child: Some(child), unit: None, log }
+                let child = spawn_broker(&dir, &std::fs::File::create(&log).unwrap(), &opts.env, opts.pre_exec);
+                Broker { dir, socket, state, child: Some(child), unit: None, log, env: opts.env }
             }
         };
         broker.wait_socket();
@@ -423,6 +433,57 @@ impl Broker {
             .flat_map(|w| w["workers"].as_array().unwrap().clone())
             .filter_map(|k| k["pid"].as_u64().map(|p| u32::try_from(p).unwrap()))
             .collect()
+    }
+}
+
+impl Broker {
+    /// SIGTERM to the broker, as systemd or an operator stops it: the drain
+    /// starts (systemd mode: `systemctl stop --no-block`).
+    pub fn terminate(&self) {
+        match &self.unit {
+            Some((unit, sd)) => {
+                let out = nsenter(*sd, &["systemctl", "stop", "--no-block", unit]);
+                assert!(out.status.success(), "systemctl stop {unit}: {out:?}");
+            }
+            None => nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(self.pid()).unwrap()),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap(),
+        }
+    }
+
+    /// Waits until the broker has exited; false when it still runs after
+    /// `limit`.
+    pub fn wait_stopped(&mut self, limit: Duration) -> bool {
+        let unit = self.unit.clone();
+        let child = &mut self.child;
+        poll(limit, || match (&unit, child.as_mut()) {
+            (Some((unit, sd)), _) => {
+                let state = systemctl_show(*sd, unit, "ActiveState");
+                (state == "inactive" || state == "failed").then_some(())
+            }
+            (None, Some(c)) => c.try_wait().unwrap().map(|_| ()),
+            (None, None) => Some(()),
+        })
+        .is_some()
+    }
+
+    /// Starts a broker again on the same socket, state directory and
+    /// policies, once the last one has stopped; waits until it serves.
+    pub fn start_again(&mut self) {
+        match &self.unit {
+            Some((unit, sd)) => {
+                let out = nsenter(*sd, &["systemctl", "start", unit]);
+                assert!(out.status.success(), "systemctl start {unit}: {out:?}\nlog:\n{}", self.log_text());
+            }
+            None => {
+                let log = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
+                self.child = Some(spawn_broker(&self.dir, &log, &self.env, None));
+            }
+        }
+        self.wait_socket();
+        self.wait_ready();
     }
 }
 
@@ -862,7 +923,10 @@ async fn stub_answer(
 pub fn llm_policy(name: &str, tenant: &str, base_url: &str, llm_extra: &str) -> PolicyFile {
     let mut p = policy(name, tenant, Some("corral-test"), "", "", "min_idle = 1\nmax_workers = 1");
     let steps = if llm_extra.contains("max_steps") { "" } else { "max_steps = 4\n" };
-    p.text.push_str(&format!("\n[llm]\nbase_url = \"{base_url}\"\nmodel = \"stub-model\"\n{steps}{llm_extra}\n"));
+    // The stub listens on a loopback port of the test process (root).
+    let owner = if llm_extra.contains("endpoint_") { "" } else { "endpoint_user = \"root\"\n" };
+    p.text
+        .push_str(&format!("\n[llm]\nbase_url = \"{base_url}\"\nmodel = \"stub-model\"\n{owner}{steps}{llm_extra}\n"));
     p
 }
 

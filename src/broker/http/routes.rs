@@ -26,7 +26,7 @@ use crate::api::{ASK_PATH, CHAT_PATH, EXEC_PATH, REQUEST_ID_HEADER, STATUS_PATH,
 use crate::broker::auth::{describe_uid, Peer};
 use crate::broker::launcher::CallError;
 use crate::broker::log::Escaped;
-use crate::broker::pool::SubmitError;
+use crate::broker::pool::{Failure, SubmitError};
 use crate::broker::{Broker, Workflow};
 
 pub(super) fn router(front: AppState) -> Router {
@@ -189,21 +189,26 @@ pub(super) fn submit_error(broker: &Broker, e: SubmitError) -> ApiError {
     match e {
         SubmitError::Busy { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
         SubmitError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        SubmitError::Quarantined { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string()),
     }
 }
 
 /// Maps a failed call to the API's error.
-pub(super) fn call_error(broker: &Broker, wf: &Workflow, e: CallError) -> ApiError {
+pub(super) fn call_error(broker: &Broker, wf: &Workflow, e: Failure) -> ApiError {
     if broker.draining() {
         return ApiError::stopping();
     }
     match e {
-        CallError::Died(why) => ApiError::new(
+        Failure::Quarantined(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string()),
+        Failure::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        Failure::NoWorker { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_worker", e.to_string()),
+        Failure::QueueTimeout { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
+        Failure::Call(CallError::Died(why)) => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "worker_died",
             format!("the worker of {} running the call died: {why}; it is being replaced, retry the call", wf.name),
         ),
-        e @ CallError::Stuck(_) => {
+        Failure::Call(e @ CallError::Stuck(_)) => {
             ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{e}; retry the call"))
         }
     }

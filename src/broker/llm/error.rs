@@ -43,6 +43,8 @@ pub enum GatewayError {
     ProviderDown { base_url: String, tries: u32, detail: String },
     #[error("the provider at {base_url} did not answer within {} (llm.timeout); raise llm.timeout in the policy or use a faster model", crate::policy::format_duration(*.timeout))]
     Timeout { base_url: String, timeout: Duration },
+    #[error("refused to call the provider at {base_url}: {detail}")]
+    Untrusted { base_url: String, detail: String },
     #[error("the provider at {base_url} rejected the request with {status}: {message}")]
     Rejected { base_url: String, status: u16, message: String },
     #[error("the provider at {base_url} sent an answer that is not a chat completion: {detail}; check that base_url points at an OpenAI-compatible API (…/v1)")]
@@ -65,6 +67,7 @@ impl GatewayError {
             GatewayError::ProviderDown { .. } => "provider_down",
             GatewayError::Timeout { .. } => "provider_timeout",
             GatewayError::Rejected { .. } => "provider_rejected",
+            GatewayError::Untrusted { .. } => "provider_untrusted",
             GatewayError::BadResponse { .. } => "bad_provider_response",
             GatewayError::Credential(_) => "credential_unreadable",
             GatewayError::Ledger(_) => "internal",

@@ -2,6 +2,7 @@
 //! warning — in that order, for every completion a worker asks for.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use super::credentials::CredentialStore;
 use super::error::GatewayError;
 use super::provider::{self, Endpoint};
 use super::retry::RetryPolicy;
+use super::trust::{self, Distrust, PeerCheckLayer, Route};
 use crate::broker::ledger::{Ledger, ModelCall, Scope};
 use crate::policy::Llm;
 use crate::protocol::{CompleteRequest, Completion, Usage};
@@ -29,8 +31,8 @@ pub struct Gateway {
     ledger: Arc<Ledger>,
     credentials: CredentialStore,
     retry: RetryPolicy,
-    /// One HTTP client (connection pool) per per-attempt timeout.
-    clients: Mutex<BTreeMap<Duration, reqwest::Client>>,
+    /// One HTTP client (connection pool) per per-attempt timeout and route.
+    clients: Mutex<BTreeMap<(Duration, Route), reqwest::Client>>,
     /// (workflow, hour) already warned about.
     spikes: Mutex<BTreeSet<(String, i64)>>,
 }
@@ -61,13 +63,28 @@ impl Gateway {
         llm.timeout * tries + (self.retry.cap.max(self.retry.max_retry_after)) * tries
     }
 
-    fn client(&self, timeout: Duration) -> Result<reqwest::Client, GatewayError> {
+    fn client(&self, timeout: Duration, route: &Route) -> Result<reqwest::Client, GatewayError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(&timeout) {
+        let key = (timeout, route.clone());
+        if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        let builder =
-            || reqwest::Client::builder().timeout(timeout).connect_timeout(timeout.min(Duration::from_secs(10)));
+        let builder = || {
+            // A completion is never redirected: a redirect could carry the
+            // prompt (and a key) somewhere the policy did not name.
+            let b = reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(10)))
+                .redirect(reqwest::redirect::Policy::none());
+            match route {
+                Route::Network => b,
+                // Straight to the checked listener: a proxy would be the peer.
+                Route::PeerUid(uid) => {
+                    b.no_proxy().connector_layer(PeerCheckLayer { uid: *uid, proc: Path::new("/proc").to_path_buf() })
+                }
+                Route::Unix(path) => b.no_proxy().unix_socket(path.as_path()),
+            }
+        };
         let client = match builder().build() {
             Ok(c) => c,
             // No CA store on this host (no ca-certificates): plain-HTTP
@@ -86,7 +103,7 @@ impl Gateway {
                 })?
             }
         };
-        clients.insert(timeout, client.clone());
+        clients.insert(key, client.clone());
         Ok(client)
     }
 
@@ -155,7 +172,22 @@ impl Gateway {
             credential: llm.credential.as_deref(),
             timeout: llm.timeout,
         };
-        let http = self.client(llm.timeout)?;
+        // The port may have been taken since the policy loaded: check now,
+        // before anything (the key included) is sent.
+        let route = match trust::check(&llm.endpoint, Path::new("/proc")) {
+            Ok(route) => route,
+            Err(d) => {
+                let base_url = llm.base_url.clone();
+                let e = match d {
+                    Distrust::Untrusted(detail) => GatewayError::Untrusted { base_url, detail },
+                    Distrust::Absent(detail) => GatewayError::ProviderDown { base_url, tries: 0, detail },
+                };
+                record(Usage::default(), 0, 0, e.code());
+                tracing::error!(request_id = %ctx.request_id, workflow = %ctx.workflow, code = e.code(), "{e}");
+                return Err(e);
+            }
+        };
+        let http = self.client(llm.timeout, &route)?;
         let started = Instant::now();
         let (result, tries) =
             provider::complete(&http, self.retry, &endpoint, &req.messages, &req.tools, ctx.request_id).await;

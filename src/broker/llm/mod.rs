@@ -6,7 +6,9 @@
 //! ([`credentials`]), calls the provider's OpenAI-compatible
 //! `/chat/completions` ([`provider`], through [`transport`], which retries
 //! with [`retry`]), records the tokens the provider reported, and answers
-//! with the completion or an [`GatewayError`] that says what to do.
+//! with the completion or an [`GatewayError`] that says what to do. Before
+//! every call, and on every new connection, [`trust`] checks that the
+//! endpoint is the provider the policy trusts and not a squatter.
 //! Workers have no network and never hold a key.
 
 mod credentials;
@@ -15,8 +17,10 @@ mod gateway;
 mod provider;
 mod retry;
 mod transport;
+mod trust;
 
 pub use credentials::{CredentialError, CredentialStore};
 pub use error::GatewayError;
 pub use gateway::{CallContext, Gateway};
 pub use retry::RetryPolicy;
+pub use trust::{check as check_endpoint, Distrust};
