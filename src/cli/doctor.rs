@@ -124,7 +124,17 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
             &format!("default worker user {worker_user} missing: run systemd-sysusers (units/sysusers.d/corral.conf) or useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {worker_user}"),
         );
     }
-    match crate::policy::load_dir(policies) {
+    let loaded = crate::policy::load_dir(policies);
+    let wants_disk = loaded.as_ref().is_ok_and(|p| p.workflows.iter().any(|w| w.limits.disk_max.is_some()));
+    match crate::broker::quota::host_support() {
+        Ok(how) => r.line(Level::Ok, "disk", &format!("disk_max can be enforced: {how}")),
+        Err(why) => r.line(
+            if wants_disk { Level::Fail } else { Level::Warn },
+            "disk",
+            &format!("{why}; workflows with limits.disk_max will not start"),
+        ),
+    }
+    match loaded {
         Ok(p) => {
             for wf in &p.workflows {
                 if let Some(u) = &wf.user {
