@@ -133,11 +133,21 @@ fn an_older_layout_is_repaired_and_a_planted_symlink_is_not_followed() {
     let victim = dir.join("victim");
     std::fs::write(&victim, "root only\n").unwrap();
     std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Two more now get disk_max: journal's files fit and move into its
+    // image, hoard's 12M do not fit in 8M.
     let tenant_dir = dir.join("state/workspaces/kid");
-    std::fs::create_dir_all(tenant_dir.join("essay")).unwrap();
-    std::fs::write(tenant_dir.join("essay/draft.txt"), "draft\n").unwrap();
+    for wf in ["essay", "journal", "hoard"] {
+        std::fs::create_dir_all(tenant_dir.join(wf)).unwrap();
+        std::fs::write(tenant_dir.join(wf).join("draft.txt"), "draft\n").unwrap();
+    }
+    std::fs::write(tenant_dir.join("hoard/big"), vec![7u8; 12 << 20]).unwrap();
     std::os::unix::fs::symlink(&victim, tenant_dir.join("homework")).unwrap();
-    for p in [tenant_dir.as_path(), &tenant_dir.join("essay"), &tenant_dir.join("essay/draft.txt")] {
+    let mut owned = vec![tenant_dir.clone()];
+    for wf in ["essay", "journal", "hoard"] {
+        owned.push(tenant_dir.join(wf));
+        owned.push(tenant_dir.join(wf).join("draft.txt"));
+    }
+    for p in &owned {
         std::os::unix::fs::chown(p, Some(kid.0), Some(kid.1)).unwrap();
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
@@ -148,6 +158,8 @@ fn an_older_layout_is_repaired_and_a_planted_symlink_is_not_followed() {
         &[
             tenant_policy("homework", "kid", "corral-kid", &[], ""),
             tenant_policy("essay", "kid", "corral-kid", &[], ""),
+            disk_policy("journal", "kid", "corral-kid", "16M"),
+            disk_policy("hoard", "kid", "corral-kid", "8M"),
             tenant_policy("chat", "alice", "corral-alice", &[], ""),
         ],
         BrokerOptions::default(),
@@ -168,6 +180,18 @@ fn an_older_layout_is_repaired_and_a_planted_symlink_is_not_followed() {
     assert_ok(&r);
     assert_eq!(stdout(&r), "draft\n");
     assert_ok(&b.sh("chat", "echo hi > x && cat x"));
+
+    // journal's files are in its image now, and it is held to 16M.
+    let r = b.sh("journal", "cat draft.txt && ls -ln draft.txt");
+    assert_ok(&r);
+    assert!(stdout(&r).starts_with("draft\n"), "{r:#}");
+    assert!(stdout(&r).contains(&format!(" {} {} ", kid.0, kid.1)), "owner not kept: {r:#}");
+    let r = write_mib(&b, "journal", "big", 20);
+    assert!(limit(&r).contains("disk_max 16M of workflow journal was reached"), "{r:#}");
+    // hoard's do not fit: refused, saying so, and nothing was deleted.
+    let why = workflow_status(&st, "hoard")["unavailable"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("do not fit in disk_max 8M"), "{st:#}");
+    assert_eq!(std::fs::metadata(tenant_dir.join("hoard/big")).unwrap().len(), 12 << 20);
 }
 
 /// A policy with `disk_max`.

@@ -35,8 +35,9 @@ use crate::policy::ByteSize;
 const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
 /// The tools the quota needs, with the Debian package of each.
-const TOOLS: [(&str, &str); 5] = [
+const TOOLS: [(&str, &str); 6] = [
     ("mount", "mount"),
+    ("cp", "coreutils"),
     ("umount", "mount"),
     ("mkfs.ext4", "e2fsprogs"),
     ("e2fsck", "e2fsprogs"),
@@ -57,10 +58,10 @@ pub enum QuotaError {
     )]
     Shrink { max: ByteSize, size: ByteSize, image: PathBuf },
     #[error(
-        "the workspace already holds files, which mounting its disk_max image would hide: \
-         move them out of {workspace}, restart the broker and copy them back in through a call"
+        "the files already in the workspace ({used}) do not fit in disk_max {max}: \
+         delete some from {workspace}, or raise disk_max"
     )]
-    NotEmpty { workspace: PathBuf },
+    TooFull { used: String, max: ByteSize, workspace: PathBuf },
     #[error(
         "the workspace's files live in the image {image}, made while the policy had disk_max: \
          put disk_max back, or copy the files out, delete the image and restart the broker"
@@ -77,6 +78,9 @@ pub struct Quota {
     image: PathBuf,
     workspace: PathBuf,
     noexec: bool,
+    /// The size of the mounted image, which lags `max` after a reload that
+    /// grew it (0 until attached).
+    in_force: std::sync::atomic::AtomicU64,
 }
 
 /// A workspace's usage, for status.
@@ -212,7 +216,7 @@ impl Quota {
     pub fn new(workflow: &str, max: ByteSize, image: PathBuf, workspace: PathBuf, noexec: bool) -> Quota {
         // mountinfo has absolute paths.
         let workspace = std::path::absolute(&workspace).unwrap_or(workspace);
-        Quota { workflow: workflow.to_string(), max, image, workspace, noexec }
+        Quota { workflow: workflow.to_string(), max, image, workspace, noexec, in_force: 0.into() }
     }
 
     /// Mounts the workflow's image on its (existing, empty) workspace,
@@ -237,6 +241,7 @@ impl Quota {
             return Err(QuotaError::Shrink { max: self.max, size: ByteSize(size), image: self.image.clone() });
         }
         if is_mounted(&self.workspace) {
+            self.in_force.store(size.unwrap_or(self.max.0), std::sync::atomic::Ordering::Relaxed);
             if size.is_some_and(|s| s < self.max.0) {
                 tracing::warn!(
                     workflow = %self.workflow,
@@ -255,10 +260,14 @@ impl Quota {
                     path: self.workspace.clone(),
                     source,
                 })?;
-                if entries.next().is_some() {
-                    return Err(QuotaError::NotEmpty { workspace: self.workspace.clone() });
-                }
+                let has_files = entries.next().is_some();
                 self.create(owner)?;
+                if has_files {
+                    if let Err(e) = self.migrate() {
+                        let _ = std::fs::remove_file(&self.image);
+                        return Err(e);
+                    }
+                }
             }
         }
         let mut options = String::from("loop,nosuid,nodev");
@@ -282,6 +291,58 @@ impl Quota {
             // mkfs's lost+found would be the only thing in a new workspace.
             let _ = std::fs::remove_dir(self.workspace.join("lost+found"));
         }
+        self.in_force.store(self.max.0, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The workspace held files before it had `disk_max` (an upgrade, or a
+    /// policy that gained it): copy them into the new image, then move the
+    /// originals out of the tenant's reach, beside the image, for the
+    /// operator to delete. Files that do not fit are refused, not cut.
+    fn migrate(&self) -> Result<(), QuotaError> {
+        let staging = self.image.with_extension("migrating");
+        let aside = self.image.with_extension("before-disk_max");
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| QuotaError::Io { op, path, source }
+        };
+        let _ = std::fs::remove_dir(&staging);
+        std::fs::create_dir(&staging).map_err(io("create", &staging))?;
+        let what = format!("copy the files of workflow {} into its new disk_max image", self.workflow);
+        let options = "loop,nosuid,nodev,noexec";
+        let mount_args = [
+            "-t".as_ref(),
+            "ext4".as_ref(),
+            "-o".as_ref(),
+            options.as_ref(),
+            self.image.as_os_str(),
+            staging.as_os_str(),
+        ];
+        run("mount", &mount_args, what.clone(), &[0])?;
+        let mut source = self.workspace.clone().into_os_string();
+        source.push("/.");
+        let cp_args = ["-a".as_ref(), "--one-file-system".as_ref(), source.as_os_str(), staging.as_os_str()];
+        let copied = run("cp", &cp_args, what.clone(), &[0]);
+        let unmounted = run("umount", &[staging.as_os_str()], what, &[0]);
+        let _ = std::fs::remove_dir(&staging);
+        if let Err(e) = copied {
+            let used = dir_size(&self.workspace);
+            return Err(if used > self.max.0 / 10 * 9 {
+                QuotaError::TooFull { used: mib(used), max: self.max, workspace: self.workspace.clone() }
+            } else {
+                e
+            });
+        }
+        unmounted?;
+        std::fs::rename(&self.workspace, &aside).map_err(io("move aside", &self.workspace))?;
+        std::fs::create_dir(&self.workspace).map_err(io("create", &self.workspace))?;
+        tracing::warn!(
+            workflow = %self.workflow,
+            "copied the files of the workspace into its new {} image; the originals are in {} (root's): \
+             delete them when done",
+            self.max,
+            aside.display()
+        );
         Ok(())
     }
 
@@ -386,6 +447,16 @@ impl Quota {
         })
     }
 
+    /// `disk_max 16M`, or what holds until a restart grows the image.
+    fn limit_name(&self) -> String {
+        let in_force = self.in_force.load(std::sync::atomic::Ordering::Relaxed);
+        if in_force != 0 && in_force < self.max.0 {
+            format!("disk_max {} (still {} until the broker restarts)", self.max, ByteSize(in_force))
+        } else {
+            format!("disk_max {}", self.max)
+        }
+    }
+
     /// After a call: the limit it ran into, when the workspace is full.
     pub fn limit_hit(&self) -> Option<String> {
         let u = self.usage()?;
@@ -394,15 +465,16 @@ impl Quota {
         let slack = (u.size / 256).max(64 * 1024);
         if u.available < slack {
             Some(format!(
-                "disk_max {} of workflow {} was reached: the workspace is full ({} used); delete files to write again",
-                self.max,
+                "{} of workflow {} was reached: the workspace is full ({} used); delete files to write again",
+                self.limit_name(),
                 self.workflow,
                 mib(u.used)
             ))
         } else if u.inodes_free == 0 {
             Some(format!(
-                "disk_max {} of workflow {} was reached: the workspace has no free inodes; delete files to create more",
-                self.max, self.workflow
+                "{} of workflow {} was reached: the workspace has no free inodes; delete files to create more",
+                self.limit_name(),
+                self.workflow
             ))
         } else {
             None
@@ -416,6 +488,28 @@ impl Quota {
         }
         Ok(())
     }
+}
+
+/// Bytes of the files beneath `dir` (not following symlinks, one file system).
+fn dir_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else { continue };
+            if m.is_dir() && m.dev() == top.dev() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total += m.len();
+            }
+        }
+    }
+    total
 }
 
 /// `12.3 MiB`.

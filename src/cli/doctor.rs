@@ -40,6 +40,22 @@ fn user_exists(name: &str) -> bool {
     nix::unistd::User::from_name(name).ok().flatten().is_some()
 }
 
+/// Other users in `user`'s primary group (members, or users whose primary
+/// group it is): the tenant directory is open to that group.
+fn group_sharers(user: &str) -> Option<String> {
+    let u = nix::unistd::User::from_name(user).ok().flatten()?;
+    let group = nix::unistd::Group::from_gid(u.gid).ok().flatten()?;
+    let mut others: Vec<String> = group.mem.into_iter().filter(|m| m != user).collect();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 3 && f[0] != user && f[3] == u.gid.as_raw().to_string() && !others.iter().any(|o| o == f[0]) {
+            others.push(f[0].to_string());
+        }
+    }
+    (!others.is_empty()).then(|| others.join(", "))
+}
+
 /// Runs every check; exit code 1 when any failed.
 pub async fn run(policies: &Path, worker_user: &str) -> u8 {
     let mut r = Report { worst: Level::Ok };
@@ -138,6 +154,17 @@ pub async fn run(policies: &Path, worker_user: &str) -> u8 {
         Ok(p) => {
             for wf in &p.workflows {
                 if let Some(u) = &wf.user {
+                    if let Some(others) = group_sharers(u) {
+                        r.line(
+                            Level::Warn,
+                            "users",
+                            &format!(
+                                "the group of {u} (workflow {}) also holds {others}: they can traverse tenant {}'s \
+                                 directory and reach any workspace its tools open with chmod; give {u} a group of its own",
+                                wf.name, wf.tenant
+                            ),
+                        );
+                    }
                     if user_exists(u) {
                         r.line(Level::Ok, "users", &format!("{u} (workflow {}) exists", wf.name));
                     } else {
