@@ -145,8 +145,9 @@ pub fn host_support() -> Result<String, String> {
     if !filesystems.lines().any(|l| l.split_whitespace().last() == Some("ext4")) {
         return Err("disk_max cannot be enforced here: the kernel has no ext4 (modprobe ext4)".into());
     }
-    Ok("an ext4 image of disk_max per workflow, loop-mounted on its workspace (nosuid, nodev, noexec) \
-        in the broker's mount namespace; a full workspace fails writes with ENOSPC"
+    Ok("an ext4 image of disk_max per workflow, loop-mounted on its workspace (nosuid, nodev; noexec \
+        unless the exec rules cover it) in the broker's mount namespace; a full workspace fails writes \
+        with ENOSPC"
         .into())
 }
 
