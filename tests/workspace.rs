@@ -313,3 +313,43 @@ fn policy_check_says_how_disk_max_is_held() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.disk_max: size \"1M\" is too small"), "{out:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Loop devices whose backing file is `image`.
+fn loops_backed_by(image: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(file) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if Path::new(file.trim()) == image {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_broker_leaves_no_mount_behind() {
+    if !full_sandbox() {
+        return;
+    }
+    let policies = || [disk_policy("homework", "kid", "corral-kid", "16M")];
+    let b = Broker::start("ws-kill", &policies());
+    assert_ok(&write_mib(&b, "homework", "keep", 2));
+    let image = b.state.join("images/kid/homework.ext4");
+    assert_eq!(loops_backed_by(&image).len(), 1, "the image is not loop-mounted");
+
+    // kill -9: no chance to unmount. The mount namespace ends with the
+    // broker and its workers, and the loop device with it.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(b.pid()).unwrap()), nix::sys::signal::SIGKILL)
+        .unwrap();
+    let gone = poll(std::time::Duration::from_secs(10), || loops_backed_by(&image).is_empty().then_some(()));
+    assert!(gone.is_some(), "loop devices left behind: {:?}", loops_backed_by(&image));
+
+    // The next broker mounts the same image: the file is there.
+    let b = b.restart("ws-kill", &policies());
+    let r = b.sh("homework", "wc -c < keep");
+    assert_ok(&r);
+    assert_eq!(stdout(&r).trim(), (2u64 << 20).to_string());
+    assert_eq!(loops_backed_by(&image).len(), 1);
+}
