@@ -153,6 +153,22 @@ pub struct WorkflowStatus {
     /// Which mechanism holds each promise of this workflow on this host.
     pub enforcement: Vec<crate::sandbox::Enforcement>,
     pub workers: Vec<WorkerStatus>,
+    /// The workspace's usage, when the policy sets `disk_max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStatus>,
+}
+
+/// A workspace held to `disk_max`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// `disk_max` as the policy wrote it.
+    pub disk_max: String,
+    pub disk_max_bytes: u64,
+    /// Bytes in use, file system metadata included; `None` while the
+    /// image is not mounted.
+    pub used_bytes: Option<u64>,
+    /// What files can fill: the image less ext4's own metadata.
+    pub size_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

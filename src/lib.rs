@@ -12,7 +12,7 @@
 //! - [`broker`]: the front door ([`broker::http`]: socket, accept loop with
 //!   per-uid caps, timeouts and body budgets, routes), authorization,
 //!   pools, worker launcher, the LLM gateway (keys, retries, budgets) and
-//!   its token ledger.
+//!   its token ledger, workspaces and their `disk_max` images.
 //! - [`worker`]: the worker process: confine, then serve tool calls and run
 //!   the agent loop (model → tools → model …) of asks.
 //! - [`sandbox`]: privilege drop, Landlock, seccomp, process control. All
@@ -29,8 +29,9 @@
 //!
 //! A tool call is hostile: it runs whatever an LLM proposed. It must not read
 //! or write outside its workflow's rules, reach the network unless allowed,
-//! see or signal other workflows' processes, gain privileges, or outlive its
-//! call. The broker is trusted and holds what tools must not (keys, other
+//! see or signal other workflows' processes, gain privileges, outlive its
+//! call, open its workspace to other users (the directory above it is
+//! root's), or fill the disk past its workflow's `disk_max`. The broker is trusted and holds what tools must not (keys, other
 //! tenants' data); clients are authenticated by the kernel (`SO_PEERCRED`).
 //! API keys live only in the broker: a worker asks it for completions over
 //! its socket pair and never sees a key, and token counts come from the
@@ -52,7 +53,8 @@
 //! # Multithreading
 //!
 //! The broker is a multi-threaded tokio program; between fork and exec of a
-//! worker it only calls `dup2`. The worker is strictly single-threaded: it
+//! worker it only calls `dup2`. It makes its own mount namespace (for the
+//! `disk_max` mounts) in `main`, before the runtime starts a thread. The worker is strictly single-threaded: it
 //! confines itself with Landlock and seccomp (which bind the calling thread)
 //! and forks tool children that may allocate before exec.
 

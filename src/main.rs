@@ -206,6 +206,11 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Broker { policies, socket, state_dir, worker_user, systemd, drain_timeout, instance } => {
             init_logging();
+            // INVARIANT: before the runtime starts a thread: unshare()
+            // moves only the calling thread into the new mount namespace.
+            if let Err(e) = corral::broker::quota::own_mount_namespace() {
+                tracing::warn!("{e}; workflows with disk_max will not start");
+            }
             let exe = std::env::current_exe().context("failed to find the corral binary to start workers")?;
             let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
             let listener = match sd_notify::listen_fds() {

@@ -336,15 +336,16 @@ fn multi_tenant_clients_and_workspaces() {
     let out = b.cli(Some("alice"), &["exec", "homework", "--", "true"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 
-    // Workspaces: owned by the workflow's user, closed to everyone else.
+    // Workspaces: owned by the workflow's user, in a tenant directory of
+    // root's that only the tenant's group may traverse (tests/workspace.rs).
     for (tenant, wf, owner) in [("kid", "homework", "corral-kid"), ("alice", "family-chat", "corral-alice")] {
-        let uid = nix::unistd::User::from_name(owner).unwrap().unwrap().uid.as_raw();
+        let user = nix::unistd::User::from_name(owner).unwrap().unwrap();
         let ws = b.workspace(tenant, wf);
-        for dir in [ws.as_path(), ws.parent().unwrap()] {
-            let meta = std::fs::metadata(dir).unwrap();
-            assert_eq!(meta.uid(), uid, "{} not owned by {owner}", dir.display());
-            assert_eq!(meta.mode() & 0o7777, 0o700, "{} mode {:o}", dir.display(), meta.mode());
-        }
+        let meta = std::fs::metadata(&ws).unwrap();
+        assert_eq!(meta.uid(), user.uid.as_raw(), "{} not owned by {owner}", ws.display());
+        assert_eq!(meta.mode() & 0o7777, 0o700, "{} mode {:o}", ws.display(), meta.mode());
+        let meta = std::fs::metadata(ws.parent().unwrap()).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (0, user.gid.as_raw(), 0o710));
     }
     let r = b.exec("homework", &["id", "-un"]);
     assert_eq!(stdout(&r), "corral-kid\n");

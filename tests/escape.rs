@@ -107,14 +107,16 @@ fn writing_outside_the_workspace_fails_but_the_workspace_works() {
     assert!(Path::new(&format!("{broker_root}/tmp")).is_dir(), "the broker's /tmp is not visible from here");
     assert!(!Path::new(&format!("{broker_root}{tmp}")).exists());
 
-    // The other tenant's workspace, both ways.
+    // The other tenant's workspace, both ways. Workspaces with disk_max are
+    // mounted in the broker's mount namespace: look through its root.
+    let in_broker = |p: &Path| Path::new(&broker_root).join(p.strip_prefix("/").unwrap());
     let alice_ws = b.workspace("alice", "family-chat");
     let kid_ws = b.workspace("kid", "homework");
     for (wf, target) in [("homework", &alice_ws), ("family-chat", &kid_ws)] {
         let file = target.join("pwned");
         let r = b.sh(wf, &format!("echo pwned > {}", file.display()));
         assert_denied(&r, "Permission denied");
-        assert!(!file.exists(), "{wf} wrote {}", file.display());
+        assert!(!in_broker(&file).exists(), "{wf} wrote {}", file.display());
     }
 
     // Neighbour: each workflow writes its own workspace ($HOME), and the file
@@ -127,7 +129,7 @@ fn writing_outside_the_workspace_fails_but_the_workspace_works() {
         let r = b.sh(wf, "echo mine > \"$HOME/own.txt\" && cat \"$HOME/own.txt\"");
         assert_ok(&r);
         assert_eq!(stdout(&r), "mine\n", "{r:#}");
-        let path = ws.join("own.txt");
+        let path = in_broker(&ws.join("own.txt"));
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.uid(), uid_of(user), "{}", path.display());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "mine\n");

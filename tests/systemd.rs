@@ -414,7 +414,9 @@ fn service_is_ready_hardened_and_puts_workers_in_scopes() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {report}"));
-    assert!(level <= 3.0, "exposure {level} > 3.0:\n{report}");
+    // 2.7 before disk_max; loop-mounting the workspace images costs
+    // CAP_SYS_ADMIN (0.3), @mount (0.2) and PrivateDevices=no (0.2): 3.3.
+    assert!(level <= 3.5, "exposure {level} > 3.5:\n{report}");
 }
 
 #[test]

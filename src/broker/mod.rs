@@ -24,9 +24,11 @@ pub mod llm;
 mod log;
 mod notify;
 mod pool;
+pub mod quota;
 mod status;
 pub mod scope;
 pub(crate) mod setup;
+mod workspace;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -339,17 +341,9 @@ fn load_policies(dir: &std::path::Path) -> Result<policy::Policies, BrokerError>
     Ok(loaded)
 }
 
-/// Creates the state directory and its `workspaces`, both 0755 whatever the
-/// umask: every worker must traverse them to reach its own 0700 workspace.
+/// Creates the state directory and fixes its layout (see [`workspace`]).
 fn prepare_state_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| BrokerError::StateDir { dir: dir.to_path_buf(), source };
-    let workspaces = dir.join("workspaces");
-    std::fs::create_dir_all(&workspaces).map_err(err)?;
-    for d in [dir, workspaces.as_path()] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
-    }
-    Ok(())
+    workspace::prepare_state_dir(dir).map_err(|source| BrokerError::StateDir { dir: dir.to_path_buf(), source })
 }
 
 const RLIMITS_ONLY: &str = "rlimits only (RLIMIT_AS = memory_max, RLIMIT_NPROC = tasks_max per user, \
@@ -493,6 +487,10 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while pools.iter().any(|p| p.live_slots() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Free the loop devices now rather than when the namespace ends.
+    for q in pools.iter().filter_map(|p| p.quota()) {
+        q.detach();
     }
     if bound {
         let _ = std::fs::remove_file(&broker.config.socket);

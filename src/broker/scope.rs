@@ -203,6 +203,9 @@ impl Systemd {
         props.push(("OOMPolicy", Value::from("continue")));
         props.push(("CollectMode", Value::from("inactive-or-failed")));
         props.push(("DefaultDependencies", Value::from(false)));
+        // The service sees the host's /dev (PrivateDevices=no, for the
+        // disk_max loop devices); its workers get only the pseudo devices.
+        props.push(("DevicePolicy", Value::from("closed")));
         self.manager
             .start_transient_unit(unit, "fail", &props, &[])
             .await

@@ -1,14 +1,16 @@
 //! From a loaded policy to what the broker runs: resolved users, created
 //! workspaces, and the sandbox spec handed to every worker of the workflow.
 
-use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::unistd::{Group, Uid, User};
 
 use super::auth::Clients;
 use super::pool::{PoolConfig, ScopeSetup};
+use super::quota::{self, Quota};
 use super::scope::{slice_name, Systemd, UnitLimits};
+use super::workspace;
 use crate::policy::{self, Workflow};
 use crate::protocol::{Credentials, Requirement, SandboxSpec, ToolLimits};
 
@@ -50,20 +52,6 @@ fn credentials(wf: &Workflow, default_user: &str) -> Result<Option<Credentials>,
         ));
     }
     Ok(Some(Credentials { user: name, uid: user.uid.as_raw(), gid: user.gid.as_raw() }))
-}
-
-/// Creates `state/workspaces/<tenant>/<workflow>`; when root, both levels
-/// belong to the workflow's user, mode 0700.
-fn make_workspace(ws: &Path, creds: Option<&Credentials>) -> std::io::Result<()> {
-    std::fs::create_dir_all(ws)?;
-    let tenant_dir = ws.parent().unwrap_or(ws);
-    for dir in [tenant_dir, ws] {
-        if let Some(c) = creds {
-            chown(dir, Some(c.uid), Some(c.gid))?;
-        }
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
 }
 
 fn resolve_clients(wf: &Workflow) -> Clients {
@@ -119,11 +107,19 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
         }
     };
     if unavailable.is_none() {
-        if let Err(e) = make_workspace(&workspace, creds.as_ref()) {
+        if let Err(e) = workspace::make_workspace(state_dir, wf.tenant.as_str(), wf.name.as_str(), creds.as_ref()) {
             unavailable = Some(format!(
                 "failed to create workspace {}: {e}; check that the state directory is writable by the broker",
                 workspace.display()
             ));
+        }
+    }
+    let expanded_exec: Vec<PathBuf> = wf.sandbox.exec.iter().map(|p| p.expand(&workspace)).collect();
+    let mut quota = None;
+    if unavailable.is_none() {
+        match attach_quota(wf, state_dir, &workspace, creds.as_ref(), &expanded_exec) {
+            Ok(q) => quota = q,
+            Err(why) => unavailable = Some(why),
         }
     }
     let expand =
@@ -186,9 +182,37 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
             enforcement: enforcement_rows(wf, systemd.is_some()),
             memory_max: wf.limits.memory_max.to_string(),
             tasks_max: wf.limits.tasks_max,
+            quota,
         },
         clients: resolve_clients(wf),
     }
+}
+
+/// Mounts the workflow's `disk_max` image on its workspace (see
+/// [`quota`]), then gives the mounted root the workspace's owner and mode.
+/// `Err` is why the workflow cannot run: a quota the policy sets is never
+/// dropped silently.
+fn attach_quota(
+    wf: &Workflow,
+    state_dir: &Path,
+    workspace: &Path,
+    creds: Option<&Credentials>,
+    exec: &[PathBuf],
+) -> Result<Option<Arc<Quota>>, String> {
+    let tenant = wf.tenant.as_str();
+    let images =
+        workspace::images_dir(state_dir, tenant).map_err(|e| format!("failed to create the images directory: {e}"))?;
+    let image = quota::image_path(&images, wf.name.as_str());
+    let Some(max) = wf.limits.disk_max else {
+        return Quota::check_orphan(&image).map(|()| None).map_err(|e| e.to_string());
+    };
+    // Executing from the workspace only where the policy allows it.
+    let noexec = !exec.iter().any(|p| workspace.starts_with(p) || p.starts_with(workspace));
+    let q = Quota::new(wf.name.as_str(), max, image, workspace.to_path_buf(), noexec);
+    q.attach(creds.map(|c| (c.uid, c.gid))).map_err(|e| e.to_string())?;
+    workspace::make_workspace(state_dir, tenant, wf.name.as_str(), creds)
+        .map_err(|e| format!("failed to prepare the mounted workspace {}: {e}", workspace.display()))?;
+    Ok(Some(Arc::new(q)))
 }
 
 /// The promise table of a workflow on this host (status and doctor).
@@ -206,5 +230,17 @@ pub fn enforcement_rows(wf: &Workflow, systemd: bool) -> Vec<crate::sandbox::Enf
     };
     let cg = systemd.then(|| crate::cgroup::version(Path::new(crate::cgroup::ROOT)));
     rows.extend(crate::sandbox::resource_rows(cg));
+    rows.push(disk_row(wf));
     rows
+}
+
+/// The `disk` promise of a workflow: how `disk_max` is held here, or why
+/// it cannot be (then the workflow does not start).
+pub fn disk_row(wf: &Workflow) -> crate::sandbox::Enforcement {
+    let by = match (&wf.limits.disk_max, quota::host_support()) {
+        (None, _) => "no disk_max: the workspace shares the state directory's file system".to_string(),
+        (Some(max), Ok(how)) => format!("disk_max {max}: {how}"),
+        (Some(max), Err(why)) => format!("REFUSED (disk_max {max}): {why}"),
+    };
+    crate::sandbox::Enforcement { promise: "disk".into(), by }
 }

@@ -1,7 +1,7 @@
 //! The pools' own status, as the API shows it: the one place that knows
 //! both shapes.
 
-use crate::api::{WorkerStatus, WorkflowStatus};
+use crate::api::{DiskStatus, WorkerStatus, WorkflowStatus};
 
 use super::pool::status::{PoolStatus, WorkerInfo};
 
@@ -24,6 +24,12 @@ pub fn workflow_status(p: PoolStatus) -> WorkflowStatus {
         max_workers: p.max_workers,
         enforcement: p.enforcement,
         workers: p.workers.into_iter().map(worker_status).collect(),
+        disk: p.disk.map(|d| DiskStatus {
+            disk_max: d.disk_max,
+            disk_max_bytes: d.disk_max_bytes,
+            used_bytes: d.used_bytes,
+            size_bytes: d.size_bytes,
+        }),
     }
 }
 

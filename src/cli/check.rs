@@ -69,7 +69,14 @@ pub fn run(dir: &Path) -> u8 {
     0
 }
 
-fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::SandboxError> {
+fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, String> {
+    if let (Some(max), Err(why)) = (&wf.limits.disk_max, crate::broker::quota::host_support()) {
+        return Err(format!("limits.disk_max {max} is set, and {why}"));
+    }
+    describe_rows(wf, kernel).map_err(|e| e.to_string())
+}
+
+fn describe_rows(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::SandboxError> {
     let req = match wf.sandbox.landlock {
         policy::Requirement::Required => Requirement::Required,
         policy::Requirement::BestEffort => Requirement::BestEffort,
@@ -96,16 +103,18 @@ fn describe(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox::San
     let cpu = l.cpu_quota.as_ref().map_or("none".to_string(), ToString::to_string);
     let _ = writeln!(
         out,
-        "  limits memory {}, tasks {}, cpu {cpu}, {} per call, output {} per stream, files up to {}, {} open files",
+        "  limits memory {}, tasks {}, cpu {cpu}, {} per call, output {} per stream, files up to {}, {} open files, disk {}",
         l.memory_max,
         l.tasks_max,
         format_duration(l.call_timeout),
         l.output_max,
         l.file_size_max,
-        l.open_files_max
+        l.open_files_max,
+        l.disk_max.map_or("unlimited".to_string(), |d| d.to_string())
     );
     let _ = writeln!(out, "  promise    held by (Landlock ABI {}, {})", kernel.landlock_abi, resources_here().1);
-    for r in rows.iter().chain(&sandbox::resource_rows(resources_here().0)) {
+    let disk = crate::broker::setup::disk_row(wf);
+    for r in rows.iter().chain(&sandbox::resource_rows(resources_here().0)).chain([&disk]) {
         let _ = writeln!(out, "  {:<10} {}", r.promise, r.by);
     }
     let _ = writeln!(

@@ -66,6 +66,22 @@ async fn broker_check(r: &mut Report, socket: &Path) {
     }
 }
 
+/// Other users in `user`'s primary group (members, or users whose primary
+/// group it is): the tenant directory is open to that group.
+fn group_sharers(user: &str) -> Option<String> {
+    let u = nix::unistd::User::from_name(user).ok().flatten()?;
+    let group = nix::unistd::Group::from_gid(u.gid).ok().flatten()?;
+    let mut others: Vec<String> = group.mem.into_iter().filter(|m| m != user).collect();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 3 && f[0] != user && f[3] == u.gid.as_raw().to_string() && !others.iter().any(|o| o == f[0]) {
+            others.push(f[0].to_string());
+        }
+    }
+    (!others.is_empty()).then(|| others.join(", "))
+}
+
 /// Runs every check; exit code 1 when any failed.
 pub async fn run(policies: &Path, worker_user: &str, socket: &Path) -> u8 {
     let mut r = Report { worst: Level::Ok };
@@ -150,10 +166,31 @@ pub async fn run(policies: &Path, worker_user: &str, socket: &Path) -> u8 {
             &format!("default worker user {worker_user} missing: run systemd-sysusers (units/sysusers.d/corral.conf) or useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {worker_user}"),
         );
     }
-    match crate::policy::load_dir(policies) {
+    let loaded = crate::policy::load_dir(policies);
+    let wants_disk = loaded.as_ref().is_ok_and(|p| p.workflows.iter().any(|w| w.limits.disk_max.is_some()));
+    match crate::broker::quota::host_support() {
+        Ok(how) => r.line(Level::Ok, "disk", &format!("disk_max can be enforced: {how}")),
+        Err(why) => r.line(
+            if wants_disk { Level::Fail } else { Level::Warn },
+            "disk",
+            &format!("{why}; workflows with limits.disk_max will not start"),
+        ),
+    }
+    match loaded {
         Ok(p) => {
             for wf in &p.workflows {
                 if let Some(u) = &wf.user {
+                    if let Some(others) = group_sharers(u) {
+                        r.line(
+                            Level::Warn,
+                            "users",
+                            &format!(
+                                "the group of {u} (workflow {}) also holds {others}: they can traverse tenant {}'s \
+                                 directory and reach any workspace its tools open with chmod; give {u} a group of its own",
+                                wf.name, wf.tenant
+                            ),
+                        );
+                    }
                     if user_exists(u) {
                         r.line(Level::Ok, "users", &format!("{u} (workflow {}) exists", wf.name));
                     } else {

@@ -78,6 +78,23 @@ pub fn render(st: &Status) -> String {
         for r in &w.enforcement {
             let _ = writeln!(out, "    {:<10} {}", r.promise, r.by);
         }
+        if let Some(d) = &w.disk {
+            let mib = |b: u64| format!("{:.1}M", b as f64 / 1048576.0);
+            match (d.used_bytes, d.size_bytes) {
+                (Some(used), Some(size)) => {
+                    let _ = writeln!(
+                        out,
+                        "    workspace  {} used of disk_max {} ({} for files)",
+                        mib(used),
+                        d.disk_max,
+                        mib(size)
+                    );
+                }
+                _ => {
+                    let _ = writeln!(out, "    workspace  disk_max {}: image not mounted", d.disk_max);
+                }
+            }
+        }
         for k in &w.workers {
             let pid = k.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(

@@ -251,6 +251,7 @@ fn expected_for(key: &str) -> Option<&'static str> {
         | "limits.output_max"
         | "limits.stdin_max"
         | "limits.file_size_max"
+        | "limits.disk_max"
         | "tenant.memory_max" => "a size such as \"256M\" or an integer number of bytes",
         "limits.cpu_quota" | "tenant.cpu_quota" => "a percentage such as \"50%\"",
         "limits.call_timeout" => "a duration such as \"30s\", \"500ms\" or \"1m30s\"",

@@ -32,6 +32,8 @@
 //! stdin_max = "1M"                # default 1M, at most 4M
 //! file_size_max = "64M"           # RLIMIT_FSIZE; default 64M
 //! open_files_max = 256            # RLIMIT_NOFILE; default 256, 16..=65536
+//! disk_max = "512M"               # default: unset; at least 8M. The workspace becomes an ext4
+//!                                 # image of this size; required whenever set
 //!
 //! [tenant]                        # optional; the whole tenant: its slice corral-<tenant>.slice
 //! memory_max = "1G"               # default: unset; at least 1M
@@ -109,6 +111,6 @@ pub use names::{InvalidName, TenantName, WorkflowName};
 pub use path::{InvalidPath, PathTemplate, WORKSPACE};
 pub use schema::{
     Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow, DEFAULT_EXEC,
-    DEFAULT_WRITE,
+    DEFAULT_WRITE, MIN_DISK_MAX,
 };
 pub use units::{format_duration, parse_duration, ByteSize, Percent, UnitError};

@@ -62,6 +62,7 @@ pub(crate) struct RawLimits {
     pub stdin_max: Option<SizeText>,
     pub file_size_max: Option<SizeText>,
     pub open_files_max: Option<i64>,
+    pub disk_max: Option<SizeText>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -129,7 +129,15 @@ pub struct Limits {
     pub file_size_max: ByteSize,
     /// `RLIMIT_NOFILE` for tools, 16..=65536.
     pub open_files_max: u32,
+    /// Size of the workspace: a loop-mounted ext4 image of this size, at
+    /// least [`MIN_DISK_MAX`]. Required whenever set: a workflow whose
+    /// quota this host cannot enforce does not start.
+    pub disk_max: Option<ByteSize>,
 }
+
+/// Smallest `[limits].disk_max`: an ext4 file system with its journal
+/// needs a few MiB of its own.
+pub const MIN_DISK_MAX: ByteSize = ByteSize::mib(8);
 
 /// `[tenant]`: limits of the whole tenant, applied by systemd to its slice
 /// `corral-<tenant>.slice`; `None` means no limit beyond the host's.

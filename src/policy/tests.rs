@@ -158,6 +158,7 @@ fn defaults_are_filled() {
             stdin_max: ByteSize::mib(1),
             file_size_max: ByteSize::mib(64),
             open_files_max: 256,
+            disk_max: None,
         }
     );
     assert_eq!(wf.pool, PoolConfig { min_idle: 1, max_workers: 2, queue: 32 });
@@ -339,6 +340,10 @@ fn bad_units_in_files() {
         limits("open_files_max = 99999999999"),
         "policies/x.toml:5: limits.open_files_max: 99999999999 is out of range: expected an \
          integer from 16 to 65536"
+    );
+    assert_eq!(
+        limits("disk_max = \"1M\""),
+        "policies/x.toml:5: limits.disk_max: size \"1M\" is too small: expected at least \"8M\""
     );
     assert_eq!(
         error(&format!("{MINIMAL}[sandbox]\ntcp_connect = [443, 70000]\n")),

@@ -15,7 +15,7 @@ use super::path::PathTemplate;
 use super::raw::{RawClients, RawFile, RawLimits, RawLlm, RawPool, RawSandbox, RawTenant, SizeText};
 use super::schema::{
     Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow, DEFAULT_EXEC,
-    DEFAULT_LLM_TIMEOUT, DEFAULT_SPIKE_FACTOR, DEFAULT_WRITE,
+    DEFAULT_LLM_TIMEOUT, DEFAULT_SPIKE_FACTOR, DEFAULT_WRITE, MIN_DISK_MAX,
 };
 use super::units::{format_duration, parse_duration, ByteSize, Percent};
 
@@ -283,6 +283,7 @@ fn limits(c: &mut Check<'_>, raw: RawLimits) -> Limits {
         stdin_max: c.size("limits.stdin_max", raw.stdin_max.as_ref(), ByteSize::mib(1), ByteSize(0), Some(MAX_STREAM)),
         file_size_max: c.size("limits.file_size_max", raw.file_size_max.as_ref(), ByteSize::mib(64), ByteSize(1), None),
         open_files_max: c.int("limits.open_files_max", raw.open_files_max, 256, 16..=65_536),
+        disk_max: c.opt_size("limits.disk_max", raw.disk_max.as_ref(), MIN_DISK_MAX, None),
     }
 }
 

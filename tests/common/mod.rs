@@ -227,8 +227,15 @@ impl Broker {
     }
 
     pub fn start_with(name: &str, policies: &[PolicyFile], opts: BrokerOptions) -> Broker {
-        let dir = scratch_dir(name);
+        Broker::start_in(name, scratch_dir(name), policies, opts)
+    }
+
+    /// Starts a broker in `dir` (from [`scratch_dir`]), keeping what is in
+    /// it already (a state directory left by an earlier broker); the
+    /// policies replace any there.
+    pub fn start_in(name: &str, dir: PathBuf, policies: &[PolicyFile], opts: BrokerOptions) -> Broker {
         let pdir = dir.join("policies");
+        let _ = std::fs::remove_dir_all(&pdir);
         std::fs::create_dir_all(&pdir).unwrap();
         for p in policies {
             std::fs::write(pdir.join(&p.name), &p.text).unwrap();
@@ -487,16 +494,26 @@ impl Broker {
     }
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some((unit, sd)) = &self.unit {
-            if std::thread::panicking() {
-                let _ = std::fs::write(&self.log, self.log_text());
-            }
-            let _ = nsenter(*sd, &["systemctl", "stop", unit]);
-            let _ = std::fs::remove_file(unit_path(*sd, unit));
+impl Broker {
+    /// Stops this broker (SIGTERM, or `systemctl stop`) and starts a new one
+    /// on the same directory and state with `policies`.
+    pub fn restart(mut self, name: &str, policies: &[PolicyFile]) -> Broker {
+        self.stop();
+        let dir = self.dir.clone();
+        // Drop must not remove the directory the next broker uses.
+        self.dir = PathBuf::new();
+        Broker::start_in(name, dir, policies, BrokerOptions::default())
+    }
+
+    fn stop(&mut self) {
+        if self.unit.is_some() && std::thread::panicking() {
+            let _ = std::fs::write(&self.log, self.log_text());
         }
-        if let Some(child) = &mut self.child {
+        if let Some((unit, sd)) = self.unit.take() {
+            let _ = nsenter(sd, &["systemctl", "stop", &unit]);
+            let _ = std::fs::remove_file(unit_path(sd, &unit));
+        }
+        if let Some(mut child) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
                 nix::sys::signal::Signal::SIGTERM,
@@ -510,6 +527,15 @@ impl Drop for Broker {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+        if self.dir.as_os_str().is_empty() {
+            return;
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);

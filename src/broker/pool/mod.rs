@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, watch, Notify};
 
 use self::health::{outside_kill, Health, Quarantine, QuarantineKind};
-use self::status::{PoolStatus, QuarantineInfo, WorkerInfo, WorkerState};
+use self::status::{DiskInfo, PoolStatus, QuarantineInfo, WorkerInfo, WorkerState};
 use super::launcher::{self, Answer, Call, CallError, Completions, ScopePlan, StartError, Worker};
 use super::scope::{scope_name, Systemd, UnitLimits};
 use crate::cgroup::{self, Location, Stats};
@@ -70,6 +70,8 @@ pub struct PoolConfig {
     pub tasks_max: u32,
     /// Which mechanism holds each promise, for status.
     pub enforcement: Vec<crate::sandbox::Enforcement>,
+    /// The workspace's `disk_max`, when the policy sets one.
+    pub quota: Option<Arc<super::quota::Quota>>,
 }
 
 /// Why a queued call got no answer from a worker.
@@ -423,7 +425,21 @@ impl Pool {
             max_workers: self.cfg.max_workers,
             enforcement: self.cfg.enforcement.clone(),
             workers,
+            disk: self.cfg.quota.as_ref().map(|q| {
+                let usage = q.usage();
+                DiskInfo {
+                    disk_max: q.max.to_string(),
+                    disk_max_bytes: q.max.0,
+                    used_bytes: usage.map(|u| u.used),
+                    size_bytes: usage.map(|u| u.size),
+                }
+            }),
         }
+    }
+
+    /// The workspace's quota, if any.
+    pub fn quota(&self) -> Option<&Arc<super::quota::Quota>> {
+        self.cfg.quota.as_ref()
     }
 
     /// PIDs of the live worker processes.
@@ -868,6 +884,9 @@ impl Pool {
                 // a moment before concluding it was not a limit.
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 limit = self.limit_hit(&before, &Self::counters(&loc), timed_out);
+            }
+            if limit.is_none() {
+                limit = self.cfg.quota.as_ref().and_then(|q| q.limit_hit());
             }
             if let Some(l) = &limit {
                 tracing::warn!(workflow = %self.cfg.workflow, worker = id, "{l}");

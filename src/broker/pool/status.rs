@@ -98,4 +98,18 @@ pub struct PoolStatus {
     pub max_workers: u32,
     pub enforcement: Vec<Enforcement>,
     pub workers: Vec<WorkerInfo>,
+    /// The workspace's `disk_max` and usage, when the policy sets one.
+    pub disk: Option<DiskInfo>,
+}
+
+/// A workspace held to `disk_max`.
+#[derive(Debug, Clone)]
+pub struct DiskInfo {
+    /// `disk_max` as the policy wrote it.
+    pub disk_max: String,
+    pub disk_max_bytes: u64,
+    /// Bytes in use; `None` while the image is not mounted.
+    pub used_bytes: Option<u64>,
+    /// What files can fill.
+    pub size_bytes: Option<u64>,
 }
