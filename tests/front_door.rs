@@ -729,3 +729,39 @@ fn usage_shows_each_caller_its_own_calls() {
     let out = b.cli(Some("mallory"), &["doctor", "--policies", b.dir.join("policies").to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 workflow(s) you may use"), "{out:?}");
 }
+
+// ---- a client that does not read ----------------------------------------------
+
+#[test]
+fn a_client_that_never_reads_its_answer_is_dropped() {
+    if !full_sandbox() {
+        return;
+    }
+    let b = Broker::start(
+        "front-unread",
+        &[policy("ur", "ur", None, "", "output_max = \"4M\"", "min_idle = 1\nmax_workers = 2")],
+    );
+    // About 6 MB of JSON: far more than the socket buffers hold.
+    let body = json!({"workflow": "ur", "argv": ["sh", "-c", "yes | head -c 4000000"]}).to_string();
+    let mut s = UnixStream::connect(&b.socket).unwrap();
+    s.set_read_timeout(Some(HANG)).unwrap();
+    s.write_all(
+        format!("POST /v1/exec HTTP/1.1\r\nHost: c\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+    )
+    .unwrap();
+    // Never read for longer than the write timeout (30 s)…
+    std::thread::sleep(Duration::from_secs(36));
+    // …meanwhile others are served…
+    assert_eq!(b.exec("ur", &["echo", "neighbour"])["stdout"], "neighbour\n");
+    // …and the answer was cut: what the buffers held, then the end.
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("the answer began") + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .expect("content-length");
+    assert!(len > 4_000_000, "{head}");
+    assert!(got.len() - head_end < len, "the whole answer was delivered to a client that did not read");
+}

@@ -100,16 +100,20 @@ impl Server {
     }
 }
 
-/// Lowers the connection cap to what `RLIMIT_NOFILE` allows after raising
-/// its soft limit to the hard one: a broker that runs out of descriptors
-/// cannot accept at all, which would stall every uid alike.
+/// Descriptors kept for workers, their socket pairs, the ledger and the
+/// journal.
+const FDS_RESERVED: u64 = 256;
+
+/// Lowers the connection cap to what `RLIMIT_NOFILE` allows, after raising
+/// its soft limit as far as the cap needs (and the hard limit allows; not
+/// further, since workers inherit it): a broker that runs out of
+/// descriptors cannot accept at all, which would stall every uid alike.
 fn fit_fd_limit(mut limits: Limits) -> Limits {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() { hard } else { soft };
-        // Workers, their socket pairs, the ledger and the journal need
-        // descriptors too.
-        let room = usize::try_from(soft.saturating_sub(256)).unwrap_or(usize::MAX).max(64);
+        let want = (limits.conns_total as u64).saturating_add(FDS_RESERVED).min(hard);
+        let soft = if soft < want && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() { want } else { soft };
+        let room = usize::try_from(soft.saturating_sub(FDS_RESERVED)).unwrap_or(usize::MAX).max(64);
         if room < limits.conns_total {
             tracing::warn!("RLIMIT_NOFILE {soft} allows only {room} client connections; raise LimitNOFILE= for more");
             limits.conns_total = room;
