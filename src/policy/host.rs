@@ -1,6 +1,6 @@
 //! Findings about this host that do not stop a policy from loading: paths
 //! that do not exist (they grant nothing), unix users and groups that do not
-//! exist, and tenants that share a unix user.
+//! exist (an `[llm]` endpoint_user too), and tenants that share a unix user.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -54,6 +54,22 @@ fn user_warnings(p: &Parsed, out: &mut Vec<String>) {
                 p.place("workflow.user")
             )),
             Err(e) => out.push(format!("{}: failed to look up user {user:?}: {e}", p.place("workflow.user"))),
+        }
+    }
+    if let Some(owner) = wf.llm.as_ref().and_then(|l| match &l.endpoint {
+        super::Endpoint::OwnedPort { owner, .. } => Some(owner),
+        super::Endpoint::UnixSocket { owner, .. } => owner.as_ref(),
+        _ => None,
+    }) {
+        match User::from_name(owner) {
+            Ok(Some(_)) => {}
+            Ok(None) => out.push(format!(
+                "{}: user {owner:?} does not exist on this host, so the broker trusts no listener for \
+                 llm.base_url and every ask is refused; install the provider (Ollama's installer creates \
+                 its user) or fix endpoint_user",
+                p.place("llm.endpoint_user")
+            )),
+            Err(e) => out.push(format!("{}: failed to look up user {owner:?}: {e}", p.place("llm.endpoint_user"))),
         }
     }
     for (i, user) in wf.clients.users.iter().enumerate() {
