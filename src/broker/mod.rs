@@ -262,7 +262,10 @@ impl Broker {
                 continue;
             }
             let systemd = self.systemd.as_ref().map(|sd| (sd, prefix.as_str()));
-            let prepared = setup::prepare(wf, &self.config.state_dir, &self.config.worker_user, systemd);
+            // Formatting, growing or filling a disk_max image runs tools.
+            let prepared = tokio::task::block_in_place(|| {
+                setup::prepare(wf, &self.config.state_dir, &self.config.worker_user, systemd)
+            });
             let creds = prepared.pool.spec.credentials.as_ref();
             uses.push(sandbox::UserUse {
                 workflow: wf.name.to_string(),

@@ -107,11 +107,15 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
         }
     };
     if unavailable.is_none() {
-        if let Err(e) = workspace::make_workspace(state_dir, wf.tenant.as_str(), wf.name.as_str(), creds.as_ref()) {
-            unavailable = Some(format!(
-                "failed to create workspace {}: {e}; check that the state directory is writable by the broker",
-                workspace.display()
-            ));
+        match workspace::make_workspace(state_dir, wf.tenant.as_str(), wf.name.as_str(), creds.as_ref()) {
+            Ok(_) => {}
+            Err(e @ workspace::WorkspaceError::NotDirectory { .. }) => unavailable = Some(e.to_string()),
+            Err(e) => {
+                unavailable = Some(format!(
+                    "failed to create workspace {}: {e}; check that the state directory is writable by the broker",
+                    workspace.display()
+                ))
+            }
         }
     }
     let expanded_exec: Vec<PathBuf> = wf.sandbox.exec.iter().map(|p| p.expand(&workspace)).collect();
