@@ -5,8 +5,8 @@
 # test in release mode twice over:
 #   1. cargo test: the suites in rlimit mode (brokers as plain children) and
 #      tests/systemd.rs (the installed corral.service under that systemd);
-#   2. the escape, IPC, limit and API suites again with every broker running
-#      as a unit of that systemd (CORRAL_TEST_UNDER_SYSTEMD=1);
+#   2. every suite that starts brokers again, with every broker running as
+#      a unit of that systemd (CORRAL_TEST_UNDER_SYSTEMD=1);
 #   3. all of it once more inside a stock Debian 12 guest under qemu
 #      (tests/guest/run.sh: systemd as PID 1, cgroup v2, Landlock ABI 2),
 #      with corral installed there as the README says. Listed as the feature
@@ -35,7 +35,8 @@ export CORRAL_TEST_SYSTEMD_PID
 echo "namespaced systemd: PID $CORRAL_TEST_SYSTEMD_PID"
 
 cargo test --release --locked
-CORRAL_TEST_UNDER_SYSTEMD=1 cargo test --release --locked --test escape --test escape_ipc --test limits --test api
+CORRAL_TEST_UNDER_SYSTEMD=1 cargo test --release --locked --test escape --test escape_ipc --test limits --test api \
+  --test front_door --test faults --test llm --test pool --test workspace
 
 case ",$CORRAL_TEST_REQUIRE," in
   *,guest,* | *,all,*)

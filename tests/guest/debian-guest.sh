@@ -51,7 +51,7 @@ fi
 # (iproute2), useradd (passwd), curl; ca-certificates as on any installed
 # Debian (the LLM gateway's HTTP client wants a CA store). Changing the list
 # rebuilds the root.
-packages=systemd,systemd-sysv,dbus,linux-image-amd64,udev,kmod,passwd,util-linux,procps,python3,bubblewrap,iproute2,curl,ca-certificates
+packages=systemd,systemd-sysv,dbus,linux-image-amd64,udev,kmod,passwd,util-linux,e2fsprogs,procps,python3,bubblewrap,iproute2,curl,ca-certificates
 root=$cache/rootfs
 if [ ! -f "$cache/.built" ] || [ "$(cat "$cache/.built")" != "$packages" ]; then
   # the same mirror apt uses on this machine
