@@ -17,6 +17,28 @@ use crate::protocol::{
 };
 use crate::sandbox::process::pass_fd_as_worker_fd;
 
+/// The broker's `oom_score_adj` when it runs as root: memory that no limit of
+/// a tool call sees (shared memory, memfds, tmpfs pages without systemd)
+/// must cost a tool, never the broker that serves every tenant.
+pub const BROKER_OOM_SCORE_ADJ: i32 = -900;
+
+/// Lowers the broker's own `oom_score_adj` to [`BROKER_OOM_SCORE_ADJ`] when
+/// it is root and not already lower (the unit sets `OOMScoreAdjust=`
+/// itself). Workers raise theirs to 1000 before they drop privileges.
+pub fn lower_own_oom_score() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return;
+    }
+    let path = "/proc/self/oom_score_adj";
+    let current: i32 = std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    if current <= BROKER_OOM_SCORE_ADJ {
+        return;
+    }
+    if let Err(e) = std::fs::write(path, BROKER_OOM_SCORE_ADJ.to_string()) {
+        tracing::warn!("could not lower the broker's oom_score_adj to {BROKER_OOM_SCORE_ADJ}: {e}");
+    }
+}
+
 /// How long a worker may take to confine itself and say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 

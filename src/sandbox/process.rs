@@ -14,7 +14,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::landlock::Prepared;
-use crate::protocol::{Requirement, ToolLimits};
+use super::spec::{Requirement, ToolLimits};
 
 /// The descriptor number a worker finds its broker socket on.
 pub const WORKER_FD: RawFd = 3;
@@ -42,8 +42,9 @@ pub fn pass_fd_as_worker_fd(cmd: &mut tokio::process::Command, fd: RawFd) {
     unsafe { cmd.pre_exec(hook) };
 }
 
-/// Installs the tool-call hook on `cmd`: rlimits, then the tool's own
-/// Landlock layer, in the child after fork and before exec.
+/// Installs the tool-call hook on `cmd`: rlimits, the lowest CPU priority
+/// when `lowest_priority`, then the tool's own Landlock layer, in the child
+/// after fork and before exec.
 ///
 /// INVARIANT: only the worker calls this, and the worker is single-threaded
 /// (it never starts a runtime or a thread), so the child of its fork may
@@ -53,6 +54,7 @@ pub fn install_tool_hook(
     limits: &ToolLimits,
     layer: Prepared,
     requirement: Requirement,
+    lowest_priority: bool,
 ) {
     let limits = limits.clone();
     let mut layer = Some(layer);
@@ -68,6 +70,15 @@ pub fn install_tool_hook(
         }
         if let Some(n) = limits.processes_max {
             setrlimit(Resource::RLIMIT_NPROC, n, n)?;
+        }
+        if lowest_priority {
+            // No CPU quota bounds this call: it runs only when the CPU has
+            // nothing else to do. RLIMIT_NICE 0 keeps it from lowering its
+            // nice value or leaving SCHED_IDLE; where SCHED_IDLE is refused
+            // (a real-time-only host, a filter), nice 19 still holds.
+            setrlimit(Resource::RLIMIT_NICE, 0, 0)?;
+            super::sys::set_nice(19)?;
+            let _ = super::sys::sched_idle();
         }
         if let Some(layer) = layer.take() {
             layer.enforce(requirement).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;

@@ -169,3 +169,188 @@ pub fn dumpable() -> bool {
     // SAFETY: no pointer arguments.
     unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
 }
+
+/// `unshare(2)` with `flags` (`CLONE_NEW*`).
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare takes an integer; it only changes this process's
+    // namespaces, which is what the caller asks for.
+    check_int(unsafe { libc::unshare(flags) }).map(drop)
+}
+
+/// What `fork` returned.
+pub enum Forked {
+    Parent(libc::pid_t),
+    Child,
+}
+
+/// `fork(2)`.
+///
+/// INVARIANT: only for a single-threaded caller (the worker): the child may
+/// then run ordinary code, allocation included.
+pub fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller is single-threaded (see the INVARIANT), so no lock
+    // can be held by a thread that does not exist in the child.
+    let pid = check_int(unsafe { libc::fork() })?;
+    Ok(if pid == 0 { Forked::Child } else { Forked::Parent(pid) })
+}
+
+/// Ends the calling process at once, without running destructors or
+/// flushing anything (the state belongs to another process's design).
+pub fn exit_now(code: libc::c_int) -> ! {
+    // SAFETY: _exit never returns and touches no memory of ours.
+    unsafe { libc::_exit(code) }
+}
+
+/// Ends the calling process with signal `sig`, as the process it stands
+/// for ended, so its parent reads the same wait status; exits with
+/// 128+`sig` if the signal does not kill.
+pub fn die_like(sig: libc::c_int) -> ! {
+    // SAFETY: resetting a disposition to its default and raising a signal at
+    // ourselves take integers only.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::kill(libc::getpid(), sig);
+    }
+    exit_now(128 + sig)
+}
+
+/// `waitpid(pid, 0)`, retried on EINTR: the raw wait status.
+pub fn wait_status(pid: libc::pid_t) -> io::Result<libc::c_int> {
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: the pointer is to a live local of the right type.
+        match check_int(unsafe { libc::waitpid(pid, &mut status, 0) }) {
+            Ok(_) => return Ok(status),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn cstring(s: &str) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn cpath(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `mount(2)`. `source`, `fstype` and `data` may be absent.
+pub fn mount(
+    source: Option<&str>,
+    target: &std::path::Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = source.map(cstring).transpose()?;
+    let fstype = fstype.map(cstring).transpose()?;
+    let data = data.map(cstring).transpose()?;
+    let target = cpath(target)?;
+    let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is NULL or a NUL-terminated string that lives
+    // until the call returns; mount reads them and keeps nothing.
+    check_int(unsafe {
+        libc::mount(ptr(&source), target.as_ptr(), ptr(&fstype), flags, ptr(&data).cast::<libc::c_void>())
+    })
+    .map(drop)
+}
+
+/// `struct mount_attr` of `mount_setattr(2)` (linux/mount.h).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// `mount_setattr(2)` on the mount at `path` and every mount below it:
+/// sets the `set` attributes and clears the `clear` ones, leaving the rest
+/// (read-only, nodev, …) as they are. Linux 5.12+.
+pub fn mount_setattr(path: &std::path::Path, set: u64, clear: u64) -> io::Result<()> {
+    let path = cpath(path)?;
+    let attr = MountAttr { attr_set: set, attr_clr: clear, propagation: 0, userns_fd: 0 };
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    // SAFETY: path is a NUL-terminated string and attr a live struct of the
+    // size passed; the kernel only reads both.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            AT_RECURSIVE,
+            &raw const attr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// Whether the file system at `path` is mounted `noexec` (or cannot be
+/// asked).
+pub fn is_noexec(path: &std::path::Path) -> bool {
+    nix::sys::statvfs::statvfs(path).map_or(true, |s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+}
+
+/// Whether `fd` (a pidfd) says its process has exited.
+pub fn pidfd_exited(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+}
+
+/// `PR_SET_PDEATHSIG`: `sig` when the parent (thread) dies.
+pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes an integer.
+    check_int(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::c_ulong::try_from(sig).unwrap_or(9), 0, 0, 0) })
+        .map(drop)
+}
+
+/// Moves the calling process to `SCHED_IDLE`: it runs only when no other
+/// runnable task wants the CPU.
+pub fn sched_idle() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the pointer is to a live local of the right type.
+    check_int(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(drop)
+}
+
+/// Sets the calling process's nice value.
+pub fn set_nice(nice: libc::c_int) -> io::Result<()> {
+    // SAFETY: setpriority takes integers only.
+    check_int(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) }).map(drop)
+}
+
+/// Which System V IPC object a [`ipc_remove`] removes.
+#[derive(Debug, Clone, Copy)]
+pub enum IpcKind {
+    Shm,
+    Msg,
+    Sem,
+}
+
+/// Removes one System V IPC object of the calling process's IPC namespace.
+pub fn ipc_remove(kind: IpcKind, id: libc::c_int) -> io::Result<()> {
+    // SAFETY: IPC_RMID ignores the buffer argument, which is NULL; the ids
+    // are plain integers.
+    let ret = unsafe {
+        match kind {
+            IpcKind::Shm => libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+            IpcKind::Msg => libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+            IpcKind::Sem => libc::semctl(id, 0, libc::IPC_RMID),
+        }
+    };
+    check_int(ret).map(drop)
+}
+
+/// `mq_unlink(3)` of `/name`.
+pub fn mq_unlink(name: &str) -> io::Result<()> {
+    let name = cstring(&format!("/{name}"))?;
+    // SAFETY: name is a NUL-terminated string that lives until the call returns.
+    check_int(unsafe { libc::mq_unlink(name.as_ptr()) }).map(drop)
+}
