@@ -118,7 +118,10 @@ pub struct Confined {
 pub const TOOL_OOM_SCORE_ADJ: i32 = 1000;
 
 /// Confines the calling (worker) process for good. See the module docs.
-pub fn confine_worker(spec: &SandboxSpec) -> Result<Confined, SandboxError> {
+///
+/// `sock` is the broker socket: across a PID namespace it is how the worker
+/// knows its broker is alive.
+pub fn confine_worker(spec: &SandboxSpec, sock: std::os::fd::BorrowedFd<'_>) -> Result<Confined, SandboxError> {
     // INVARIANT: Landlock and seccomp bind the calling thread and its later
     // children only: there must be no other thread left unconfined.
     let threads = thread_count();
@@ -160,7 +163,7 @@ pub fn confine_worker(spec: &SandboxSpec) -> Result<Confined, SandboxError> {
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| SandboxError::Syscall("become a child subreaper", e.into()))?;
     let broker_pid = spec.broker_pid;
-    let creds = creds::drop_privileges(spec.credentials.as_ref(), &|| ns.parent_alive(broker_pid))?;
+    let creds = creds::drop_privileges(spec.credentials.as_ref(), &|| ns.parent_alive(broker_pid, sock))?;
     let ll = prepared.enforce(spec.landlock)?;
     let allow_tcp = tcp_allowed(spec, abi);
     seccomp::install(allow_tcp)?;

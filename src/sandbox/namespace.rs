@@ -1,39 +1,32 @@
 //! Kernel namespaces of a worker (DESIGN.md decision 8): what tenants must
 //! not share beyond the file system.
 //!
-//! The worker, still root and single-threaded, calls [`enter`] before it
-//! drops its privileges. It unshares a PID, a mount and an IPC namespace
-//! and forks once:
+//! A root broker starts each worker as PID 1 of new PID, mount and IPC
+//! namespaces ([`super::process::spawn_worker`]). The worker, still root and
+//! single-threaded, calls [`enter`] before it drops its privileges:
 //!
-//! - the **child** is PID 1 of the new PID namespace and goes on as the
-//!   worker: every tool call descends from it, and when it dies, for
-//!   whatever reason, the kernel kills everything left in the namespace;
-//!   there are no orphans, with or without systemd. It mounts its own
-//!   `/proc` (which shows only the namespace: the worker and its call), a
-//!   private `noexec` `/dev/shm`, the IPC namespace's own `/dev/mqueue`,
-//!   and remounts `noexec` every path a tool may read or write that no
-//!   `exec` rule covers, so neither the dynamic loader nor `mmap(PROT_EXEC)`
-//!   can run code from there. Its IPC namespace is its own (SysV shared
-//!   memory, semaphores, message queues, POSIX queues), with
-//!   `kernel.shm_rmid_forced` set, and is emptied after every call
-//!   ([`clean_ipc`]).
-//! - the **parent** keeps the PID the broker knows (the one its systemd
-//!   scope adopted and `corral status` shows). It drops its privileges like
-//!   the worker, arms a parent-death signal, and waits: when it is killed
-//!   (or the broker dies, which kills it), its child gets SIGKILL through
-//!   its own parent-death signal, and with it the whole namespace. When the
-//!   child ends, the parent ends the same way, so the broker reads the
-//!   worker's real exit status.
+//! - as PID 1, every tool call descends from it, and when it dies, for
+//!   whatever reason, the kernel kills everything left in the namespace:
+//!   there are no orphans, with or without systemd. It dies with the broker
+//!   (parent-death signal, armed before its exec and again after the user
+//!   switch).
+//! - it mounts its own `/proc` (which shows only the namespace: the worker
+//!   and its call), a private `noexec` `/dev/shm`, the IPC namespace's own
+//!   POSIX queue file system, and remounts `noexec` every path a tool may
+//!   read or write that no `exec` rule covers, so neither the dynamic
+//!   loader nor `mmap(PROT_EXEC)` can run code from there.
+//! - its IPC namespace is its own (SysV shared memory, semaphores, message
+//!   queues, POSIX queues), with `kernel.shm_rmid_forced` set, and is
+//!   emptied after every call ([`clean_ipc`]).
 //!
 //! Nothing of this is a container: the root file system, the network and
 //! the users are the host's.
 
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::spec::SandboxSpec;
-use super::sys::{self, Forked, IpcKind};
-use super::{creds, seccomp, SandboxError};
+use super::sys::{self, IpcKind};
+use super::SandboxError;
 
 /// What [`enter`] set up, for the worker's report.
 #[derive(Debug, Default)]
@@ -43,19 +36,18 @@ pub struct Report {
     /// `/dev/mqueue` of the worker's IPC namespace, when mounted: the
     /// worker's Landlock layer must let it list the queues there.
     pub mqueue: Option<PathBuf>,
-    /// A pidfd on the stand-in parent: the worker is orphaned when it is
-    /// readable (`getppid` says 0 across a PID namespace).
-    pub parent: Option<OwnedFd>,
     pub notes: Vec<String>,
 }
 
 impl Report {
-    /// Whether the worker's parent (the stand-in, or the broker when there
-    /// are no namespaces) is still alive.
-    pub fn parent_alive(&self, broker_pid: u32) -> bool {
-        match &self.parent {
-            Some(fd) => !sys::pidfd_exited(fd.as_fd()),
-            None => nix::unistd::getppid().as_raw() == i32::try_from(broker_pid).unwrap_or(-1),
+    /// Whether the broker is still there, once the parent-death signal is
+    /// armed: across a PID namespace `getppid` says 0, so the broker socket
+    /// (on `sock`) tells instead — it hangs up when the broker dies.
+    pub fn parent_alive(&self, broker_pid: u32, sock: std::os::fd::BorrowedFd<'_>) -> bool {
+        if self.namespaces.is_empty() {
+            nix::unistd::getppid().as_raw() == i32::try_from(broker_pid).unwrap_or(-1)
+        } else {
+            !sys::hung_up(sock)
         }
     }
 }
@@ -64,13 +56,12 @@ fn ns_err(what: &'static str) -> impl Fn(std::io::Error) -> SandboxError {
     move |e| SandboxError::Namespace(what, e)
 }
 
-/// Gives the calling worker its namespaces. Returns in the worker (the
-/// child, PID 1 of the new PID namespace); the parent never returns.
+/// Sets up the worker's namespaces (see the module docs).
 ///
 /// INVARIANT: called single-threaded, as root, before the privilege drop.
 /// When the worker is not root (a broker run by an ordinary user, which
 /// has no tenants to keep apart) there are no namespaces, and the report
-/// says so.
+/// says so; a root worker that is not PID 1 of its own namespace refuses.
 pub fn enter(spec: &SandboxSpec) -> Result<Report, SandboxError> {
     if !nix::unistd::Uid::effective().is_root() {
         return Ok(Report {
@@ -80,44 +71,15 @@ pub fn enter(spec: &SandboxSpec) -> Result<Report, SandboxError> {
             ..Report::default()
         });
     }
-    let me = sys::pidfd_open(libc::pid_t::try_from(std::process::id()).unwrap_or(-1))
-        .map_err(ns_err("open a pidfd on the worker"))?;
-    sys::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC).map_err(ns_err("unshare"))?;
-    match sys::fork().map_err(ns_err("fork into the new PID namespace"))? {
-        Forked::Parent(child) => stand_in(spec, child),
-        Forked::Child => {
-            // The parent may have died before the signal was armed.
-            sys::set_parent_death_signal(libc::SIGKILL).map_err(ns_err("arm the parent-death signal"))?;
-            if sys::pidfd_exited(me.as_fd()) {
-                return Err(SandboxError::Orphaned);
-            }
-            let mut report = mounts(spec)?;
-            report.namespaces = vec!["pid".into(), "mount".into(), "ipc".into()];
-            report.parent = Some(me);
-            Ok(report)
-        }
+    if std::process::id() != 1 {
+        return Err(SandboxError::Namespace(
+            "find the worker as PID 1 of its own PID namespace",
+            std::io::Error::from_raw_os_error(libc::ESRCH),
+        ));
     }
-}
-
-/// The parent's life: confined like the worker, it waits for the worker and
-/// ends as it ended. Never returns.
-fn stand_in(spec: &SandboxSpec, child: libc::pid_t) -> ! {
-    // Nothing but stdio: the broker socket belongs to the worker alone.
-    let _ = sys::close_fds_from(3);
-    let broker = i32::try_from(spec.broker_pid).unwrap_or(-1);
-    let parent_alive = || nix::unistd::getppid().as_raw() == broker;
-    let confined =
-        creds::drop_privileges(spec.credentials.as_ref(), &parent_alive).and_then(|_| seccomp::install(false));
-    if let Err(e) = confined {
-        tracing::error!("the worker's stand-in could not confine itself: {e}");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), nix::sys::signal::Signal::SIGKILL);
-        sys::exit_now(1);
-    }
-    match sys::wait_status(child) {
-        Ok(status) if libc::WIFEXITED(status) => sys::exit_now(libc::WEXITSTATUS(status)),
-        Ok(status) if libc::WIFSIGNALED(status) => sys::die_like(libc::WTERMSIG(status)),
-        _ => sys::exit_now(1),
-    }
+    let mut report = mounts(spec)?;
+    report.namespaces = vec!["pid".into(), "mount".into(), "ipc".into()];
+    Ok(report)
 }
 
 /// Whether `path` is `base` or beneath it.

@@ -170,60 +170,16 @@ pub fn dumpable() -> bool {
     unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
 }
 
-/// `unshare(2)` with `flags` (`CLONE_NEW*`).
-pub fn unshare(flags: libc::c_int) -> io::Result<()> {
-    // SAFETY: unshare takes an integer; it only changes this process's
-    // namespaces, which is what the caller asks for.
-    check_int(unsafe { libc::unshare(flags) }).map(drop)
-}
-
-/// What `fork` returned.
-pub enum Forked {
-    Parent(libc::pid_t),
-    Child,
-}
-
-/// `fork(2)`.
-///
-/// INVARIANT: only for a single-threaded caller (the worker): the child may
-/// then run ordinary code, allocation included.
-pub fn fork() -> io::Result<Forked> {
-    // SAFETY: the caller is single-threaded (see the INVARIANT), so no lock
-    // can be held by a thread that does not exist in the child.
-    let pid = check_int(unsafe { libc::fork() })?;
-    Ok(if pid == 0 { Forked::Child } else { Forked::Parent(pid) })
-}
-
-/// Ends the calling process at once, without running destructors or
-/// flushing anything (the state belongs to another process's design).
-pub fn exit_now(code: libc::c_int) -> ! {
-    // SAFETY: _exit never returns and touches no memory of ours.
-    unsafe { libc::_exit(code) }
-}
-
-/// Ends the calling process with signal `sig`, as the process it stands
-/// for ended, so its parent reads the same wait status; exits with
-/// 128+`sig` if the signal does not kill.
-pub fn die_like(sig: libc::c_int) -> ! {
-    // SAFETY: resetting a disposition to its default and raising a signal at
-    // ourselves take integers only.
-    unsafe {
-        libc::signal(sig, libc::SIG_DFL);
-        libc::kill(libc::getpid(), sig);
-    }
-    exit_now(128 + sig)
-}
-
-/// `waitpid(pid, 0)`, retried on EINTR: the raw wait status.
-pub fn wait_status(pid: libc::pid_t) -> io::Result<libc::c_int> {
-    let mut status: libc::c_int = 0;
-    loop {
-        // SAFETY: the pointer is to a live local of the right type.
-        match check_int(unsafe { libc::waitpid(pid, &mut status, 0) }) {
-            Ok(_) => return Ok(status),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+/// Whether the peer of socket `fd` has hung up (closed its end).
+pub fn hung_up(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut fds = [PollFd::new(fd, rdhup)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => {
+            fds[0].revents().is_some_and(|r| r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR))
         }
+        _ => false,
     }
 }
 
@@ -296,20 +252,6 @@ pub fn mount_setattr(path: &std::path::Path, set: u64, clear: u64) -> io::Result
 /// asked).
 pub fn is_noexec(path: &std::path::Path) -> bool {
     nix::sys::statvfs::statvfs(path).map_or(true, |s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
-}
-
-/// Whether `fd` (a pidfd) says its process has exited.
-pub fn pidfd_exited(fd: std::os::fd::BorrowedFd<'_>) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-}
-
-/// `PR_SET_PDEATHSIG`: `sig` when the parent (thread) dies.
-pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: PR_SET_PDEATHSIG takes an integer.
-    check_int(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::c_ulong::try_from(sig).unwrap_or(9), 0, 0, 0) })
-        .map(drop)
 }
 
 /// Moves the calling process to `SCHED_IDLE`: it runs only when no other

@@ -13,6 +13,7 @@ mod agent;
 mod tool;
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 use crate::frame::{read_frame, write_frame, FrameError};
@@ -49,7 +50,7 @@ pub fn run() -> Result<(), WorkerError> {
     // INVARIANT: nothing from a client has been read yet; the sandbox is in
     // force before the first Exec frame is.
     // The per-call layer is built once; each tool child enforces a copy.
-    let confined = sandbox::confine_worker(&spec).and_then(|c| Ok((c, sandbox::tool_layer(&spec)?)));
+    let confined = sandbox::confine_worker(&spec, sock.as_fd()).and_then(|c| Ok((c, sandbox::tool_layer(&spec)?)));
     let (confined, layer) = match confined {
         Ok(both) => both,
         Err(e) => {
