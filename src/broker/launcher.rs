@@ -35,7 +35,10 @@ pub fn lower_own_oom_score() {
         return;
     }
     if let Err(e) = std::fs::write(path, BROKER_OOM_SCORE_ADJ.to_string()) {
-        tracing::warn!("could not lower the broker's oom_score_adj to {BROKER_OOM_SCORE_ADJ}: {e}");
+        tracing::warn!(
+            "could not lower the broker's oom_score_adj to {BROKER_OOM_SCORE_ADJ}: {e} (it needs \
+             CAP_SYS_RESOURCE; as a service, OOMScoreAdjust= sets it); tools still have 1000 and go first"
+        );
     }
 }
 

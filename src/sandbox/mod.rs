@@ -302,7 +302,7 @@ pub fn resource_rows(cgroups: Option<&str>) -> Vec<Enforcement> {
                 "memory",
                 "RLIMIT_AS of each call (virtual memory; no systemd scope): shared memory, memfds and tmpfs pages \
                  are outside it, so tools are the OOM killer's first choice (oom_score_adj 1000) and the broker \
-                 its last (-900); the worker's /dev/shm is capped at memory_max",
+                 its last (-900, with CAP_SYS_RESOURCE); the worker's /dev/shm is capped at memory_max",
             ),
             row("tasks", "RLIMIT_NPROC of the worker's user (no systemd scope)"),
             row(
