@@ -1,22 +1,32 @@
 //! The sandbox: everything that confines a worker and its tool calls.
 //!
-//! A worker calls [`confine_worker`] on itself, single-threaded, before it
-//! reads its first request. The steps, in their required order:
+//! A root broker starts each worker as PID 1 of its own PID, mount and IPC
+//! namespaces ([`process::spawn_worker`]). The worker calls
+//! [`confine_worker`] on itself, single-threaded, before it reads its first
+//! request. The steps, in their required order:
 //!
-//! 1. become a child subreaper (a daemonizing tool still comes back to us);
-//! 2. [`creds::drop_privileges`]: bounding and ambient capabilities cleared,
+//! 0. check it is inside its systemd scope (when it has one);
+//! 1. [`namespace::enter`], still root: its own `/proc`, a private `noexec`
+//!    `/dev/shm`, its IPC namespace's POSIX queues, `noexec` on every path
+//!    outside the `exec` rules, `kernel.shm_rmid_forced`; then
+//!    `oom_score_adj` 1000 (tools inherit it);
+//! 2. become a child subreaper (a daemonizing tool still comes back to us);
+//! 3. [`creds::drop_privileges`]: bounding and ambient capabilities cleared,
 //!    groups, gid and uid switched to the workflow's user, the remaining
 //!    capability sets emptied and verified, parent-death signal armed,
 //!    `no_new_privs`, non-dumpable, no core files;
-//! 3. the worker's Landlock layer (the policy's paths plus read access to
-//!    `/proc`, which it needs to find a tool's descendants);
-//! 4. the seccomp filter.
+//! 4. the worker's Landlock layer (the policy's paths plus read access to
+//!    `/proc`, which it needs to find a tool's descendants, and to its POSIX
+//!    queue directory, which it empties after each call);
+//! 5. the seccomp filter.
 //!
 //! Each tool call then gets a second, stricter Landlock layer
 //! ([`tool_layer`]): the policy's paths only (no `/proc` unless the policy
 //! grants it) and a fresh scope, so a tool cannot signal its own worker.
 //!
-//! All `unsafe` code of corral is in this module ([`sys`] and [`process`]).
+//! [`spec`] holds what a worker is asked to enforce and what it reports
+//! back; the wire ([`crate::protocol`]) only carries them. All `unsafe`
+//! code of corral is in this module ([`sys`] and [`process`]).
 
 pub mod creds;
 pub mod landlock;

@@ -290,3 +290,28 @@ pub fn watch_pidfd(fd: std::os::fd::OwnedFd) -> io::Result<tokio::io::unix::Asyn
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// Whether this process may give a worker its namespaces: starts
+/// `exe --version` after `unshare` of [`WORKER_NAMESPACES`] (the same
+/// permission checks as the broker's clone: capabilities, a service's
+/// `RestrictNamespaces=`).
+pub fn probe_namespaces(exe: &std::path::Path) -> io::Result<()> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--version").stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    let hook = || {
+        // SAFETY: unshare is a plain system call, async-signal-safe.
+        if unsafe { libc::unshare(WORKER_NAMESPACES) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook makes one async-signal-safe system call and
+    // allocates nothing, as required between fork and exec.
+    unsafe { cmd.pre_exec(hook) };
+    let status = cmd.status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("the probe ended with {status}")))
+    }
+}
