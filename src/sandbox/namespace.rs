@@ -33,7 +33,8 @@ use super::SandboxError;
 pub struct Report {
     pub namespaces: Vec<String>,
     pub noexec: Vec<PathBuf>,
-    /// `/dev/mqueue` of the worker's IPC namespace, when mounted: the
+    /// Where the worker's IPC namespace's POSIX queues are mounted
+    /// (`/dev/mqueue`, or `/dev/shm/.mqueue` where the host has none): the
     /// worker's Landlock layer must let it list the queues there.
     pub mqueue: Option<PathBuf>,
     pub notes: Vec<String>,
