@@ -52,9 +52,11 @@
 //!
 //! # Multithreading
 //!
-//! The broker is a multi-threaded tokio program; between fork and exec of a
-//! worker it only calls `dup2`. It makes its own mount namespace (for the
-//! `disk_max` mounts) in `main`, before the runtime starts a thread. The worker is strictly single-threaded: it
+//! The broker is a multi-threaded tokio program; between its `clone` of a
+//! worker (into new PID, mount and IPC namespaces) and the exec it only
+//! makes async-signal-safe system calls (`dup2`, `setpgid`, `prctl`). It
+//! makes its own mount namespace (for the `disk_max` mounts) in `main`,
+//! before the runtime starts a thread. The worker is strictly single-threaded: it
 //! confines itself with Landlock and seccomp (which bind the calling thread)
 //! and forks tool children that may allocate before exec.
 

@@ -15,9 +15,11 @@
 //! These types are the worker's only view of a policy: it never reads policy
 //! files itself.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
+
+/// The sandbox owns the spec it enforces and the report of what it got;
+/// the wire only carries them.
+pub use crate::sandbox::spec::{Credentials, EffectiveSandbox, Requirement, SandboxSpec, ToolLimits};
 
 /// Broker → worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,59 +48,6 @@ pub enum FromWorker {
     Complete(CompleteRequest),
     /// The result of an [`AskRequest`].
     Answered(AskOutcome),
-}
-
-/// Whether a sandbox layer is mandatory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Requirement {
-    Required,
-    BestEffort,
-}
-
-/// Unix credentials a worker switches to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Credentials {
-    pub user: String,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-/// Everything a worker needs to confine itself and its tool calls.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxSpec {
-    pub workflow: String,
-    /// The broker's PID: the worker dies with it (parent-death signal) and
-    /// checks that it is still its parent after arming that signal.
-    pub broker_pid: u32,
-    /// `None`: keep the broker's credentials (only allowed when the broker
-    /// itself is not root).
-    pub credentials: Option<Credentials>,
-    pub landlock: Requirement,
-    pub read: Vec<PathBuf>,
-    pub write: Vec<PathBuf>,
-    pub exec: Vec<PathBuf>,
-    pub tcp_connect: Vec<u16>,
-    pub tcp_bind: Vec<u16>,
-    pub workspace: PathBuf,
-    /// The systemd scope the broker put the worker in; the worker checks
-    /// that it is there before it confines itself.
-    pub scope: Option<String>,
-    pub tool: ToolLimits,
-    /// Environment of every tool call (after clearing the worker's own).
-    pub env: Vec<(String, String)>,
-}
-
-/// Per-call limits a worker applies to each tool child.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ToolLimits {
-    pub output_max: u64,
-    pub file_size_max: u64,
-    pub open_files_max: u64,
-    /// `RLIMIT_AS` of a tool (cgroups give the real memory limit when systemd
-    /// manages the worker).
-    pub address_space_max: Option<u64>,
-    /// `RLIMIT_NPROC` of a tool (counted per uid by the kernel).
-    pub processes_max: Option<u64>,
 }
 
 /// One tool call.
@@ -137,32 +86,6 @@ pub struct ExecOutcome {
     pub cpu_user_us: u64,
     pub cpu_system_us: u64,
     pub peak_rss_kib: u64,
-}
-
-/// What the kernel actually enforces for a worker, as measured by the worker
-/// after it restricted itself.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct EffectiveSandbox {
-    pub uid: u32,
-    pub gid: u32,
-    pub no_new_privs: bool,
-    pub non_dumpable: bool,
-    /// All five capability sets are empty (checked after the drop).
-    pub capabilities_cleared: bool,
-    /// The kernel's Landlock ABI (0 = no Landlock).
-    pub landlock_abi: u32,
-    /// "fully enforced", "partially enforced" or "not enforced".
-    pub landlock: String,
-    pub landlock_fs: bool,
-    /// TCP bind/connect restricted by port (Landlock ABI 4+).
-    pub landlock_tcp: bool,
-    /// Signals and abstract Unix sockets scoped to the sandbox (ABI 6+).
-    pub landlock_scopes: bool,
-    pub seccomp: bool,
-    /// Inet sockets are refused outright by seccomp.
-    pub network_blocked: bool,
-    /// Everything that is weaker than the policy asked for, in words.
-    pub notes: Vec<String>,
 }
 
 /// Tool calls the agent loop runs at most per model step; the rest of a

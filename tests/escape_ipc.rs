@@ -86,3 +86,35 @@ fn status_shows_a_tenant_only_its_own_workflows() {
         b.status()["workflows"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(all, ["family-chat", "homework", "shell-tools"]);
 }
+
+/// A policy of `tenant` that may also write /dev/shm (POSIX shared memory).
+fn shm_policy(name: &str, tenant: &str, user: &str) -> PolicyFile {
+    let p = policy(name, tenant, Some(user), "", "", "min_idle = 1\nmax_workers = 1");
+    let text = p.text.replace("write = [\"{workspace}\"]", "write = [\"{workspace}\", \"/dev/shm\"]");
+    assert!(text.contains("\"/dev/shm\""), "{text}");
+    PolicyFile { text, ..p }
+}
+
+#[test]
+fn posix_shared_memory_of_one_tenant_is_not_another_tenants() {
+    if !full_sandbox() {
+        return;
+    }
+    let b = Broker::start(
+        "shm-tenants",
+        &[shm_policy("kidshm", "kid", "corral-kid"), shm_policy("aliceshm", "alice", "corral-alice")],
+    );
+    let name = format!("corral-shm-{}", std::process::id());
+    // kid's call makes a world-readable POSIX shm object and reads it back.
+    let r = b.sh("kidshm", &format!("umask 0; echo kid-secret > /dev/shm/{name} && cat /dev/shm/{name}"));
+    assert_eq!(exit_code(&r), Some(0), "{r:#}");
+    assert_eq!(stdout(&r), "kid-secret\n", "{r:#}");
+    // alice, with the same rights on /dev/shm, finds nothing: each worker
+    // has its own.
+    let r = b.sh("aliceshm", &format!("ls -A /dev/shm; cat /dev/shm/{name}"));
+    assert_ne!(exit_code(&r), Some(0), "{r:#}");
+    assert!(stderr(&r).contains("No such file"), "{r:#}");
+    assert!(!stdout(&r).contains("corral-shm"), "{r:#}");
+    // Nor is it in the host's /dev/shm.
+    assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+}

@@ -414,9 +414,12 @@ fn service_is_ready_hardened_and_puts_workers_in_scopes() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {report}"));
-    // 2.7 before disk_max; loop-mounting the workspace images costs
-    // CAP_SYS_ADMIN (0.3), @mount (0.2) and PrivateDevices=no (0.2): 3.3.
-    assert!(level <= 3.5, "exposure {level} > 3.5:\n{report}");
+    // 2.7 before this round. For the workers (DESIGN.md decision 8):
+    // CAP_SYS_ADMIN, mount, and the ipc, mnt and pid namespaces; for the
+    // disk_max images: @mount and PrivateDevices=no (loop devices only,
+    // DevicePolicy=closed); ProcSubset=pid came with the namespaces.
+    // Measured: 3.6.
+    assert!(level <= 3.7, "exposure {level} > 3.7:\n{report}");
 }
 
 #[test]
@@ -598,6 +601,13 @@ fn kill_9_of_the_broker_restarts_it_and_stops_stale_scopes() {
         .expect("the daemonized sleep 300 never ran");
     let out = svc.ns(&["kill", "-9", &pid.to_string()]);
     assert!(out.status.success(), "{}", text(&out));
+    // No process of the call outlives its broker by more than a second:
+    // the worker dies with it (parent-death signal), and its PID namespace
+    // with it.
+    let orphan_gone = poll(Duration::from_millis(1500), || {
+        (!std::path::Path::new(&format!("/proc/{}", daemon.0)).exists()).then_some(())
+    });
+    assert!(orphan_gone.is_some(), "`sleep 300` outlived its broker: {:?}", procs_starting("sleep 300"));
     // The call in flight is lost with its broker.
     let lost = call.join().unwrap();
     assert!(lost.as_ref().map(|(c, _)| *c != 200).unwrap_or(true), "{lost:?}");
@@ -616,12 +626,13 @@ fn kill_9_of_the_broker_restarts_it_and_stops_stale_scopes() {
     assert!(gone.is_some(), "the stale `sleep 300` survived: {:?}", procs_starting("sleep 300"));
     // (The new broker numbers its scopes from 1 again, so a scope of that
     // name may exist anew: it holds only the new worker.)
+    // A worker is PID 1 of its calls and dies with its broker, so the
+    // kernel has usually emptied the old scope (and systemd dropped it)
+    // before the new broker looks; if not, the new broker stops it.
     let journal = svc.journal(200);
-    assert!(journal.contains("left by an earlier broker") && journal.contains(&old_scope), "{journal}");
+    let stopped = journal.contains("left by an earlier broker") && journal.contains(&old_scope);
     let state = svc.show(&old_scope, "ActiveState");
-    if state == "active" {
-        assert_eq!(svc.show(&old_scope, "TasksCurrent"), "1", "{old_scope}");
-    }
+    assert!(stopped || state != "active" || svc.show(&old_scope, "TasksCurrent") == "1", "{old_scope}: {journal}");
     // Calls work again.
     assert_eq!(stdout(&svc.exec("shell-tools", &["echo", "again"])), "again\n");
     assert_eq!(stdout(&svc.exec("homework", &["echo", "again"])), "again\n");

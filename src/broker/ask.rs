@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 
 use super::auth::Peer;
 use super::launcher::{Answer, Call, CompletionJob};
-use super::pool::Failure;
 use super::llm::{CallContext, GatewayError};
+use super::pool::Failure;
 use super::pool::SubmitError;
 use super::{Broker, Workflow};
 use crate::api::ToolCallReport;

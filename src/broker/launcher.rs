@@ -2,11 +2,11 @@
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
 use super::scope::{Systemd, UnitLimits};
@@ -15,7 +15,32 @@ use crate::protocol::{
     AskOutcome, AskRequest, CompleteRequest, Completion, CompletionReply, EffectiveSandbox, ExecOutcome, ExecRequest,
     FromWorker, SandboxSpec, ToWorker,
 };
-use crate::sandbox::process::pass_fd_as_worker_fd;
+use crate::sandbox::process::{spawn_worker, try_reap, watch_pidfd};
+
+/// The broker's `oom_score_adj` when it runs as root: memory that no limit of
+/// a tool call sees (shared memory, memfds, tmpfs pages without systemd)
+/// must cost a tool, never the broker that serves every tenant.
+pub const BROKER_OOM_SCORE_ADJ: i32 = -900;
+
+/// Lowers the broker's own `oom_score_adj` to [`BROKER_OOM_SCORE_ADJ`] when
+/// it is root and not already lower (the unit sets `OOMScoreAdjust=`
+/// itself). Workers raise theirs to 1000 before they drop privileges.
+pub fn lower_own_oom_score() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return;
+    }
+    let path = "/proc/self/oom_score_adj";
+    let current: i32 = std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    if current <= BROKER_OOM_SCORE_ADJ {
+        return;
+    }
+    if let Err(e) = std::fs::write(path, BROKER_OOM_SCORE_ADJ.to_string()) {
+        tracing::warn!(
+            "could not lower the broker's oom_score_adj to {BROKER_OOM_SCORE_ADJ}: {e} (it needs \
+             CAP_SYS_RESOURCE; as a service, OOMScoreAdjust= sets it); tools still have 1000 and go first"
+        );
+    }
+}
 
 /// How long a worker may take to confine itself and say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +63,12 @@ pub enum StartError {
     Socket(std::io::Error),
     #[error("failed to put the worker in its scope: {0}")]
     Scope(String),
+    #[error(
+        "failed to start the worker in its own PID, mount and IPC namespaces: {0}. The broker needs \
+         CAP_SYS_ADMIN; as a systemd service: RestrictNamespaces=ipc mnt pid and CAP_SYS_ADMIN in \
+         CapabilityBoundingSet= (see units/corral.service)"
+    )]
+    Namespaces(std::io::Error),
 }
 
 /// The systemd scope a new worker goes into.
@@ -109,6 +140,77 @@ pub struct Worker {
     sock: UnixStream,
 }
 
+/// A worker process: PID 1 of its own namespaces (when the broker is root),
+/// watched through a pidfd. Killed and reaped when dropped.
+struct Child {
+    pid: u32,
+    pidfd: AsyncFd<std::os::fd::OwnedFd>,
+    status: Option<ExitStatus>,
+}
+
+impl Child {
+    /// Starts `exe worker` on `sock`; in new namespaces when the broker is
+    /// root. A root broker that cannot make them refuses (no silent
+    /// downgrade); one that is not root has no tenants to keep apart.
+    fn spawn(exe: &Path, log_filter: &str, sock: std::os::fd::RawFd) -> Result<Child, StartError> {
+        let namespaces = nix::unistd::Uid::effective().is_root();
+        let spawned = spawn_worker(exe, log_filter, sock, namespaces).map_err(|e| {
+            if namespaces && matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL | libc::ENOSPC)) {
+                StartError::Namespaces(e)
+            } else {
+                StartError::Spawn { exe: exe.display().to_string(), source: e }
+            }
+        })?;
+        let pidfd = watch_pidfd(spawned.pidfd).map_err(StartError::Socket)?;
+        Ok(Child { pid: spawned.pid, pidfd, status: None })
+    }
+
+    /// Waits until the process ends and reaps it. Cancel-safe.
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        loop {
+            if let Some(s) = self.status {
+                return Ok(s);
+            }
+            let mut ready = self.pidfd.readable().await?;
+            match try_reap(self.pid)? {
+                Some(raw) => self.status = Some(ExitStatus::from_raw(raw)),
+                None => ready.clear_ready(),
+            }
+        }
+    }
+
+    fn start_kill(&mut self) {
+        if self.status.is_none() {
+            // Not reaped yet, so the PID is still ours.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(self.pid).unwrap_or(-1)),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        self.start_kill();
+        // Reap it off the async threads: SIGKILL is quick, but not instant.
+        let pid = self.pid;
+        let _ = std::thread::Builder::new().name("reap-worker".into()).spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                if !matches!(try_reap(pid), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    }
+}
+
 /// Words for how a process ended: "exit code 3", "killed by signal 9 (SIGKILL)".
 pub fn describe_exit(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -131,19 +233,9 @@ pub async fn start(
     scope: Option<ScopePlan<'_>>,
 ) -> Result<Worker, StartError> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Socket)?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("worker")
-        .env_clear()
-        .env("RUST_LOG", log_filter)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .kill_on_drop(true);
-    pass_fd_as_worker_fd(&mut cmd, theirs.as_raw_fd());
-    let mut child = cmd.spawn().map_err(|source| StartError::Spawn { exe: exe.display().to_string(), source })?;
+    let mut child = Child::spawn(exe, log_filter, theirs.as_raw_fd())?;
     drop(theirs);
-    let pid = child.id().unwrap_or(0);
+    let pid = child.pid;
     ours.set_nonblocking(true).map_err(StartError::Socket)?;
     let mut sock = UnixStream::from_std(ours).map_err(StartError::Socket)?;
 
@@ -153,7 +245,7 @@ pub async fn start(
     // inside its scope (and it checks that it is, itself).
     if let Some(plan) = scope {
         if let Err(e) = plan.systemd.create_scope(&plan.unit, plan.slice, pid, &plan.description, plan.limits).await {
-            let _ = child.start_kill();
+            child.start_kill();
             let _ = child.wait().await;
             return Err(StartError::Scope(e.to_string()));
         }
@@ -278,7 +370,7 @@ impl Worker {
     }
 
     pub async fn kill(&mut self) {
-        let _ = self.child.start_kill();
+        self.child.start_kill();
         let _ = self.child.wait().await;
     }
 }

@@ -25,9 +25,9 @@ mod log;
 mod notify;
 mod pool;
 pub mod quota;
-mod status;
 pub mod scope;
 pub(crate) mod setup;
+mod status;
 mod workspace;
 
 use std::collections::BTreeMap;
@@ -222,7 +222,12 @@ impl Broker {
                 seccomp: kernel.seccomp,
                 resource_control,
             },
-            workflows: self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| status::workflow_status(w.pool.status())).collect(),
+            workflows: self
+                .snapshot()
+                .values()
+                .filter(|w| w.clients.allows(peer))
+                .map(|w| status::workflow_status(w.pool.status()))
+                .collect(),
         }
     }
 
@@ -385,6 +390,8 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     // Keys and client data live in this process: keep other processes of
     // its user from reading its memory or attaching to it.
     let _ = nix::sys::prctl::set_dumpable(false);
+    // Tools are the OOM killer's first choice (1000), the broker its last.
+    launcher::lower_own_oom_score();
 
     let ledger = Arc::new(ledger::Ledger::open(&config.state_dir)?);
     let gateway = llm::Gateway::new(ledger, std::mem::take(&mut config.credentials), llm::RetryPolicy::default());

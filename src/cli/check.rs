@@ -99,6 +99,17 @@ fn describe_rows(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox
     let _ = writeln!(out, "  read   {}", paths(&sb.read));
     let _ = writeln!(out, "  write  {}", paths(&sb.write));
     let _ = writeln!(out, "  exec   {}", paths(&sb.exec));
+    // Placeholders such as {workspace} have no interpreter in them.
+    let exec_dirs: Vec<std::path::PathBuf> = sb.exec.iter().map(|p| std::path::PathBuf::from(p.as_str())).collect();
+    let interpreters = sandbox::interpreters(&exec_dirs);
+    if !interpreters.is_empty() {
+        let _ = writeln!(
+            out,
+            "  interpreters allowed by exec: {} (each runs whatever script it is given: exec rules bind \
+             binaries, not what an interpreter reads)",
+            interpreters.join(", ")
+        );
+    }
     let _ = writeln!(out, "  tcp    connect {:?} bind {:?}", sb.tcp_connect, sb.tcp_bind);
     let cpu = l.cpu_quota.as_ref().map_or("none".to_string(), ToString::to_string);
     let _ = writeln!(

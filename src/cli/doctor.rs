@@ -157,6 +157,30 @@ pub async fn run(policies: &Path, worker_user: &str, socket: &Path) -> u8 {
         ),
     }
     let root_user = nix::unistd::Uid::effective().is_root();
+    if !root_user {
+        r.line(
+            Level::Warn,
+            "namespaces",
+            "not checked (run doctor as root); a broker that is not root gives its workers no PID, mount or IPC namespace",
+        );
+    } else {
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+        match sandbox::process::probe_namespaces(&exe) {
+            Ok(()) => r.line(
+                Level::Ok,
+                "namespaces",
+                "workers get their own PID, mount and IPC namespaces (own /proc, noexec paths, private IPC)",
+            ),
+            Err(e) => r.line(
+                Level::Fail,
+                "namespaces",
+                &format!(
+                    "cannot create PID, mount and IPC namespaces here ({e}): workers will refuse to start; the broker \
+                     needs CAP_SYS_ADMIN (as a service: RestrictNamespaces=ipc mnt pid, see units/corral.service)"
+                ),
+            ),
+        }
+    }
     if user_exists(worker_user) {
         r.line(Level::Ok, "users", &format!("default worker user {worker_user} exists"));
     } else {

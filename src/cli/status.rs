@@ -40,6 +40,21 @@ fn sandbox_summary(s: &EffectiveSandbox) -> String {
     if s.capabilities_cleared && s.no_new_privs && s.non_dumpable {
         parts.push("no caps, no_new_privs, non-dumpable".into());
     }
+    if s.namespaces.is_empty() {
+        parts.push("NO namespaces".into());
+    } else {
+        parts.push(format!("own {} namespaces", s.namespaces.join("+")));
+    }
+    if !s.noexec.is_empty() {
+        parts
+            .push(format!("noexec {}", s.noexec.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")));
+    }
+    if s.cpu_idle {
+        parts.push("tools SCHED_IDLE".into());
+    }
+    if let Some(adj) = s.oom_score_adj {
+        parts.push(format!("oom_score_adj {adj}"));
+    }
     parts.join(", ")
 }
 

@@ -5,10 +5,10 @@ use caps::CapSet;
 use nix::sys::prctl;
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::Signal;
-use nix::unistd::{getppid, getresgid, getresuid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
+use nix::unistd::{getresgid, getresuid, setgroups, setresgid, setresuid, Gid, Uid};
 
+use super::spec::Credentials;
 use super::{sys, SandboxError};
-use crate::protocol::Credentials;
 
 /// What [`drop_privileges`] achieved.
 pub struct CredReport {
@@ -26,7 +26,13 @@ const CAP_PROBE_MAX: u32 = 63;
 /// INVARIANT: the order below is the one that works: the bounding set can only
 /// be cleared while we still hold CAP_SETPCAP, i.e. before `setresuid`; the
 /// parent-death signal is reset by a credential change, so it is armed after.
-pub fn drop_privileges(creds: Option<&Credentials>, broker_pid: u32) -> Result<CredReport, SandboxError> {
+///
+/// `parent_alive` says whether the process the worker must die with is still
+/// there, once the parent-death signal is armed.
+pub fn drop_privileges(
+    creds: Option<&Credentials>,
+    parent_alive: &dyn Fn() -> bool,
+) -> Result<CredReport, SandboxError> {
     let mut notes = Vec::new();
     let root = Uid::effective().is_root();
     let target = match creds {
@@ -95,8 +101,8 @@ pub fn drop_privileges(creds: Option<&Credentials>, broker_pid: u32) -> Result<C
     }
 
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| SandboxError::Syscall("arm parent-death signal", e.into()))?;
-    // The broker may have died before the signal was armed.
-    if getppid() != Pid::from_raw(i32::try_from(broker_pid).unwrap_or(-1)) {
+    // The parent may have died before the signal was armed.
+    if !parent_alive() {
         return Err(SandboxError::Orphaned);
     }
     prctl::set_no_new_privs().map_err(|e| SandboxError::Syscall("set no_new_privs", e.into()))?;

@@ -11,8 +11,8 @@ use landlock::{
     RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
+use super::spec::Requirement;
 use super::SandboxError;
-use crate::protocol::Requirement;
 
 /// The first ABI that restricts TCP bind/connect by port.
 pub const ABI_TCP: u32 = 4;

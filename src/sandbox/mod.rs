@@ -1,34 +1,46 @@
 //! The sandbox: everything that confines a worker and its tool calls.
 //!
-//! A worker calls [`confine_worker`] on itself, single-threaded, before it
-//! reads its first request. The steps, in their required order:
+//! A root broker starts each worker as PID 1 of its own PID, mount and IPC
+//! namespaces ([`process::spawn_worker`]). The worker calls
+//! [`confine_worker`] on itself, single-threaded, before it reads its first
+//! request. The steps, in their required order:
 //!
-//! 1. become a child subreaper (a daemonizing tool still comes back to us);
-//! 2. [`creds::drop_privileges`]: bounding and ambient capabilities cleared,
+//! 0. check it is inside its systemd scope (when it has one);
+//! 1. [`namespace::enter`], still root: its own `/proc`, a private `noexec`
+//!    `/dev/shm`, its IPC namespace's POSIX queues, `noexec` on every path
+//!    outside the `exec` rules, `kernel.shm_rmid_forced`; then
+//!    `oom_score_adj` 1000 (tools inherit it);
+//! 2. become a child subreaper (a daemonizing tool still comes back to us);
+//! 3. [`creds::drop_privileges`]: bounding and ambient capabilities cleared,
 //!    groups, gid and uid switched to the workflow's user, the remaining
 //!    capability sets emptied and verified, parent-death signal armed,
 //!    `no_new_privs`, non-dumpable, no core files;
-//! 3. the worker's Landlock layer (the policy's paths plus read access to
-//!    `/proc`, which it needs to find a tool's descendants);
-//! 4. the seccomp filter.
+//! 4. the worker's Landlock layer (the policy's paths plus read access to
+//!    `/proc`, which it needs to find a tool's descendants, and to its POSIX
+//!    queue directory, which it empties after each call);
+//! 5. the seccomp filter.
 //!
 //! Each tool call then gets a second, stricter Landlock layer
 //! ([`tool_layer`]): the policy's paths only (no `/proc` unless the policy
 //! grants it) and a fresh scope, so a tool cannot signal its own worker.
 //!
-//! All `unsafe` code of corral is in this module ([`sys`], [`process`] and
-//! [`memory`], the broker's allocator settings).
+//! [`spec`] holds what a worker is asked to enforce and what it reports
+//! back; the wire ([`crate::protocol`]) only carries them. All `unsafe`
+//! code of corral is in this module ([`sys`], [`process`], [`namespace`]
+//! and [`memory`], the broker's allocator settings).
 
 pub mod creds;
 pub mod landlock;
 pub mod memory;
+pub mod namespace;
 pub mod process;
 pub mod seccomp;
+pub mod spec;
 pub mod sys;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::protocol::{EffectiveSandbox, Requirement, SandboxSpec};
+use spec::{EffectiveSandbox, Requirement, SandboxSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -76,6 +88,14 @@ pub enum SandboxError {
     Threads(usize),
     #[error("the worker is not inside its systemd scope {0}; refusing to run outside its cgroup limits")]
     NotInScope(String),
+    #[error(
+        "failed to {0} for the worker's own namespaces: {1}. The broker needs CAP_SYS_ADMIN and the unshare and \
+         mount syscalls; as a systemd service: RestrictNamespaces=ipc mnt pid, CAP_SYS_ADMIN in \
+         CapabilityBoundingSet=, mount mount_setattr in SystemCallFilter= (see units/corral.service)"
+    )]
+    Namespace(&'static str, #[source] std::io::Error),
+    #[error("failed to mount {0} noexec for the worker: {1}")]
+    NoExec(std::path::PathBuf, #[source] std::io::Error),
 }
 
 /// What the running kernel offers, probed without changing anything.
@@ -98,8 +118,22 @@ fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
 
+/// A confined worker: what it reports, and what it needs afterwards.
+pub struct Confined {
+    pub effective: EffectiveSandbox,
+    /// Where the worker's IPC namespace lists its POSIX queues, for
+    /// [`namespace::clean_ipc`] after each call.
+    pub mqueue: Option<PathBuf>,
+}
+
+/// `oom_score_adj` of every worker and tool: the OOM killer's first choice.
+pub const TOOL_OOM_SCORE_ADJ: i32 = 1000;
+
 /// Confines the calling (worker) process for good. See the module docs.
-pub fn confine_worker(spec: &SandboxSpec) -> Result<EffectiveSandbox, SandboxError> {
+///
+/// `sock` is the broker socket: across a PID namespace it is how the worker
+/// knows its broker is alive.
+pub fn confine_worker(spec: &SandboxSpec, sock: std::os::fd::BorrowedFd<'_>) -> Result<Confined, SandboxError> {
     // INVARIANT: Landlock and seccomp bind the calling thread and its later
     // children only: there must be no other thread left unconfined.
     let threads = thread_count();
@@ -114,14 +148,25 @@ pub fn confine_worker(spec: &SandboxSpec) -> Result<EffectiveSandbox, SandboxErr
             return Err(SandboxError::NotInScope(unit.clone()));
         }
     }
+    // Namespaces first: they need root, and Landlock's rules must name the
+    // new mounts (/proc above all), not the ones they replace.
+    let ns = namespace::enter(spec)?;
+    // Raising it needs no privilege, and tools inherit it.
+    let oom = std::fs::write("/proc/self/oom_score_adj", TOOL_OOM_SCORE_ADJ.to_string())
+        .map(|()| TOOL_OOM_SCORE_ADJ)
+        .map_err(|e| SandboxError::Syscall("raise oom_score_adj", e))?;
+
     let abi = sys::landlock_abi();
     // Open the Landlock path descriptors while we may still read everything.
-    let proc_dir = [Path::new("/proc")];
+    let mut extra: Vec<&Path> = vec![Path::new("/proc")];
+    if let Some(mq) = &ns.mqueue {
+        extra.push(mq);
+    }
     let layer = landlock::Layer {
         read: &spec.read,
         write: &spec.write,
         exec: &spec.exec,
-        extra_read: &proc_dir,
+        extra_read: &extra,
         tcp_connect: &spec.tcp_connect,
         tcp_bind: &spec.tcp_bind,
     };
@@ -129,15 +174,17 @@ pub fn confine_worker(spec: &SandboxSpec) -> Result<EffectiveSandbox, SandboxErr
 
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| SandboxError::Syscall("become a child subreaper", e.into()))?;
-    let creds = creds::drop_privileges(spec.credentials.as_ref(), spec.broker_pid)?;
+    let broker_pid = spec.broker_pid;
+    let creds = creds::drop_privileges(spec.credentials.as_ref(), &|| ns.parent_alive(broker_pid, sock))?;
     let ll = prepared.enforce(spec.landlock)?;
     let allow_tcp = tcp_allowed(spec, abi);
     seccomp::install(allow_tcp)?;
 
     let mut notes = creds.notes;
+    notes.extend(ns.notes);
     notes.extend(ll.notes);
 
-    Ok(EffectiveSandbox {
+    let effective = EffectiveSandbox {
         uid: creds.uid,
         gid: creds.gid,
         no_new_privs: sys::no_new_privs(),
@@ -150,8 +197,19 @@ pub fn confine_worker(spec: &SandboxSpec) -> Result<EffectiveSandbox, SandboxErr
         landlock_scopes: ll.scopes,
         seccomp: true,
         network_blocked: !allow_tcp,
+        namespaces: ns.namespaces,
+        noexec: ns.noexec,
+        cpu_idle: lowest_priority(spec),
+        oom_score_adj: Some(oom),
         notes,
-    })
+    };
+    Ok(Confined { effective, mqueue: ns.mqueue })
+}
+
+/// Whether tool calls run at the lowest CPU priority: when no systemd scope
+/// (and so no `CPUQuota`) bounds them.
+pub fn lowest_priority(spec: &SandboxSpec) -> bool {
+    spec.scope.is_none()
 }
 
 /// Prepares the per-call Landlock layer (to be enforced in the tool child by
@@ -180,21 +238,90 @@ pub struct Enforcement {
     pub by: String,
 }
 
+/// Interpreters a tool may start under these `exec` rules: each runs any
+/// script it is given (from a workspace, stdin or `-c`), which exec rules
+/// cannot see. Names, in a stable order, without duplicates.
+pub fn interpreters(exec: &[PathBuf]) -> Vec<String> {
+    const KNOWN: &[&str] = &[
+        "sh", "bash", "dash", "zsh", "ksh", "busybox", "python3", "python", "perl", "ruby", "node", "nodejs", "lua",
+        "php", "tclsh", "awk", "gawk", "mawk",
+    ];
+    let mut found: Vec<String> = Vec::new();
+    for name in KNOWN {
+        let present = exec.iter().any(|e| {
+            if e.is_dir() {
+                e.join(name).is_file()
+            } else {
+                e.file_name().is_some_and(|f| f == *name)
+            }
+        });
+        if present {
+            found.push((*name).to_string());
+        }
+    }
+    found
+}
+
+/// The promises the worker's namespaces hold (DESIGN.md decision 8), for a
+/// broker that is `root` (only root can give them).
+pub fn namespace_rows(root: bool) -> Vec<Enforcement> {
+    let row = |promise: &str, by: &str| Enforcement { promise: promise.into(), by: by.into() };
+    if !root {
+        return vec![
+            row("sysv-ipc", "SHARED with the host: the broker is not root, so workers get no IPC namespace"),
+            row("proc", "SHARED: /proc shows every process of the host (the broker is not root: no PID namespace)"),
+            row(
+                "exec",
+                "Landlock execute rights only: the dynamic loader can still map files from writable paths \
+                 (no mount namespace without root); memfd_create refused (seccomp)",
+            ),
+            row("orphans", "a tool's processes are killed with its call; a killed worker can leave orphans"),
+        ];
+    }
+    vec![
+        row(
+            "sysv-ipc",
+            "a private IPC namespace per worker (SysV shared memory, semaphores, message queues, POSIX queues), \
+             kernel.shm_rmid_forced=1, emptied after every call",
+        ),
+        row("proc", "a PID namespace per worker with its own /proc: a call sees only itself and its worker"),
+        row(
+            "exec",
+            "Landlock execute rights, and every readable or writable path outside the exec rules mounted \
+             noexec (no loader, no mmap PROT_EXEC), a private noexec /dev/shm; memfd_create refused (seccomp)",
+        ),
+        row(
+            "orphans",
+            "the worker is PID 1 of its calls: when it dies the kernel kills every process of its calls; it \
+             dies with its broker (parent-death signal)",
+        ),
+    ]
+}
+
 /// How workers' resources are limited: by cgroups through systemd scopes
 /// (with the cgroup version), or by rlimits only.
 pub fn resource_rows(cgroups: Option<&str>) -> Vec<Enforcement> {
     let row = |promise: &str, by: &str| Enforcement { promise: promise.into(), by: by.into() };
     match cgroups {
         Some(v) => vec![
-            row("memory", &format!("cgroup {v}: MemoryMax (and MemorySwapMax) of the worker's systemd scope; OOM kills named in the reply")),
+            row("memory", &format!("cgroup {v}: MemoryMax (and MemorySwapMax) of the worker's systemd scope, shared memory, memfd and tmpfs pages included; OOM kills named in the reply")),
             row("tasks", &format!("cgroup {v}: TasksMax of the worker's scope")),
             row("cpu", &format!("cgroup {v}: CPUQuota of the worker's scope; the tenant's slice on top")),
             row("time", "the worker's deadline and SIGKILL of the call's process tree; a lost worker's scope is stopped"),
         ],
         None => vec![
-            row("memory", "RLIMIT_AS of each call (virtual memory; no systemd scope)"),
+            row(
+                "memory",
+                "RLIMIT_AS of each call (virtual memory; no systemd scope): shared memory, memfds and tmpfs pages \
+                 are outside it, so tools are the OOM killer's first choice (oom_score_adj 1000) and the broker \
+                 its last (-900, with CAP_SYS_RESOURCE); the worker's /dev/shm is capped at memory_max",
+            ),
             row("tasks", "RLIMIT_NPROC of the worker's user (no systemd scope)"),
-            row("cpu", "NOT enforced: needs a systemd scope"),
+            row(
+                "cpu",
+                "no quota without a systemd scope: tools run SCHED_IDLE (nice 19 where refused, RLIMIT_NICE 0), \
+                 so they only get CPU time no one else wants",
+            ),
             row("time", "the worker's deadline and SIGKILL of the call's process tree"),
         ],
     }
@@ -249,6 +376,7 @@ pub fn enforcement(requirement: Requirement, tcp_ports: bool, abi: u32) -> Resul
                 .into()
         },
     ));
+    rows.extend(namespace_rows(nix::unistd::Uid::effective().is_root()));
     rows.push(row("ptrace", "seccomp (ptrace, process_vm_*), no_new_privs, non-dumpable, Landlock domain".into()));
     rows.push(row(
         "privileges",

@@ -14,36 +14,14 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::landlock::Prepared;
-use crate::protocol::{Requirement, ToolLimits};
+use super::spec::{Requirement, ToolLimits};
 
 /// The descriptor number a worker finds its broker socket on.
 pub const WORKER_FD: RawFd = 3;
 
-/// Arranges for `fd` to be the child's descriptor [`WORKER_FD`].
-///
-/// The broker is multi-threaded, so the hook may only do async-signal-safe
-/// work: `dup2` and `fcntl`, no allocation.
-pub fn pass_fd_as_worker_fd(cmd: &mut tokio::process::Command, fd: RawFd) {
-    let hook = move || {
-        if fd == WORKER_FD {
-            // SAFETY: fcntl on a descriptor we own; async-signal-safe.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        // SAFETY: dup2 is async-signal-safe; fd is open in the child (it was
-        // open in the parent at fork) and WORKER_FD is ours to replace.
-        } else if unsafe { libc::dup2(fd, WORKER_FD) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    // SAFETY: the hook is async-signal-safe (see above), as required between
-    // fork and exec in a multi-threaded process.
-    unsafe { cmd.pre_exec(hook) };
-}
-
-/// Installs the tool-call hook on `cmd`: rlimits, then the tool's own
-/// Landlock layer, in the child after fork and before exec.
+/// Installs the tool-call hook on `cmd`: rlimits, the lowest CPU priority
+/// when `lowest_priority`, then the tool's own Landlock layer, in the child
+/// after fork and before exec.
 ///
 /// INVARIANT: only the worker calls this, and the worker is single-threaded
 /// (it never starts a runtime or a thread), so the child of its fork may
@@ -53,6 +31,7 @@ pub fn install_tool_hook(
     limits: &ToolLimits,
     layer: Prepared,
     requirement: Requirement,
+    lowest_priority: bool,
 ) {
     let limits = limits.clone();
     let mut layer = Some(layer);
@@ -68,6 +47,15 @@ pub fn install_tool_hook(
         }
         if let Some(n) = limits.processes_max {
             setrlimit(Resource::RLIMIT_NPROC, n, n)?;
+        }
+        if lowest_priority {
+            // No CPU quota bounds this call: it runs only when the CPU has
+            // nothing else to do. RLIMIT_NICE 0 keeps it from lowering its
+            // nice value or leaving SCHED_IDLE; where SCHED_IDLE is refused
+            // (a real-time-only host, a filter), nice 19 still holds.
+            setrlimit(Resource::RLIMIT_NICE, 0, 0)?;
+            super::sys::set_nice(19)?;
+            let _ = super::sys::sched_idle();
         }
         if let Some(layer) = layer.take() {
             layer.enforce(requirement).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
@@ -163,4 +151,167 @@ pub fn take_worker_socket() -> io::Result<std::os::unix::net::UnixStream> {
     // SAFETY: WORKER_FD is an open stream socket (checked above) that the
     // broker handed to this process alone; nothing else in the process owns it.
     Ok(unsafe { std::os::unix::net::UnixStream::from_raw_fd(WORKER_FD) })
+}
+
+/// A worker process the broker started, with a pidfd on it.
+pub struct SpawnedWorker {
+    pub pid: u32,
+    pub pidfd: std::os::fd::OwnedFd,
+    /// Whether it is PID 1 of its own PID, mount and IPC namespaces.
+    pub namespaces: bool,
+}
+
+/// The namespaces every worker gets when the broker is root (DESIGN.md
+/// decision 8): PID (its own /proc, and its calls die with it), mount
+/// (noexec paths, /proc, /dev/shm) and IPC (SysV and POSIX queues).
+pub const WORKER_NAMESPACES: libc::c_int = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+
+fn cstr(bytes: &[u8]) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Starts `exe worker` from the (multi-threaded) broker: with `sock` as its
+/// descriptor [`WORKER_FD`], stdin and stdout on `/dev/null`, stderr
+/// inherited, its own process group, a parent-death signal, an environment
+/// of `RUST_LOG` only, and — when `namespaces` — as PID 1 of new PID, mount
+/// and IPC namespaces ([`WORKER_NAMESPACES`]).
+///
+/// Everything is prepared before the `clone`; the child makes only
+/// async-signal-safe system calls (`dup2`, `fcntl`, `setpgid`, `prctl`,
+/// `sigprocmask`, `execve`, `_exit`), as required in a copy of a
+/// multi-threaded process.
+pub fn spawn_worker(
+    exe: &std::path::Path,
+    log_filter: &str,
+    sock: RawFd,
+    namespaces: bool,
+) -> io::Result<SpawnedWorker> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let exe_c = cstr(exe.as_os_str().as_bytes())?;
+    let arg1 = cstr(b"worker")?;
+    let env0 = cstr(format!("RUST_LOG={log_filter}").as_bytes())?;
+    let argv: [*const libc::c_char; 3] = [exe_c.as_ptr(), arg1.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 2] = [env0.as_ptr(), std::ptr::null()];
+    let devnull = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let null_fd = std::os::fd::AsRawFd::as_raw_fd(&devnull);
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer is to a live local of the right type.
+    unsafe { libc::sigemptyset(&mut empty) };
+
+    let flags = libc::CLONE_PIDFD | if namespaces { WORKER_NAMESPACES } else { 0 };
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: clone without CLONE_VM and with a NULL stack behaves like
+    // fork: the child gets a copy of the address space and returns here on
+    // its copy of the stack. With CLONE_PIDFD the kernel writes the pidfd
+    // into `pidfd` (the parent_tid argument), a live local. The child below
+    // only makes async-signal-safe system calls on memory prepared before
+    // the clone, and never returns from this function.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::c_ulong::try_from(flags | libc::SIGCHLD).unwrap_or(0),
+            std::ptr::null_mut::<libc::c_void>(),
+            &raw mut pidfd,
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if ret == 0 {
+        // The child. SAFETY: async-signal-safe system calls on descriptors
+        // and memory that exist in this copy of the process; every path
+        // ends in execve or _exit.
+        unsafe {
+            let fail = |step: libc::c_int| -> ! { libc::_exit(120 + step) };
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0 {
+                fail(0);
+            }
+            if libc::dup2(null_fd, 0) < 0 || libc::dup2(null_fd, 1) < 0 {
+                fail(1);
+            }
+            if sock == WORKER_FD {
+                if libc::fcntl(sock, libc::F_SETFD, 0) < 0 {
+                    fail(2);
+                }
+            } else if libc::dup2(sock, WORKER_FD) < 0 {
+                fail(2);
+            }
+            if libc::setpgid(0, 0) < 0 {
+                fail(3);
+            }
+            // It dies with the broker even before it arms its own.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+                fail(4);
+            }
+            libc::execve(exe_c.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            fail(5)
+        }
+    }
+    drop(devnull);
+    let pid = u32::try_from(ret).map_err(|_| io::Error::other("clone returned an impossible pid"))?;
+    // SAFETY: the kernel created this descriptor for us (CLONE_PIDFD);
+    // nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(SpawnedWorker { pid, pidfd, namespaces })
+}
+
+/// The wait status of child `pid` if it has ended (reaping it), without
+/// blocking.
+pub fn try_reap(pid: u32) -> io::Result<Option<libc::c_int>> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: the pointer is to a live local of the right type.
+        let ret = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        match ret {
+            0 => return Ok(None),
+            r if r > 0 => return Ok(Some(status)),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Registers a pidfd with the tokio reactor: readable once its process has
+/// ended. Must be called inside a tokio runtime.
+pub fn watch_pidfd(fd: std::os::fd::OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: `fd` is an open descriptor owned by the value handed to the
+    // AsyncFd, which keeps it open (and unregisters it) for as long as the
+    // registration lives; nothing else closes it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Whether this process may give a worker its namespaces: starts
+/// `exe --version` after `unshare` of [`WORKER_NAMESPACES`] (the same
+/// permission checks as the broker's clone: capabilities, a service's
+/// `RestrictNamespaces=`).
+pub fn probe_namespaces(exe: &std::path::Path) -> io::Result<()> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--version").stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    let hook = || {
+        // SAFETY: unshare is a plain system call, async-signal-safe.
+        if unsafe { libc::unshare(WORKER_NAMESPACES) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook makes one async-signal-safe system call and
+    // allocates nothing, as required between fork and exec.
+    unsafe { cmd.pre_exec(hook) };
+    let status = cmd.status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("the probe ended with {status}")))
+    }
 }

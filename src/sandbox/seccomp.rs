@@ -57,6 +57,10 @@ const DENIED: &[(&str, libc::c_long)] = &[
     ("acct", libc::SYS_acct),
     ("syslog", libc::SYS_syslog),
     ("quotactl", libc::SYS_quotactl),
+    // A memfd's pages can be mapped executable whatever its seals (the
+    // dynamic loader runs `/proc/self/fd/N`), and execveat runs it on
+    // kernels without vm.memfd_noexec: a route around the exec rules.
+    ("memfd_create", libc::SYS_memfd_create),
 ];
 
 /// Namespace flags refused in `clone(2)`.

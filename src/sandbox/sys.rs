@@ -169,3 +169,130 @@ pub fn dumpable() -> bool {
     // SAFETY: no pointer arguments.
     unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
 }
+
+/// Whether the peer of socket `fd` has hung up (closed its end).
+pub fn hung_up(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut fds = [PollFd::new(fd, rdhup)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => {
+            fds[0].revents().is_some_and(|r| r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR))
+        }
+        _ => false,
+    }
+}
+
+fn cstring(s: &str) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn cpath(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `mount(2)`. `source`, `fstype` and `data` may be absent.
+pub fn mount(
+    source: Option<&str>,
+    target: &std::path::Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = source.map(cstring).transpose()?;
+    let fstype = fstype.map(cstring).transpose()?;
+    let data = data.map(cstring).transpose()?;
+    let target = cpath(target)?;
+    let ptr = |c: &Option<std::ffi::CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is NULL or a NUL-terminated string that lives
+    // until the call returns; mount reads them and keeps nothing.
+    check_int(unsafe {
+        libc::mount(ptr(&source), target.as_ptr(), ptr(&fstype), flags, ptr(&data).cast::<libc::c_void>())
+    })
+    .map(drop)
+}
+
+/// `struct mount_attr` of `mount_setattr(2)` (linux/mount.h).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// `mount_setattr(2)` on the mount at `path` and every mount below it:
+/// sets the `set` attributes and clears the `clear` ones, leaving the rest
+/// (read-only, nodev, …) as they are. Linux 5.12+.
+pub fn mount_setattr(path: &std::path::Path, set: u64, clear: u64) -> io::Result<()> {
+    let path = cpath(path)?;
+    let attr = MountAttr { attr_set: set, attr_clr: clear, propagation: 0, userns_fd: 0 };
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    // SAFETY: path is a NUL-terminated string and attr a live struct of the
+    // size passed; the kernel only reads both.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            AT_RECURSIVE,
+            &raw const attr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// Whether the file system at `path` is mounted `noexec` (or cannot be
+/// asked).
+pub fn is_noexec(path: &std::path::Path) -> bool {
+    nix::sys::statvfs::statvfs(path).map_or(true, |s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+}
+
+/// Moves the calling process to `SCHED_IDLE`: it runs only when no other
+/// runnable task wants the CPU.
+pub fn sched_idle() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the pointer is to a live local of the right type.
+    check_int(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(drop)
+}
+
+/// Sets the calling process's nice value.
+pub fn set_nice(nice: libc::c_int) -> io::Result<()> {
+    // SAFETY: setpriority takes integers only.
+    check_int(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) }).map(drop)
+}
+
+/// Which System V IPC object a [`ipc_remove`] removes.
+#[derive(Debug, Clone, Copy)]
+pub enum IpcKind {
+    Shm,
+    Msg,
+    Sem,
+}
+
+/// Removes one System V IPC object of the calling process's IPC namespace.
+pub fn ipc_remove(kind: IpcKind, id: libc::c_int) -> io::Result<()> {
+    // SAFETY: IPC_RMID ignores the buffer argument, which is NULL; the ids
+    // are plain integers.
+    let ret = unsafe {
+        match kind {
+            IpcKind::Shm => libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+            IpcKind::Msg => libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+            IpcKind::Sem => libc::semctl(id, 0, libc::IPC_RMID),
+        }
+    };
+    check_int(ret).map(drop)
+}
+
+/// `mq_unlink(3)` of `/name`.
+pub fn mq_unlink(name: &str) -> io::Result<()> {
+    let name = cstring(&format!("/{name}"))?;
+    // SAFETY: name is a NUL-terminated string that lives until the call returns.
+    check_int(unsafe { libc::mq_unlink(name.as_ptr()) }).map(drop)
+}

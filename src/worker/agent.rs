@@ -5,8 +5,6 @@
 //! `max_steps`. Synchronous and single-threaded, like the rest of the
 //! worker: the broker does the network.
 
-use crate::sandbox::landlock::Prepared;
-use std::fs::File;
 use std::os::unix::net::UnixStream;
 use std::path::{Component, Path};
 
@@ -16,7 +14,7 @@ use super::{tool, WorkerError};
 use crate::frame::{read_frame, write_frame};
 use crate::protocol::{
     AskOutcome, AskRequest, AskStop, ChatMessage, CompleteRequest, ExecOutcome, ExecRequest, FromWorker, Role,
-    SandboxSpec, Termination, ToWorker, ToolCall, ToolRecord, ToolSpec, Usage, MAX_TOOL_CALLS_PER_STEP,
+    Termination, ToWorker, ToolCall, ToolRecord, ToolSpec, Usage, MAX_TOOL_CALLS_PER_STEP,
 };
 
 /// Bytes of each output stream fed back to the model (the transcript
@@ -153,13 +151,7 @@ fn refused(tool: &str, why: String) -> (ToolRecord, String) {
 
 /// Runs one tool call of the model; returns its record and the text fed
 /// back.
-fn run_tool(
-    spec: &SandboxSpec,
-    layer: &Prepared,
-    req: &AskRequest,
-    call: &ToolCall,
-    devnull: &File,
-) -> (ToolRecord, String) {
+fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall) -> (ToolRecord, String) {
     let (argv, stdin) = match command(call) {
         Ok(c) => c,
         Err(why) => return refused(&call.name, why),
@@ -171,7 +163,7 @@ fn run_tool(
         stdin,
         timeout_ms: req.tool_timeout_ms,
     };
-    let o = tool::run(spec, layer, &exec, devnull);
+    let o = tool::run(ctx, &exec);
     let (exit_code, signal) = match o.termination {
         Termination::Exited(c) => (Some(c), None),
         Termination::Signaled(s) => (None, Some(s)),
@@ -193,13 +185,7 @@ fn run_tool(
 }
 
 /// Runs the loop of `req`, talking to the broker on `sock`.
-pub fn run(
-    sock: &mut UnixStream,
-    spec: &SandboxSpec,
-    layer: &Prepared,
-    req: &AskRequest,
-    devnull: &File,
-) -> Result<AskOutcome, WorkerError> {
+pub fn run(sock: &mut UnixStream, ctx: &tool::Tools<'_>, req: &AskRequest) -> Result<AskOutcome, WorkerError> {
     let tools = tool_specs();
     let mut messages = req.conversation.clone();
     messages.push(ChatMessage::text(Role::User, req.prompt.clone()));
@@ -234,7 +220,7 @@ pub fn run(
         messages.push(message);
         for (i, call) in calls.iter().enumerate() {
             let (record, text) = if u32::try_from(i).unwrap_or(u32::MAX) < MAX_TOOL_CALLS_PER_STEP {
-                run_tool(spec, layer, req, call, devnull)
+                run_tool(ctx, req, call)
             } else {
                 refused(&call.name, format!("more than {MAX_TOOL_CALLS_PER_STEP} tool calls in one step; not run"))
             };

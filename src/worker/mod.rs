@@ -13,6 +13,7 @@ mod agent;
 mod tool;
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 use crate::frame::{read_frame, write_frame, FrameError};
@@ -49,29 +50,30 @@ pub fn run() -> Result<(), WorkerError> {
     // INVARIANT: nothing from a client has been read yet; the sandbox is in
     // force before the first Exec frame is.
     // The per-call layer is built once; each tool child enforces a copy.
-    let confined = sandbox::confine_worker(&spec).and_then(|eff| Ok((eff, sandbox::tool_layer(&spec)?)));
-    let (effective, layer) = match confined {
+    let confined = sandbox::confine_worker(&spec, sock.as_fd()).and_then(|c| Ok((c, sandbox::tool_layer(&spec)?)));
+    let (confined, layer) = match confined {
         Ok(both) => both,
         Err(e) => {
             let _ = write_frame(&mut sock, &FromWorker::Refused(e.to_string()));
             return Err(e.into());
         }
     };
-    write_frame(&mut sock, &FromWorker::Ready(effective))?;
+    write_frame(&mut sock, &FromWorker::Ready(confined.effective))?;
+    let tools = tool::Tools { spec: &spec, layer: &layer, devnull: &devnull, mqueue: confined.mqueue.as_deref() };
 
     while let Some(msg) = read_frame::<_, ToWorker>(&mut sock)? {
         match msg {
             ToWorker::Exec(req) => {
                 let span = tracing::info_span!("exec", request_id = %req.request_id, call = req.id);
                 let _enter = span.enter();
-                let outcome = tool::run(&spec, &layer, &req, &devnull);
+                let outcome = tool::run(&tools, &req);
                 tracing::debug!(termination = ?outcome.termination, wall_us = outcome.wall_us, "exec done");
                 write_frame(&mut sock, &FromWorker::Done(outcome))?;
             }
             ToWorker::Ask(req) => {
                 let span = tracing::info_span!("ask", request_id = %req.request_id, call = req.id);
                 let _enter = span.enter();
-                let outcome = agent::run(&mut sock, &spec, &layer, &req, &devnull)?;
+                let outcome = agent::run(&mut sock, &tools, &req)?;
                 write_frame(&mut sock, &FromWorker::Answered(outcome))?;
             }
             ToWorker::Completion(_) => return Err(WorkerError::Protocol("Completion outside an ask")),

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use nix::unistd::Pid;
 
 use crate::protocol::{ExecOutcome, ExecRequest, SandboxSpec, Termination};
 use crate::sandbox::landlock::Prepared;
-use crate::sandbox::{process, sys};
+use crate::sandbox::{namespace, process, sys};
 
 /// How long a killed tree gets to disappear before we report it.
 const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -96,8 +97,21 @@ fn elapsed_us(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-fn spawn(spec: &SandboxSpec, layer: &Prepared, req: &ExecRequest, devnull: &File) -> io::Result<Child> {
-    let layer = layer.try_clone()?;
+/// What every tool call of a worker needs.
+pub struct Tools<'a> {
+    pub spec: &'a SandboxSpec,
+    /// The per-call Landlock layer, built once per worker
+    /// ([`crate::sandbox::tool_layer`]) and enforced anew in every tool child.
+    pub layer: &'a Prepared,
+    /// stdin of calls without input.
+    pub devnull: &'a File,
+    /// The worker's POSIX queue directory, emptied after each call.
+    pub mqueue: Option<&'a Path>,
+}
+
+fn spawn(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Child> {
+    let (spec, devnull) = (ctx.spec, ctx.devnull);
+    let layer = ctx.layer.try_clone()?;
     let argv0 = req.argv.first().ok_or_else(|| io::Error::other("empty argv"))?;
     let mut cmd = Command::new(argv0);
     cmd.args(&req.argv[1..])
@@ -112,17 +126,31 @@ fn spawn(spec: &SandboxSpec, layer: &Prepared, req: &ExecRequest, devnull: &File
     } else {
         cmd.stdin(Stdio::piped());
     }
-    process::install_tool_hook(&mut cmd, &spec.tool, layer, spec.landlock);
+    let idle = crate::sandbox::lowest_priority(spec);
+    process::install_tool_hook(&mut cmd, &spec.tool, layer, spec.landlock, idle);
     cmd.spawn()
 }
 
-/// Runs one call to completion. Never panics on the command's behaviour.
-/// `layer` is the per-call Landlock layer, built once per worker
-/// ([`crate::sandbox::tool_layer`]) and enforced anew in every tool child.
-pub fn run(spec: &SandboxSpec, layer: &Prepared, req: &ExecRequest, devnull: &File) -> ExecOutcome {
+/// Runs one call to completion, then empties the worker's IPC namespace:
+/// nothing the call made outlives it. Never panics on the command's
+/// behaviour.
+pub fn run(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
+    let outcome = run_call(ctx, req);
+    let (removed, failed) = namespace::clean_ipc(ctx.mqueue);
+    if removed > 0 {
+        tracing::debug!(removed, "IPC objects the call left were removed");
+    }
+    if !failed.is_empty() {
+        tracing::warn!(?failed, "IPC objects the call left could not be removed");
+    }
+    outcome
+}
+
+fn run_call(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
+    let spec = ctx.spec;
     let start = Instant::now();
     let (cpu_user0, cpu_sys0) = children_cpu_us();
-    let mut child = match spawn(spec, layer, req, devnull) {
+    let mut child = match spawn(ctx, req) {
         Ok(c) => c,
         Err(e) => {
             let argv0 = req.argv.first().map(String::as_str).unwrap_or("");

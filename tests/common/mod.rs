@@ -601,25 +601,31 @@ pub fn systemctl_show(sd: u32, unit: &str, prop: &str) -> String {
 }
 
 /// The host PID of the process that is `ns_pid` inside the PID namespace
-/// of `sd`: scans `NSpid:` lines of the processes in that namespace.
+/// of `sd`: scans `NSpid:` lines of the processes in that namespace, and of
+/// their children in namespaces of their own (a worker is PID 1 of its own
+/// PID namespace, a child of the broker).
 pub fn host_pid(sd: u32, ns_pid: u32) -> Option<u32> {
     let ns = std::fs::read_link(format!("/proc/{sd}/ns/pid")).ok()?;
+    let field = |pid: &str, name: &str| -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix(name)).map(|l| l.trim().to_string())
+    };
+    // How deep sd's namespace is: its NSpid has one entry per level.
+    let level = field(&sd.to_string(), "NSpid:")?.split_whitespace().count();
+    let in_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() == Some(&ns);
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        if std::fs::read_link(entry.path().join("ns/pid")).ok().as_ref() != Some(&ns) {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+        let p = pid.to_string();
+        let Some(nspid) = field(&p, "NSpid:") else {
             continue;
         };
-        let inner = status
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|s| s.parse::<u32>().ok());
-        if inner == Some(ns_pid) {
+        let inner = nspid.split_whitespace().nth(level - 1).and_then(|s| s.parse::<u32>().ok());
+        if inner != Some(ns_pid) {
+            continue;
+        }
+        if in_ns(&p) || field(&p, "PPid:").is_some_and(|pp| in_ns(&pp)) {
             return Some(pid);
         }
     }

@@ -1,0 +1,103 @@
+//! What a worker is asked to enforce ([`SandboxSpec`]) and what it reports
+//! it got ([`EffectiveSandbox`]). The sandbox owns these types; the
+//! broker builds a spec from a policy and the wire ([`crate::protocol`])
+//! carries both.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a sandbox layer is mandatory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Requirement {
+    Required,
+    BestEffort,
+}
+
+/// Unix credentials a worker switches to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Everything a worker needs to confine itself and its tool calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    pub workflow: String,
+    /// The broker's PID: the worker dies with it (parent-death signal) and
+    /// checks that it is still its parent after arming that signal.
+    pub broker_pid: u32,
+    /// `None`: keep the broker's credentials (only allowed when the broker
+    /// itself is not root).
+    pub credentials: Option<Credentials>,
+    pub landlock: Requirement,
+    pub read: Vec<PathBuf>,
+    pub write: Vec<PathBuf>,
+    pub exec: Vec<PathBuf>,
+    pub tcp_connect: Vec<u16>,
+    pub tcp_bind: Vec<u16>,
+    pub workspace: PathBuf,
+    /// The systemd scope the broker put the worker in; the worker checks
+    /// that it is there before it confines itself.
+    pub scope: Option<String>,
+    pub tool: ToolLimits,
+    /// Environment of every tool call (after clearing the worker's own).
+    pub env: Vec<(String, String)>,
+}
+
+/// Per-call limits a worker applies to each tool child.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolLimits {
+    pub output_max: u64,
+    pub file_size_max: u64,
+    pub open_files_max: u64,
+    /// `RLIMIT_AS` of a tool (cgroups give the real memory limit when systemd
+    /// manages the worker).
+    pub address_space_max: Option<u64>,
+    /// `RLIMIT_NPROC` of a tool (counted per uid by the kernel).
+    pub processes_max: Option<u64>,
+}
+
+/// What the kernel actually enforces for a worker, as measured by the worker
+/// after it restricted itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EffectiveSandbox {
+    pub uid: u32,
+    pub gid: u32,
+    pub no_new_privs: bool,
+    pub non_dumpable: bool,
+    /// All five capability sets are empty (checked after the drop).
+    pub capabilities_cleared: bool,
+    /// The kernel's Landlock ABI (0 = no Landlock).
+    pub landlock_abi: u32,
+    /// "fully enforced", "partially enforced" or "not enforced".
+    pub landlock: String,
+    pub landlock_fs: bool,
+    /// TCP bind/connect restricted by port (Landlock ABI 4+).
+    pub landlock_tcp: bool,
+    /// Signals and abstract Unix sockets scoped to the sandbox (ABI 6+).
+    pub landlock_scopes: bool,
+    pub seccomp: bool,
+    /// Inet sockets are refused outright by seccomp.
+    pub network_blocked: bool,
+    /// Kernel namespaces of its own the worker and its calls live in
+    /// (`pid`, `mount`, `ipc`): empty when the broker is not root.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Paths mounted `noexec` for this worker: everything a tool may read or
+    /// write that is not beneath an `exec` rule, and its private `/dev/shm`.
+    #[serde(default)]
+    pub noexec: Vec<PathBuf>,
+    /// Tool calls run at the lowest CPU priority (`SCHED_IDLE`, nice 19),
+    /// because no cgroup quota bounds them.
+    #[serde(default)]
+    pub cpu_idle: bool,
+    /// `oom_score_adj` of the worker and its tools (1000: the OOM killer's
+    /// first choice).
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
+    /// Everything that is weaker than the policy asked for, in words.
+    pub notes: Vec<String>,
+}
