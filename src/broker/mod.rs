@@ -7,7 +7,7 @@
 //! (socket, accept loop, per-uid caps, routes), [`ask`] runs prompts,
 //! [`llm`] is the gateway to model providers and [`ledger`] its token
 //! ledger, [`log`] escapes client text for the log, [`notify`] talks to the
-//! service manager, [`status`] shows the pools' state as the API's.
+//! service manager.
 //!
 //! # Stopping
 //!
@@ -27,7 +27,6 @@ mod pool;
 pub mod quota;
 pub mod scope;
 pub(crate) mod setup;
-mod status;
 mod workspace;
 
 use std::collections::BTreeMap;
@@ -36,7 +35,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::api::{BrokerInfo, Status};
 use crate::policy;
 use crate::sandbox;
 
@@ -205,29 +203,18 @@ impl Broker {
         auth::descends_from_any(pid, &workers)
     }
 
-    /// Status of the workflows `peer` may use (all of them for root).
-    fn status(&self, peer: &auth::Peer) -> Status {
-        let kernel = sandbox::probe();
-        let operator = peer.uid == 0 || peer.uid == nix::unistd::Uid::effective().as_raw();
-        let resource_control = match &self.resource_control_error {
+    /// The state of each pool whose workflow `peer` may use (all of them
+    /// for root), in the pools' own terms: the front door maps it to JSON.
+    fn pool_statuses(&self, peer: &auth::Peer) -> Vec<pool::status::PoolStatus> {
+        self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| w.pool.status()).collect()
+    }
+
+    /// How worker resources are limited; why systemd is not used is for
+    /// the operator (`operator`) only.
+    fn resource_control(&self, operator: bool) -> String {
+        match &self.resource_control_error {
             Some(e) if operator => format!("{} ({e})", self.resource_control),
             _ => self.resource_control.clone(),
-        };
-        Status {
-            broker: BrokerInfo {
-                pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                uptime_s: self.started.elapsed().as_secs(),
-                landlock_abi: kernel.landlock_abi,
-                seccomp: kernel.seccomp,
-                resource_control,
-            },
-            workflows: self
-                .snapshot()
-                .values()
-                .filter(|w| w.clients.allows(peer))
-                .map(|w| status::workflow_status(w.pool.status()))
-                .collect(),
         }
     }
 

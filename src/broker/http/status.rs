@@ -1,4 +1,6 @@
-//! `GET /v1/status` and `GET /v1/usage`: each caller sees its own.
+//! `GET /v1/status` and `GET /v1/usage`: each caller sees its own. The
+//! pools keep their own status types; this is the one place that maps them
+//! to the API's JSON.
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -8,14 +10,31 @@ use axum::Extension;
 use super::error::ApiError;
 use super::routes::json;
 use super::{AppState, Caller};
-use crate::api::{UsageQuery, UsageRow};
+use crate::api::{BrokerInfo, DiskStatus, Status, UsageQuery, UsageRow, WorkerStatus, WorkflowStatus};
 use crate::broker::ledger::GroupBy;
+use crate::broker::pool::status::{PoolStatus, WorkerInfo};
+use crate::sandbox;
 use crate::utc;
 
 /// The broker and the workflows the caller may use; what only the operator
 /// needs (why systemd is unreachable) is for root and the broker's user.
 pub(super) async fn status(State(front): State<AppState>, Extension(caller): Extension<Caller>) -> Response {
-    json(StatusCode::OK, &front.broker.status(&caller.peer))
+    let broker = &front.broker;
+    let peer = &caller.peer;
+    let kernel = sandbox::probe();
+    let operator = peer.uid == 0 || peer.uid == nix::unistd::Uid::effective().as_raw();
+    let status = Status {
+        broker: BrokerInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: broker.started.elapsed().as_secs(),
+            landlock_abi: kernel.landlock_abi,
+            seccomp: kernel.seccomp,
+            resource_control: broker.resource_control(operator),
+        },
+        workflows: broker.pool_statuses(peer).into_iter().map(workflow_status).collect(),
+    };
+    json(StatusCode::OK, &status)
 }
 
 /// Tokens of the caller's own model calls (root and the broker's user: of
@@ -65,4 +84,50 @@ pub(super) async fn usage(
         })
         .collect();
     Ok(json(StatusCode::OK, &rows))
+}
+
+/// `GET /v1/status` for one workflow.
+fn workflow_status(p: PoolStatus) -> WorkflowStatus {
+    let quarantined_until = p.quarantine.as_ref().map(|q| {
+        let secs = q.until.duration_since(std::time::SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        crate::utc::format(i64::try_from(secs).unwrap_or(i64::MAX))
+    });
+    WorkflowStatus {
+        name: p.workflow,
+        tenant: p.tenant,
+        user: p.user,
+        workspace: p.workspace,
+        unavailable: p.unavailable,
+        quarantined_until,
+        queue_depth: p.queue_depth,
+        queue_capacity: p.queue_capacity,
+        min_idle: p.min_idle,
+        max_workers: p.max_workers,
+        enforcement: p.enforcement,
+        workers: p.workers.into_iter().map(worker_status).collect(),
+        disk: p.disk.map(|d| DiskStatus {
+            disk_max: d.disk_max,
+            disk_max_bytes: d.disk_max_bytes,
+            used_bytes: d.used_bytes,
+            size_bytes: d.size_bytes,
+        }),
+    }
+}
+
+fn worker_status(w: WorkerInfo) -> WorkerStatus {
+    WorkerStatus {
+        id: w.id,
+        pid: w.pid,
+        state: w.state.as_str().to_string(),
+        served: w.served,
+        calls_cpu_ms: w.calls_cpu_ms,
+        start_ms: w.start_ms,
+        restarts: w.restarts,
+        last_exit: w.last_exit,
+        last_kill: w.last_kill,
+        scope: w.scope,
+        systemd_run: w.systemd_run,
+        cgroup: w.cgroup,
+        sandbox: w.sandbox,
+    }
 }
