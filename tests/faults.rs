@@ -137,6 +137,28 @@ fn a_stopped_worker_is_replaced_and_calls_get_an_answer_in_time() {
 }
 
 #[test]
+fn an_operators_sigterm_ends_a_worker_and_it_is_replaced() {
+    if !full_sandbox() {
+        return;
+    }
+    // A worker is PID 1 of its own PID namespace, which the kernel shields
+    // from signals it has no handler for: `kill WORKER` must still end it.
+    let b = Broker::start("faults-term", &[single("solo", "t"), single("nb", "u")]);
+    let pid = idle_worker(&b, "solo", None, Duration::from_secs(10));
+    signal(pid, Signal::SIGTERM);
+    assert!(poll(Duration::from_secs(5), || gone(pid).then_some(())).is_some(), "{pid} ignored SIGTERM");
+    // Replaced at once, as an outside kill (not counted towards quarantine).
+    let next = idle_worker(&b, "solo", Some(pid), Duration::from_secs(5));
+    assert_ne!(next, pid);
+    let wf = workflow(&b.status(), "solo");
+    let last = wf["workers"][0]["last_exit"].as_str().unwrap_or_default().to_string();
+    assert!(last.contains("SIGTERM"), "{wf:#}");
+    assert!(wf["quarantined_until"].is_null(), "{wf:#}");
+    assert_eq!(stdout(&b.exec("solo", &["echo", "back"])), "back\n");
+    assert_eq!(stdout(&b.exec("nb", &["echo", "neighbour"])), "neighbour\n");
+}
+
+#[test]
 fn a_crashing_workflow_is_quarantined_and_its_neighbour_is_served() {
     if !full_sandbox() {
         return;

@@ -213,9 +213,16 @@ impl Drop for Child {
 
 /// Words for how a process ended: "exit code 3", "killed by signal 9 (SIGKILL)".
 pub fn describe_exit(status: ExitStatus) -> String {
+    use crate::sandbox::sys::{STOP_EXIT_BASE, STOP_SIGNALS};
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with code {code}"),
+        // A worker is PID 1 of its PID namespace, which the kernel does
+        // not let a signal kill: it exits with 128 + N on the signals an
+        // operator stops processes with, and is described as killed by it.
+        (Some(code), _) => match code.checked_sub(STOP_EXIT_BASE).filter(|s| STOP_SIGNALS.contains(s)) {
+            Some(sig) => format!("killed by signal {sig} ({})", signal_name(sig)),
+            None => format!("exited with code {code}"),
+        },
         (None, Some(sig)) => format!("killed by signal {sig} ({})", signal_name(sig)),
         _ => "ended".to_string(),
     }

@@ -78,6 +78,7 @@ pub fn enter(spec: &SandboxSpec) -> Result<Report, SandboxError> {
             std::io::Error::from_raw_os_error(libc::ESRCH),
         ));
     }
+    sys::exit_on_stop_signals().map_err(ns_err("handle stop signals as PID 1"))?;
     let mut report = mounts(spec)?;
     report.namespaces = vec!["pid".into(), "mount".into(), "ipc".into()];
     Ok(report)

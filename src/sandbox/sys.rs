@@ -296,3 +296,41 @@ pub fn mq_unlink(name: &str) -> io::Result<()> {
     // SAFETY: name is a NUL-terminated string that lives until the call returns.
     check_int(unsafe { libc::mq_unlink(name.as_ptr()) }).map(drop)
 }
+
+/// Signals an operator (or systemd, stopping a scope) sends to end a
+/// process. The kernel drops them, from outside as from inside, for PID 1
+/// of a PID namespace that has no handler: a worker would ignore
+/// `kill WORKER`. [`exit_on_stop_signals`] makes it end on them.
+pub const STOP_SIGNALS: [libc::c_int; 7] =
+    [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGABRT, libc::SIGUSR1, libc::SIGUSR2];
+
+/// The exit code of a worker that ended on stop signal `sig` (the shell's
+/// convention): 128 + `sig`.
+pub const STOP_EXIT_BASE: i32 = 128;
+
+extern "C" fn exit_on_signal(sig: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe; it ends the process at once (the
+    // kernel then ends the rest of its PID namespace).
+    unsafe { libc::_exit(STOP_EXIT_BASE + sig) }
+}
+
+/// For PID 1 of a PID namespace: exit with code 128 + N on each of
+/// [`STOP_SIGNALS`], as a process killed by it would be reported by a shell.
+/// Crashes the kernel raises itself (SIGSEGV, SIGBUS, …) kill PID 1 anyway.
+/// Tool children inherit the handlers only until their exec resets them.
+pub fn exit_on_stop_signals() -> io::Result<()> {
+    for sig in STOP_SIGNALS {
+        // SAFETY: a zeroed sigaction with a valid handler and an empty mask
+        // is a valid argument; the handler only calls _exit.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = exit_on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
