@@ -204,7 +204,7 @@ pub struct UsageQuery {
     pub since: Option<String>,
     /// `workflow` (default), `tenant` or `model`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub by: Option<crate::broker::ledger::GroupBy>,
+    pub by: Option<GroupBy>,
 }
 
 /// One row of `GET /v1/usage`: model calls and their tokens.
@@ -360,4 +360,13 @@ pub struct ChatDelta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+}
+
+/// What `GET /v1/usage` (and `corral usage`) groups model calls by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    Workflow,
+    Tenant,
+    Model,
 }

@@ -84,7 +84,7 @@ enum Command {
         since: Option<String>,
         /// Group by workflow, tenant or model.
         #[arg(long, value_enum, default_value = "workflow")]
-        by: corral::broker::ledger::GroupBy,
+        by: corral::api::GroupBy,
         #[arg(long)]
         json: bool,
     },

@@ -14,6 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OpenFlags};
 
+use crate::api::GroupBy;
 use crate::protocol::{ToolRecord, Usage};
 use crate::utc;
 
@@ -91,15 +92,6 @@ pub struct ModelCall<'a> {
 pub enum Scope<'a> {
     Workflow(&'a str),
     Tenant(&'a str),
-}
-
-/// What `corral usage` groups by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GroupBy {
-    Workflow,
-    Tenant,
-    Model,
 }
 
 /// One line of `corral usage`.

@@ -6,8 +6,8 @@ use std::path::Path;
 use hyper::Method;
 
 use super::{describe_error, EXIT_CORRAL};
+use crate::api::GroupBy;
 use crate::api::{UsageRow, USAGE_PATH};
-use crate::broker::ledger::GroupBy;
 use crate::client;
 
 pub async fn run(socket: &Path, since: Option<&str>, by: GroupBy, json: bool) -> anyhow::Result<u8> {
