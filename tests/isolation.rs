@@ -66,20 +66,7 @@ fn sandbox_of(b: &Broker, workflow: &str) -> Value {
 
 /// Host processes whose command line contains `needle`.
 fn with_cmdline(needle: &str) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) {
-            out.push((pid, cmd));
-        }
-    }
-    out
+    host_processes().into_iter().filter(|(_, cmd)| cmd.contains(needle)).collect()
 }
 
 /// Waits until no host process's command line contains `needle`.

@@ -285,20 +285,7 @@ fn raw_http(
 
 /// Host processes whose command line starts with `prefix`: (pid, uid).
 fn procs_starting(prefix: &str) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.starts_with(prefix) {
-            out.push((pid, cmd));
-        }
-    }
-    out
+    host_processes().into_iter().filter(|(_, cmd)| cmd.starts_with(prefix)).collect()
 }
 
 /// Host PIDs of the processes running as `uid` in the PID namespace of `sd`.

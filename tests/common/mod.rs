@@ -986,6 +986,22 @@ impl Broker {
     }
 }
 
+/// Every process of the host (as seen here): (pid, command line with
+/// spaces for NULs).
+pub fn host_processes() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+    }
+    out
+}
+
 /// Polls `f` every 20 ms until it returns `Some` or `limit` passes.
 pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
