@@ -1,4 +1,4 @@
-//! Kernel isolation between tenants beyond files (DESIGN.md decision 8):
+//! Kernel isolation between tenants beyond files:
 //! SysV IPC and POSIX queues, exec routes around the exec rules, /proc,
 //! memory no rlimit sees, CPU without a quota, and orphans after kill -9 of
 //! a worker or of the broker. Every test runs in both modes (brokers as

@@ -401,7 +401,7 @@ fn service_is_ready_hardened_and_puts_workers_in_scopes() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {report}"));
-    // 2.7 before this round. For the workers (DESIGN.md decision 8):
+    // 2.7 before this round. For the workers' namespaces:
     // CAP_SYS_ADMIN, mount, and the ipc, mnt and pid namespaces; for the
     // disk_max images: @mount and PrivateDevices=no (loop devices only,
     // DevicePolicy=closed); ProcSubset=pid came with the namespaces.

@@ -262,7 +262,7 @@ pub fn interpreters(exec: &[PathBuf]) -> Vec<String> {
     found
 }
 
-/// The promises the worker's namespaces hold (DESIGN.md decision 8), for a
+/// The promises the worker's namespaces hold, for a
 /// broker that is `root` (only root can give them).
 pub fn namespace_rows(root: bool) -> Vec<Enforcement> {
     let row = |promise: &str, by: &str| Enforcement { promise: promise.into(), by: by.into() };

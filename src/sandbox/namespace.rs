@@ -1,4 +1,4 @@
-//! Kernel namespaces of a worker (DESIGN.md decision 8): what tenants must
+//! Kernel namespaces of a worker: what tenants must
 //! not share beyond the file system.
 //!
 //! A root broker starts each worker as PID 1 of new PID, mount and IPC

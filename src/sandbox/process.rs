@@ -161,8 +161,7 @@ pub struct SpawnedWorker {
     pub namespaces: bool,
 }
 
-/// The namespaces every worker gets when the broker is root (DESIGN.md
-/// decision 8): PID (its own /proc, and its calls die with it), mount
+/// The namespaces every worker gets when the broker is root: PID (its own /proc, and its calls die with it), mount
 /// (noexec paths, /proc, /dev/shm) and IPC (SysV and POSIX queues).
 pub const WORKER_NAMESPACES: libc::c_int = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
 
