@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd -P)
-guest_args=() mem=3072 limit=1500
+guest_args=() mem=3072 limit=2700
 while [ $# -gt 0 ]; do
   case "$1" in
     --cache) guest_args+=(--cache "$2"); shift 2 ;;
