@@ -6,9 +6,11 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 
+use super::authorize::{resolve, Early};
+use super::body::json;
 use super::body::JsonBody;
 use super::error::ApiError;
-use super::routes::{call_error, dropped, json, resolve, submit_error, Early};
+use super::error::{call_error, dropped, submit_error};
 use super::{AppState, Caller};
 use crate::api::{AskBody, AskReply, UsageReport};
 use crate::broker::ask::{self, AskError, AskInput};

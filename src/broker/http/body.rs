@@ -4,7 +4,8 @@
 //! whole body must arrive within the body timeout.
 
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
 use super::error::{ApiError, LENGTH_REQUIRED};
@@ -143,4 +144,12 @@ fn budget_refusal(r: Refusal, per_uid: u64) -> ApiError {
             "the broker holds as many request bodies as it may; retry in a moment",
         ),
     }
+}
+
+/// A JSON answer.
+pub(super) fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = (status, bytes).into_response();
+    resp.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }

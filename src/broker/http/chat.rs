@@ -11,9 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 
 use super::ask::{ask_error, role};
+use super::authorize::{resolve, Early};
+use super::body::json;
 use super::body::JsonBody;
 use super::error::ApiError;
-use super::routes::{json, resolve, Early};
 use super::{AppState, Caller};
 use crate::api::{
     ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply, ChatReplyMessage, ChatUsage,

@@ -11,6 +11,9 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::api::{ErrorInfo, ErrorReply, REQUEST_ID_HEADER};
+use crate::broker::launcher::CallError;
+use crate::broker::pool::{Failure, SubmitError};
+use crate::broker::{Broker, Workflow};
 
 /// A failed request, as sent to the client.
 #[derive(Debug, Clone)]
@@ -112,6 +115,51 @@ pub fn raw_response(e: &ApiError, request_id: &str) -> Vec<u8> {
     .into_bytes();
     out.extend_from_slice(&body);
     out
+}
+
+/// Maps a submission failure to the API's error.
+pub(super) fn submit_error(broker: &Broker, e: SubmitError) -> ApiError {
+    if broker.draining() {
+        return ApiError::stopping();
+    }
+    match e {
+        SubmitError::Busy { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
+        SubmitError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        SubmitError::Quarantined { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string()),
+    }
+}
+
+/// Maps a failed call to the API's error.
+pub(super) fn call_error(broker: &Broker, wf: &Workflow, e: Failure) -> ApiError {
+    if broker.draining() {
+        return ApiError::stopping();
+    }
+    match e {
+        Failure::Quarantined(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string()),
+        Failure::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        Failure::NoWorker { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_worker", e.to_string()),
+        Failure::QueueTimeout { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
+        Failure::Call(CallError::Died(why)) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "worker_died",
+            format!("the worker of {} running the call died: {why}; it is being replaced, retry the call", wf.name),
+        ),
+        Failure::Call(e @ CallError::Stuck(_)) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{e}; retry the call"))
+        }
+    }
+}
+
+/// A call whose answer channel closed: the pool dropped it.
+pub(super) fn dropped(broker: &Broker, what: &str) -> ApiError {
+    if broker.draining() {
+        return ApiError::stopping();
+    }
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("the {what} was dropped by the broker; retry it"),
+    )
 }
 
 #[cfg(test)]

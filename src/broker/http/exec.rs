@@ -8,9 +8,11 @@ use axum::response::Response;
 use axum::Extension;
 use base64::Engine;
 
+use super::authorize::{resolve, Early};
+use super::body::json;
 use super::body::JsonBody;
 use super::error::ApiError;
-use super::routes::{call_error, dropped, json, resolve, submit_error, Early};
+use super::error::{call_error, dropped, submit_error};
 use super::{AppState, Caller};
 use crate::api::{self, ExecBody, ExecReply};
 use crate::broker::ask::QUEUE_WAIT_MAX;

@@ -20,14 +20,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 
+use super::authorize::{authorize, Early};
 use super::error::{render, ApiError};
 use super::{ask, chat, exec, status, AppState, Caller};
 use crate::api::{ASK_PATH, CHAT_PATH, EXEC_PATH, REQUEST_ID_HEADER, STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER};
 use crate::broker::auth::{describe_uid, Peer};
-use crate::broker::launcher::CallError;
 use crate::broker::log::Escaped;
-use crate::broker::pool::{Failure, SubmitError};
-use crate::broker::{Broker, Workflow};
+use crate::broker::Broker;
 
 pub(super) fn router(front: AppState) -> Router {
     Router::new()
@@ -40,10 +39,6 @@ pub(super) fn router(front: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&front), gate))
         .with_state(front)
 }
-
-/// A workflow the gate authorized from the `x-corral-workflow` header.
-#[derive(Clone)]
-pub(super) struct Early(pub Arc<Workflow>);
 
 async fn gate(
     State(front): State<AppState>,
@@ -116,120 +111,5 @@ fn finish(mut resp: Response, caller: &Caller, method: &Method, path: &str) -> R
     if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
-    resp
-}
-
-/// Whether `peer` sees every workflow: root and the broker's own user.
-pub(super) fn sees_all(peer: &Peer) -> bool {
-    peer.uid == 0 || peer.uid == nix::unistd::Uid::effective().as_raw()
-}
-
-/// The workflow `name`, when `peer` may use it; records it on the request's
-/// span. To a caller who may not use it, a workflow that does not exist
-/// and one that does are refused alike, so the answer tells nothing about
-/// other tenants' workflows; only root and the broker's user learn which
-/// exist.
-pub(super) fn authorize(broker: &Broker, peer: &Peer, name: &str) -> Result<Arc<Workflow>, ApiError> {
-    let found = broker.workflow(name).filter(|wf| wf.clients.allows(peer));
-    let Some(wf) = found else {
-        if sees_all(peer) {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_workflow",
-                format!("no workflow named {:?}; known workflows: {}", name, broker.workflow_names().join(", ")),
-            ));
-        }
-        let yours = broker.workflows_of(peer);
-        let yours = if yours.is_empty() { "none".to_string() } else { yours.join(", ") };
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "uid {} may not use workflow {}: no workflow of that name lists this user in its clients \
-                 (workflows this user may use: {yours}); to be added, ask the broker's operator",
-                describe_uid(peer.uid),
-                name.escape_debug()
-            ),
-        ));
-    };
-    let span = tracing::Span::current();
-    span.record("workflow", wf.name.as_str());
-    span.record("tenant", wf.policy.tenant.as_str());
-    Ok(wf)
-}
-
-/// The workflow of a call: the one the gate authorized from the header,
-/// which the body must then name too, or the body's.
-pub(super) fn resolve(
-    broker: &Broker,
-    peer: &Peer,
-    early: Option<Extension<Early>>,
-    named: &str,
-) -> Result<Arc<Workflow>, ApiError> {
-    match early {
-        Some(Extension(Early(wf))) if wf.name == named => Ok(wf),
-        Some(Extension(Early(wf))) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!(
-                "{WORKFLOW_HEADER} names {} but the body names {}: send one workflow",
-                wf.name,
-                named.escape_debug()
-            ),
-        )),
-        None => authorize(broker, peer, named),
-    }
-}
-
-/// Maps a submission failure to the API's error.
-pub(super) fn submit_error(broker: &Broker, e: SubmitError) -> ApiError {
-    if broker.draining() {
-        return ApiError::stopping();
-    }
-    match e {
-        SubmitError::Busy { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
-        SubmitError::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
-        SubmitError::Quarantined { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string()),
-    }
-}
-
-/// Maps a failed call to the API's error.
-pub(super) fn call_error(broker: &Broker, wf: &Workflow, e: Failure) -> ApiError {
-    if broker.draining() {
-        return ApiError::stopping();
-    }
-    match e {
-        Failure::Quarantined(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string()),
-        Failure::Unavailable { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
-        Failure::NoWorker { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_worker", e.to_string()),
-        Failure::QueueTimeout { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", e.to_string()),
-        Failure::Call(CallError::Died(why)) => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "worker_died",
-            format!("the worker of {} running the call died: {why}; it is being replaced, retry the call", wf.name),
-        ),
-        Failure::Call(e @ CallError::Stuck(_)) => {
-            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{e}; retry the call"))
-        }
-    }
-}
-
-/// A call whose answer channel closed: the pool dropped it.
-pub(super) fn dropped(broker: &Broker, what: &str) -> ApiError {
-    if broker.draining() {
-        return ApiError::stopping();
-    }
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        format!("the {what} was dropped by the broker; retry it"),
-    )
-}
-
-/// A JSON answer.
-pub(super) fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = (status, bytes).into_response();
-    resp.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }

@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 
+use super::body::json;
 use super::error::ApiError;
-use super::routes::json;
 use super::{AppState, Caller};
 use crate::api::GroupBy;
 use crate::api::{BrokerInfo, DiskStatus, Status, UsageQuery, UsageRow, WorkerStatus, WorkflowStatus};
@@ -58,7 +58,7 @@ pub(super) async fn usage(
         None => 0,
     };
     let peer = caller.peer;
-    let uid = (!super::routes::sees_all(&peer)).then_some(peer.uid);
+    let uid = (!super::authorize::sees_all(&peer)).then_some(peer.uid);
     let by = q.by.unwrap_or(GroupBy::Workflow);
     let broker = std::sync::Arc::clone(&front.broker);
     let rows = tokio::task::spawn_blocking(move || broker.gateway.ledger().usage(since, by, uid))
