@@ -206,12 +206,14 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Broker { policies, socket, state_dir, worker_user, systemd, drain_timeout, instance } => {
             init_logging();
+            // Before the mount namespace below: from inside it, the path of
+            // a binary on another mount than / no longer reads whole.
+            let exe = std::env::current_exe().context("failed to find the corral binary to start workers")?;
             // INVARIANT: before the runtime starts a thread: unshare()
             // moves only the calling thread into the new mount namespace.
             if let Err(e) = corral::broker::quota::own_mount_namespace() {
                 tracing::warn!("{e}; workflows with disk_max will not start");
             }
-            let exe = std::env::current_exe().context("failed to find the corral binary to start workers")?;
             let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
             let listener = match sd_notify::listen_fds() {
                 Ok(mut fds) => match fds.next() {

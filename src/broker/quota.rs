@@ -157,19 +157,15 @@ static PRIVATE_MOUNTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 /// Gives a broker started as root a mount namespace of its own, so that the
 /// quota mounts are its alone and end with it; mounts of the host still
-/// propagate in. Call before any thread exists. Under systemd the
-/// service's own (`PrivateMounts=yes`) serves.
+/// propagate in. Call before any thread exists, and after the broker's own
+/// path is known: `/proc/self/exe` names a file on a mount of the old
+/// namespace, which from the new one reads as a path relative to that
+/// mount (`/corral-install/bin/corral` for a binary below a `/run` mount).
+/// Under systemd, where the unit may forbid a new namespace, the service's
+/// own (`PrivateMounts=yes`) serves.
 pub fn own_mount_namespace() -> Result<(), String> {
     if !nix::unistd::Uid::effective().is_root() {
         let _ = PRIVATE_MOUNTS.set(false);
-        return Ok(());
-    }
-    // A service's namespace: systemd sets INVOCATION_ID, and corral.service
-    // has PrivateMounts=yes. A second namespace inside it is not needed,
-    // and was seen to leave the broker's own path unreachable from its
-    // workers' namespaces (execve of the worker failed with ENOENT).
-    if std::env::var_os("INVOCATION_ID").is_some() {
-        let _ = PRIVATE_MOUNTS.set(true);
         return Ok(());
     }
     use nix::mount::{mount, MsFlags};
@@ -179,8 +175,14 @@ pub fn own_mount_namespace() -> Result<(), String> {
             mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
                 .map_err(|e| format!("failed to make the broker's mounts private: {e}"))
         });
-    let _ = PRIVATE_MOUNTS.set(made.is_ok());
-    made
+    // A service's namespace: systemd sets INVOCATION_ID, and corral.service
+    // has PrivateMounts=yes.
+    let service = std::env::var_os("INVOCATION_ID").is_some();
+    let _ = PRIVATE_MOUNTS.set(made.is_ok() || service);
+    match made {
+        Err(_) if service => Ok(()),
+        other => other,
+    }
 }
 
 fn private_namespace() -> bool {
