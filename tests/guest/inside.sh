@@ -29,6 +29,11 @@ failed=0 summary=()
 # finish in minutes (the host runs them at full size in both modes).
 export CORRAL_TEST_LOAD_CALLS=${CORRAL_GUEST_LOAD_CALLS:-2000}
 export CORRAL_TEST_FUZZ_BODIES=${CORRAL_GUEST_FUZZ_BODIES:-1000}
+# Connections close and are refused slower there: at concurrency 128 a
+# client's next connection can still find its uid at the cap (128), and an
+# attack's answers need longer to arrive.
+export CORRAL_TEST_LOAD_MAX_CONCURRENCY=${CORRAL_GUEST_LOAD_MAX_CONCURRENCY:-64}
+export CORRAL_TEST_ATTACK_SETTLE=${CORRAL_GUEST_ATTACK_SETTLE:-8}
 
 section "guest: $(uname -r), $(stat -fc %T /sys/fs/cgroup), PID 1 $(cat /proc/1/comm), $(nproc) CPUs"
 echo "required test features: $CORRAL_TEST_REQUIRE"
