@@ -12,15 +12,11 @@ use tokio::sync::mpsc;
 use super::auth::Peer;
 use super::launcher::{Answer, Call, CompletionJob};
 use super::llm::{CallContext, GatewayError};
-use super::pool::Failure;
-use super::pool::SubmitError;
+use super::pool::{Failure, SubmitError, QUEUE_WAIT_MAX};
 use super::{Broker, Workflow};
 use crate::api::ToolCallReport;
 use crate::protocol::{AskOutcome, AskRequest, AskStop, ChatMessage, Usage, MAX_TOOL_CALLS_PER_STEP};
 use crate::utc;
-
-/// How long a call may wait in the queue for a worker, on top of its timeout.
-pub(crate) const QUEUE_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// Cap on the time of one ask, whatever the policy's numbers multiply to.
 const ASK_TIMEOUT_MAX: Duration = Duration::from_secs(3600);

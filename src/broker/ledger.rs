@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OpenFlags};
+use rusqlite::{params, Connection};
 
 use crate::api::GroupBy;
 use crate::protocol::{ToolRecord, Usage};
@@ -149,14 +149,6 @@ impl Ledger {
             .and_then(|()| conn.execute_batch(SCHEMA))
             .and_then(|()| add_uid_column(&conn))
             .map_err(|source| LedgerError::Schema { path: path.clone(), source })?;
-        Ok(Ledger { conn: Mutex::new(conn) })
-    }
-
-    /// Opens an existing ledger read-only (for `corral usage`).
-    pub fn open_read_only(path: &Path) -> Result<Ledger, LedgerError> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|source| LedgerError::Open { path: path.to_path_buf(), source })?;
-        let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
         Ok(Ledger { conn: Mutex::new(conn) })
     }
 

@@ -15,9 +15,9 @@ use super::error::ApiError;
 use super::error::{call_error, dropped, submit_error};
 use super::{AppState, Caller};
 use crate::api::{self, ExecBody, ExecReply};
-use crate::broker::ask::QUEUE_WAIT_MAX;
 use crate::broker::launcher::{signal_name, Answer, Call};
 use crate::broker::log::Escaped;
+use crate::broker::pool::QUEUE_WAIT_MAX;
 use crate::broker::InFlight;
 use crate::protocol::{ExecRequest, Termination};
 
