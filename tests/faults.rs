@@ -247,7 +247,7 @@ fn wait_busy(b: &Broker, workflow: &str, n: usize) {
         let busy = wf["workers"].as_array().unwrap().iter().filter(|w| w["state"] == "busy").count();
         (busy >= n).then_some(())
     })
-    .unwrap_or_else(|| panic!("{n} calls never ran at once: {:#}", b.status()));
+    .unwrap_or_else(|| panic!("{n} calls never ran at once: {:#}\nlog:\n{}", b.status(), b.log_text()));
 }
 
 fn wide(name: &str) -> PolicyFile {

@@ -140,6 +140,28 @@ struct State {
 }
 
 impl State {
+    /// Takes the next queued call for a slot, counting the slot busy under
+    /// the same lock: a call submitted in between must not count this slot
+    /// as still coming for it, or it would wait with no slot growing for it.
+    fn take(&mut self) -> Option<Job> {
+        let job = self.queue.pop_front()?;
+        self.busy += 1;
+        Some(job)
+    }
+
+    /// Gives back a call taken by a slot whose worker turned out unfit.
+    fn give_back(&mut self, job: Job) {
+        self.busy -= 1;
+        self.queue.push_front(job);
+    }
+
+    /// Whether the queue needs one more slot: every queued call beyond the
+    /// slots that will take one (idle, or starting) gets one, up to `max`.
+    fn needs_slot(&self, max: u32) -> bool {
+        let coming = self.live_slots.saturating_sub(self.busy);
+        self.queue.len() > coming as usize && self.live_slots < max && !self.shutting_down
+    }
+
     /// The quarantine in force now, with its sentence.
     fn quarantine(&mut self) -> Option<(QuarantineKind, &Shown)> {
         let kind = self.health.quarantine(Instant::now()).map(|q| q.kind.clone());
@@ -349,11 +371,7 @@ impl Pool {
             }
             let (reply, rx) = oneshot::channel();
             s.queue.push_back(Job { call, completions, reply, queued_at: Instant::now(), own_timeout });
-            // Every queued call beyond the slots that will take one (idle,
-            // or starting) gets a new slot, up to max_workers.
-            let coming = s.live_slots.saturating_sub(s.busy);
-            let grow = s.queue.len() > coming as usize && s.live_slots < self.cfg.max_workers && !s.shutting_down;
-            (grow, rx)
+            (s.needs_slot(self.cfg.max_workers), rx)
         };
         let (grow, rx) = grow;
         self.work.notify_one();
@@ -742,7 +760,7 @@ impl Pool {
             }
             {
                 let mut s = self.state();
-                if let Some(job) = s.queue.pop_front() {
+                if let Some(job) = s.take() {
                     return Ok(Some(job));
                 }
                 if s.shutting_down {
@@ -846,14 +864,13 @@ impl Pool {
                 None
             };
             if let Some(why) = unfit {
-                self.state().queue.push_front(job);
+                self.state().give_back(job);
                 self.work.notify_one();
                 worker.kill().await;
                 let outside = why.contains("stopped") || outside_kill(signal_of(&why));
                 return SlotEnd::Lost { why, outside };
             }
             self.update(id, |w| w.state = WorkerState::Busy);
-            self.state().busy += 1;
             let loc = self.state().cgroups.get(&id).cloned();
             let before = Self::counters(&loc);
             let pid = worker.pid;
@@ -958,6 +975,38 @@ mod tests {
         assert_eq!(signal_of(&text(9)), Some(9));
         assert_eq!(signal_of(&format!("idle worker {}", text(11))), Some(11));
         assert_eq!(signal_of(&text(3 << 8)), None);
+    }
+
+    fn job() -> Job {
+        let call = Call::Exec(crate::protocol::ExecRequest {
+            id: 0,
+            request_id: String::new(),
+            argv: vec!["true".into()],
+            stdin: Vec::new(),
+            timeout_ms: 1000,
+        });
+        let (reply, _) = oneshot::channel();
+        Job { call, completions: None, reply, queued_at: Instant::now(), own_timeout: Duration::from_secs(1) }
+    }
+
+    #[test]
+    fn a_call_taken_by_a_slot_makes_the_next_one_grow_the_pool() {
+        // One slot, idle; a first call arrives: that slot will take it.
+        let mut s = State { live_slots: 1, ..State::default() };
+        s.queue.push_back(job());
+        assert!(!s.needs_slot(10));
+        // The slot takes it and, before it reaches its worker, a second
+        // call arrives: nothing else will take that one, so it grows.
+        assert!(s.take().is_some());
+        s.queue.push_back(job());
+        assert!(s.needs_slot(10));
+        assert!(!s.needs_slot(1), "never beyond max_workers");
+        // An unfit worker gives its call back: its slot restarts for it.
+        s.live_slots = 2;
+        let taken = s.take().unwrap();
+        s.give_back(taken);
+        assert_eq!((s.busy, s.queue.len()), (1, 1));
+        assert!(!s.needs_slot(10));
     }
 
     #[test]
