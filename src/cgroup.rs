@@ -18,6 +18,35 @@ pub struct Location {
     pub pids: Option<PathBuf>,
 }
 
+/// Whether `/proc/PID/cgroup` text places the process in `unit` wholly: in
+/// the unified (or name=systemd) hierarchy and in each v1 hierarchy whose
+/// controller a scope's limits and accounting use (memory, pids, cpu,
+/// devices). On cgroup v1 systemd moves a process into the controllers'
+/// hierarchies after the named one, so "in one hierarchy" is not yet "under
+/// its limits"; hierarchies it does not manage (freezer, cpuacct mounted
+/// apart, …) are ignored.
+pub fn placed_in(proc_cgroup: &str, unit: &str) -> bool {
+    let suffix = format!("/{unit}");
+    let mut seen = false;
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let managed = controllers.is_empty()
+            || controllers == "name=systemd"
+            || controllers.split(',').any(|c| matches!(c, "memory" | "pids" | "cpu" | "devices"));
+        if !managed {
+            continue;
+        }
+        if !path.ends_with(&suffix) {
+            return false;
+        }
+        seen = true;
+    }
+    seen
+}
+
 /// Parses `/proc/PID/cgroup` text into directories under `root`.
 pub fn locate(root: &Path, proc_cgroup: &str) -> Location {
     let mut loc = Location::default();
@@ -134,6 +163,27 @@ pub fn version(root: &Path) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placed_only_when_every_managed_hierarchy_has_moved() {
+        let unit = "corral-homework-1.scope";
+        let scope = "/corral.slice/corral-kid.slice/corral-homework-1.scope";
+        let text = |memory: &str, cpu: &str| {
+            format!(
+                "13:hugetlb:/\n10:perf_event:/\n9:name=systemd:{scope}\n8:pids:{scope}\n6:freezer:/\n\
+                 5:devices:{scope}\n4:memory:{memory}\n2:cpuacct:/\n1:cpu:{cpu}\n0::{scope}\n"
+            )
+        };
+        assert!(placed_in(&text(scope, scope), unit));
+        // systemd has moved it in the named hierarchy, not yet in memory's:
+        // its memory limit is not around it yet.
+        assert!(!placed_in(&text("/system.slice/corral.service", scope), unit));
+        assert!(!placed_in(&text(scope, "/system.slice"), unit));
+        // cgroup v2 alone.
+        assert!(placed_in(&format!("0::{scope}\n"), unit));
+        assert!(!placed_in("0::/system.slice/corral.service\n", unit));
+        assert!(!placed_in("", unit));
+    }
 
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("corral-cg-{name}-{}", std::process::id()));

@@ -243,11 +243,9 @@ impl Systemd {
     }
 }
 
-/// Whether `/proc/PID/cgroup` places `pid` in `unit` (any hierarchy).
+/// Whether `pid` is in `unit` in every hierarchy that holds its limits.
 pub fn in_unit(pid: u32, unit: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map(|t| t.lines().any(|l| l.ends_with(&format!("/{unit}"))))
-        .unwrap_or(false)
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|t| crate::cgroup::placed_in(&t, unit))
 }
 
 #[cfg(test)]

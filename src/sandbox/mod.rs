@@ -144,7 +144,7 @@ pub fn confine_worker(spec: &SandboxSpec, sock: std::os::fd::BorrowedFd<'_>) -> 
     // Init; check rather than trust that the limits are around us.
     if let Some(unit) = &spec.scope {
         let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        if !cgroups.lines().any(|l| l.ends_with(&format!("/{unit}"))) {
+        if !crate::cgroup::placed_in(&cgroups, unit) {
             return Err(SandboxError::NotInScope(unit.clone()));
         }
     }
