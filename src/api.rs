@@ -19,6 +19,30 @@ pub const ASK_PATH: &str = "/v1/ask";
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 /// Tokens used: `GET /v1/usage?since=YYYY-MM-DD&by=workflow|tenant|model`.
 pub const USAGE_PATH: &str = "/v1/usage";
+/// Readiness of every pool: 200, or 503 with the reasons.
+pub const HEALTH_PATH: &str = "/healthz";
+/// Prometheus text: root, the broker's user and `--metrics-group` only.
+pub const METRICS_PATH: &str = "/metrics";
+/// The workflows the caller may chat with, in the OpenAI shape.
+pub const MODELS_PATH: &str = "/v1/models";
+/// The OpenAPI document of this API.
+pub const OPENAPI_PATH: &str = "/v1/openapi.json";
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<Model>,
+}
+
+/// One workflow as an OpenAI model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Model {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
 /// Header carrying the request id on every answer.
 pub const REQUEST_ID_HEADER: &str = "x-corral-request-id";
 /// Optional request header naming the workflow of a call (exec, ask, chat):

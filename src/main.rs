@@ -43,6 +43,9 @@ enum Command {
         /// one systemd, e.g. tests).
         #[arg(long)]
         instance: Option<String>,
+        /// Members of this group may read GET /metrics (root always may).
+        #[arg(long, env = "CORRAL_METRICS_GROUP")]
+        metrics_group: Option<String>,
     },
     /// Run one command in a workflow's sandbox: `corral exec WORKFLOW -- CMD ARGS…`.
     Exec {
@@ -204,8 +207,31 @@ fn main() -> ExitCode {
 
 fn run_async(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Broker { policies, socket, state_dir, worker_user, systemd, drain_timeout, instance } => {
+        Command::Broker {
+            policies,
+            socket,
+            state_dir,
+            worker_user,
+            systemd,
+            drain_timeout,
+            instance,
+            metrics_group,
+        } => {
             init_logging();
+            let metrics_gid = match &metrics_group {
+                None => None,
+                Some(name) => Some(
+                    nix::unistd::Group::from_name(name)
+                        .with_context(|| format!("failed to look up --metrics-group {name}"))?
+                        .with_context(|| {
+                            format!(
+                                "--metrics-group {name}: no such group; create it (groupadd {name}) or drop the option"
+                            )
+                        })?
+                        .gid
+                        .as_raw(),
+                ),
+            };
             // Before the mount namespace below: from inside it, the path of
             // a binary on another mount than / no longer reads whole.
             let exe = std::env::current_exe().context("failed to find the corral binary to start workers")?;
@@ -240,6 +266,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 credentials,
                 instance,
                 http: corral::broker::http::limits::Limits::default(),
+                metrics_gid,
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(corral::error_chain(&e)))?;

@@ -38,6 +38,24 @@ CREATE TABLE IF NOT EXISTS model_calls (
 );
 CREATE INDEX IF NOT EXISTS model_calls_workflow_time ON model_calls (workflow, time);
 CREATE INDEX IF NOT EXISTS model_calls_tenant_time ON model_calls (tenant, time);
+CREATE TABLE IF NOT EXISTS exec_calls (
+    id           INTEGER PRIMARY KEY,
+    time         INTEGER NOT NULL,
+    request_id   TEXT NOT NULL,
+    workflow     TEXT NOT NULL,
+    tenant       TEXT NOT NULL,
+    uid          INTEGER NOT NULL,
+    argv         TEXT NOT NULL,
+    outcome      TEXT NOT NULL,
+    exit_code    INTEGER,
+    signal       INTEGER,
+    duration_ms  INTEGER NOT NULL,
+    stdout_bytes INTEGER NOT NULL,
+    stderr_bytes INTEGER NOT NULL,
+    timed_out    INTEGER NOT NULL,
+    limit_hit    TEXT
+);
+CREATE INDEX IF NOT EXISTS exec_calls_workflow_time ON exec_calls (workflow, time);
 CREATE TABLE IF NOT EXISTS tool_calls (
     id           INTEGER PRIMARY KEY,
     time         INTEGER NOT NULL,
@@ -85,6 +103,28 @@ pub struct ModelCall<'a> {
     pub tries: u32,
     /// `ok`, or the error code (`budget_exhausted`, `timeout`, …).
     pub outcome: &'a str,
+}
+
+/// One `POST /v1/exec` call, as recorded.
+#[derive(Debug, Clone)]
+pub struct ExecCall {
+    pub time: i64,
+    pub request_id: String,
+    pub workflow: String,
+    pub tenant: String,
+    /// The client that asked (`SO_PEERCRED`).
+    pub uid: u32,
+    pub argv: Vec<String>,
+    /// `ok`, `failed`, `timeout`, `limit`, or the error code of a call
+    /// that got no result (`busy`, `quarantined`, …).
+    pub outcome: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: u64,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub timed_out: bool,
+    pub limit: Option<String>,
 }
 
 /// Whose tokens a budget counts.
@@ -216,6 +256,42 @@ impl Ledger {
             .map_err(LedgerError::Write)
     }
 
+    /// Writes `calls` in one transaction (one sync for the batch).
+    pub fn record_exec_calls(&self, calls: &[ExecCall]) -> Result<(), LedgerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(LedgerError::Write)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO exec_calls (time, request_id, workflow, tenant, uid, argv, outcome, exit_code, \
+                     signal, duration_ms, stdout_bytes, stderr_bytes, timed_out, limit_hit) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                )
+                .map_err(LedgerError::Write)?;
+            for c in calls {
+                insert
+                    .execute(params![
+                        c.time,
+                        c.request_id,
+                        c.workflow,
+                        c.tenant,
+                        c.uid,
+                        serde_json::to_string(&c.argv).unwrap_or_default(),
+                        c.outcome,
+                        c.exit_code,
+                        c.signal,
+                        to_i64(c.duration_ms),
+                        to_i64(c.stdout_bytes),
+                        to_i64(c.stderr_bytes),
+                        c.timed_out,
+                        c.limit
+                    ])
+                    .map_err(LedgerError::Write)?;
+            }
+        }
+        tx.commit().map_err(LedgerError::Write)
+    }
+
     /// Tokens of `scope` in `[from, to)`.
     pub fn tokens(&self, scope: Scope<'_>, from: i64, to: i64) -> Result<u64, LedgerError> {
         let (column, value) = match scope {
@@ -277,6 +353,64 @@ impl Ledger {
             })
             .map_err(LedgerError::Read)?;
         rows.collect::<Result<_, _>>().map_err(LedgerError::Read)
+    }
+}
+
+/// Rows waiting for the writer at most: beyond, a row is dropped (and the
+/// drop logged) rather than a call kept waiting on the disk.
+const EXEC_LOG_BACKLOG: usize = 65_536;
+/// Rows per transaction at most.
+const EXEC_LOG_BATCH: usize = 512;
+
+/// Writes exec calls to the ledger from a thread of its own, in batches:
+/// a call never waits on SQLite or on the disk's sync.
+pub struct ExecLog {
+    tx: Mutex<Option<std::sync::mpsc::SyncSender<ExecCall>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl ExecLog {
+    pub fn start(ledger: std::sync::Arc<Ledger>) -> ExecLog {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ExecCall>(EXEC_LOG_BACKLOG);
+        let writer = std::thread::Builder::new()
+            .name("exec-ledger".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < EXEC_LOG_BATCH {
+                        match rx.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = ledger.record_exec_calls(&batch) {
+                        tracing::error!("{} exec call(s) not recorded: {e}", batch.len());
+                    }
+                }
+            })
+            .map_err(|e| tracing::error!("exec calls will not be recorded: no writer thread: {e}"))
+            .ok();
+        ExecLog { tx: Mutex::new(Some(tx)), writer: Mutex::new(writer) }
+    }
+
+    /// Queues `call` for the ledger.
+    pub fn record(&self, call: ExecCall) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = tx.as_ref() else { return };
+        if let Err(e) = tx.try_send(call) {
+            let call = match &e {
+                std::sync::mpsc::TrySendError::Full(c) | std::sync::mpsc::TrySendError::Disconnected(c) => c,
+            };
+            tracing::error!(request_id = %call.request_id, "exec call not recorded: the ledger writer is behind or gone");
+        }
+    }
+
+    /// Writes what is queued and stops the writer.
+    pub fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = w.join();
+        }
     }
 }
 
@@ -353,6 +487,42 @@ mod tests {
         assert_eq!(s.hour_tokens, 1000);
         assert!((s.hourly_average - 1.0).abs() < 1e-9);
         assert_eq!(l.spike("w", now, 2000.0).unwrap(), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn exec_calls_are_written_in_batches_and_flushed_on_close() {
+        let (ledger, dir) = temp_ledger();
+        let ledger = std::sync::Arc::new(ledger);
+        let log = ExecLog::start(std::sync::Arc::clone(&ledger));
+        for i in 0..1000u32 {
+            log.record(ExecCall {
+                time: 1,
+                request_id: format!("r-{i}"),
+                workflow: "w".into(),
+                tenant: "t".into(),
+                uid: 1000 + i % 2,
+                argv: vec!["echo".into(), "it's".into()],
+                outcome: "ok".into(),
+                exit_code: Some(0),
+                signal: None,
+                duration_ms: 2,
+                stdout_bytes: 5,
+                stderr_bytes: 0,
+                timed_out: false,
+                limit: None,
+            });
+        }
+        log.close();
+        let conn = ledger.conn();
+        let (n, uids, argv): (i64, i64, String) = conn
+            .query_row("SELECT COUNT(*), COUNT(DISTINCT uid), MIN(argv) FROM exec_calls", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((n, uids), (1000, 2));
+        assert_eq!(argv, r#"["echo","it's"]"#);
+        drop(conn);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -77,6 +77,8 @@ pub struct Config {
     pub credentials: llm::CredentialStore,
     /// Connection and body caps, timeouts of the front door.
     pub http: http::limits::Limits,
+    /// Members of this group may read `GET /metrics` (besides root).
+    pub metrics_gid: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,8 @@ pub struct Broker {
     call_seq: AtomicU64,
     in_flight: AtomicUsize,
     gateway: llm::Gateway,
+    /// Every exec call, on its way to the ledger.
+    exec_log: ledger::ExecLog,
     /// Set once SIGTERM starts the drain: new requests are refused.
     draining: AtomicBool,
 }
@@ -170,6 +174,27 @@ impl Broker {
     /// The workflows `peer` may use.
     fn workflows_of(&self, peer: &auth::Peer) -> Vec<String> {
         self.snapshot().values().filter(|w| w.clients.allows(peer)).map(|w| w.name.clone()).collect()
+    }
+
+    /// The workflows with a model that `peer` may use: its chat models.
+    fn chat_workflows_of(&self, peer: &auth::Peer) -> Vec<String> {
+        self.snapshot()
+            .values()
+            .filter(|w| w.policy.llm.is_some() && w.clients.allows(peer))
+            .map(|w| w.name.clone())
+            .collect()
+    }
+
+    /// Every workflow with its pool.
+    fn pools(&self) -> Vec<(Arc<Workflow>, Arc<pool::Pool>)> {
+        self.snapshot().values().map(|w| (Arc::clone(w), Arc::clone(&w.pool))).collect()
+    }
+
+    /// Whether `peer` may read `GET /metrics`: root, the broker's user, and
+    /// members of `--metrics-group`.
+    fn may_read_metrics(&self, peer: &auth::Peer) -> bool {
+        let group = auth::Clients { uids: Vec::new(), gids: self.config.metrics_gid.into_iter().collect() };
+        group.allows(peer)
     }
 
     /// Whether `peer` is a client of any workflow.
@@ -381,6 +406,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     launcher::lower_own_oom_score();
 
     let ledger = Arc::new(ledger::Ledger::open(&config.state_dir)?);
+    let exec_log = ledger::ExecLog::start(Arc::clone(&ledger));
     let gateway = llm::Gateway::new(ledger, std::mem::take(&mut config.credentials), llm::RetryPolicy::default());
 
     let (listener, bound) = match config.listener.take() {
@@ -417,6 +443,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         call_seq: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
         gateway,
+        exec_log,
         draining: AtomicBool::new(false),
     });
     let (initial, _) = broker.build(&loaded, &Workflows::new()).await;
@@ -489,6 +516,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     for q in pools.iter().filter_map(|p| p.quota()) {
         q.detach();
     }
+    broker.exec_log.close();
     if bound {
         let _ = std::fs::remove_file(&broker.config.socket);
     }

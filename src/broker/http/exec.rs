@@ -1,6 +1,6 @@
 //! `POST /v1/exec`: one command in a workflow's sandbox.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,10 +16,13 @@ use super::error::{call_error, dropped, submit_error};
 use super::{AppState, Caller};
 use crate::api::{self, ExecBody, ExecReply};
 use crate::broker::launcher::{signal_name, Answer, Call};
+use crate::broker::ledger::ExecCall;
 use crate::broker::log::Escaped;
 use crate::broker::pool::QUEUE_WAIT_MAX;
 use crate::broker::InFlight;
-use crate::protocol::{ExecRequest, Termination};
+use crate::broker::Workflow;
+use crate::protocol::{ExecOutcome, ExecRequest, Termination};
+use crate::utc;
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -78,30 +81,45 @@ pub(super) async fn exec(
     let id = broker.next_call_id();
     let call = ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms };
     tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), "exec");
-    let rx = wf.pool.submit(Call::Exec(call), None).map_err(|e| submit_error(broker, e))?;
-    let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
-    let result = tokio::select! {
-        r = tokio::time::timeout(wait, rx) => r.map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!("no worker of {} answered within {wait:?}; see `corral status` for its workers", wf.name),
-            )
-        })?,
-        () = front.stopped() => return Err(ApiError::stopping()),
+    let started = Instant::now();
+    let record = |outcome: &str, done: Option<&ExecOutcome>, limit: Option<&String>| {
+        broker.exec_log.record(ExecCall {
+            time: utc::now(),
+            request_id: request_id.clone(),
+            workflow: wf.name.clone(),
+            tenant: wf.policy.tenant.to_string(),
+            uid: caller.peer.uid,
+            argv: body.argv.clone(),
+            outcome: outcome.to_string(),
+            exit_code: done.and_then(|o| match o.termination {
+                Termination::Exited(c) => Some(c),
+                _ => None,
+            }),
+            signal: done.and_then(|o| match o.termination {
+                Termination::Signaled(s) => Some(s),
+                _ => None,
+            }),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            stdout_bytes: done.map_or(0, |o| o.stdout.len() as u64),
+            stderr_bytes: done.map_or(0, |o| o.stderr.len() as u64),
+            timed_out: done.is_some_and(|o| o.timed_out),
+            limit: limit.cloned(),
+        });
     };
-    let (worker, outcome, limit) = match result {
-        Err(_) => return Err(dropped(broker, "call")),
-        Ok(Err(e)) => return Err(call_error(broker, &wf, e)),
-        Ok(Ok((worker, Answer::Done(outcome), limit))) => (worker, outcome, limit),
-        Ok(Ok((_, Answer::Answered(_), _))) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the worker answered an exec with an ask result; retry it",
-            ))
+    let (worker, outcome, limit) = match run(&front, &wf, call, timeout_ms).await {
+        Ok(done) => done,
+        Err(e) => {
+            record(e.code, None, None);
+            return Err(e);
         }
     };
+    let recorded = match (&limit, outcome.timed_out, outcome.termination) {
+        (Some(_), _, _) => "limit",
+        (None, true, _) => "timeout",
+        (None, false, Termination::Exited(0)) => "ok",
+        _ => "failed",
+    };
+    record(recorded, Some(&outcome), limit.as_ref());
     let (exit_code, signal) = match outcome.termination {
         Termination::Exited(c) => (Some(c), None),
         Termination::Signaled(s) => (None, Some(s)),
@@ -134,4 +152,36 @@ pub(super) async fn exec(
     };
     tracing::info!(workflow = %wf.name, worker, ?exit_code, ?signal, timed_out = reply.timed_out, wall_ms = reply.wall_ms, "exec done");
     Ok(json(StatusCode::OK, &reply))
+}
+
+/// Queues the call and waits for its worker's answer.
+async fn run(
+    front: &AppState,
+    wf: &Workflow,
+    call: ExecRequest,
+    timeout_ms: u64,
+) -> Result<(u64, ExecOutcome, Option<String>), ApiError> {
+    let broker = &front.broker;
+    let rx = wf.pool.submit(Call::Exec(call), None).map_err(|e| submit_error(broker, e))?;
+    let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
+    let result = tokio::select! {
+        r = tokio::time::timeout(wait, rx) => r.map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("no worker of {} answered within {wait:?}; see `corral status` for its workers", wf.name),
+            )
+        })?,
+        () = front.stopped() => return Err(ApiError::stopping()),
+    };
+    match result {
+        Err(_) => Err(dropped(broker, "call")),
+        Ok(Err(e)) => Err(call_error(broker, wf, e)),
+        Ok(Ok((worker, Answer::Done(outcome), limit))) => Ok((worker, outcome, limit)),
+        Ok(Ok((_, Answer::Answered(_), _))) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the worker answered an exec with an ask result; retry it",
+        )),
+    }
 }

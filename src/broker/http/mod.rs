@@ -25,6 +25,8 @@ pub mod error;
 mod exec;
 pub mod limits;
 pub mod listener;
+mod models;
+mod ops;
 mod routes;
 mod status;
 

@@ -17,24 +17,43 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Extension, Router};
 
 use super::authorize::{authorize, Early};
 use super::error::{render, ApiError};
-use super::{ask, chat, exec, status, AppState, Caller};
-use crate::api::{ASK_PATH, CHAT_PATH, EXEC_PATH, REQUEST_ID_HEADER, STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER};
+use super::{ask, chat, exec, models, ops, status, AppState, Caller};
+use crate::api::{
+    ASK_PATH, CHAT_PATH, EXEC_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, OPENAPI_PATH, REQUEST_ID_HEADER,
+    STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER,
+};
 use crate::broker::auth::{describe_uid, Peer};
 use crate::broker::log::Escaped;
 use crate::broker::Broker;
 
+/// A model's page in `GET /v1/models/{id}`.
+const MODEL_PATH: &str = "/v1/models/{id}";
+
+/// Every route: method, path, handler. The router is built from this
+/// list, and a test holds the OpenAPI document to it.
+type Route = (&'static str, &'static str, fn() -> MethodRouter<AppState>);
+pub const ROUTES: [Route; 10] = [
+    ("post", EXEC_PATH, || post(exec::exec)),
+    ("post", ASK_PATH, || post(ask::ask)),
+    ("post", CHAT_PATH, || post(chat::chat)),
+    ("get", STATUS_PATH, || get(status::status)),
+    ("get", USAGE_PATH, || get(status::usage)),
+    ("get", MODELS_PATH, || get(models::list)),
+    ("get", MODEL_PATH, || get(models::get)),
+    ("get", HEALTH_PATH, || get(ops::healthz)),
+    ("get", METRICS_PATH, || get(ops::metrics)),
+    ("get", OPENAPI_PATH, || get(ops::openapi)),
+];
+
 pub(super) fn router(front: AppState) -> Router {
-    Router::new()
-        .route(EXEC_PATH, post(exec::exec))
-        .route(ASK_PATH, post(ask::ask))
-        .route(CHAT_PATH, post(chat::chat))
-        .route(STATUS_PATH, get(status::status))
-        .route(USAGE_PATH, get(status::usage))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |r, (_, path, handler)| r.route(path, handler()))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&front), gate))
         .with_state(front)
@@ -112,4 +131,25 @@ fn finish(mut resp: Response, caller: &Caller, method: &Method, path: &str) -> R
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The OpenAPI document describes exactly the routes the router has.
+    #[test]
+    fn the_openapi_document_and_the_routes_agree() {
+        let doc: serde_json::Value = serde_json::from_str(ops::OPENAPI).unwrap();
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys().filter(|k| *k != "parameters") {
+                documented.push((method.clone(), path.clone()));
+            }
+        }
+        let mut routed: Vec<(String, String)> = ROUTES.iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
+        documented.sort();
+        routed.sort();
+        assert_eq!(documented, routed);
+    }
 }

@@ -16,6 +16,7 @@
 //! own status types ([`status`]); the broker maps them to the API.
 
 mod health;
+pub mod metrics;
 pub mod status;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, watch, Notify};
 
 use self::health::{outside_kill, Health, Quarantine, QuarantineKind};
+use self::metrics::{limit_kind, Counters, Outcome};
 use self::status::{DiskInfo, PoolStatus, QuarantineInfo, WorkerInfo, WorkerState};
 use super::launcher::{self, Answer, Call, CallError, Completions, ScopePlan, StartError, Worker};
 use super::scope::{scope_name, Systemd, UnitLimits};
@@ -137,6 +139,7 @@ struct State {
     health: Health,
     shown: Option<Shown>,
     shutting_down: bool,
+    counters: Counters,
 }
 
 impl State {
@@ -352,22 +355,22 @@ impl Pool {
         let workflow = || self.cfg.workflow.clone();
         let grow = {
             let mut s = self.state();
-            if let Some(reason) = s.unavailable.clone() {
-                return Err(SubmitError::Unavailable { workflow: workflow(), reason });
-            }
-            if let Some((kind, shown)) = s.quarantine() {
+            let refused = if let Some(reason) = s.unavailable.clone() {
+                Some(SubmitError::Unavailable { workflow: workflow(), reason })
+            } else if let Some((kind, shown)) = s.quarantine() {
                 let message = shown.message.clone();
-                return Err(match kind {
+                Some(match kind {
                     QuarantineKind::Crashing => SubmitError::Quarantined { message },
                     QuarantineKind::Refused => SubmitError::Unavailable { workflow: workflow(), reason: message },
-                });
-            }
-            if s.queue.len() >= self.cfg.queue.max(1) as usize {
-                return Err(SubmitError::Busy {
-                    workflow: workflow(),
-                    workers: self.cfg.max_workers,
-                    queue: self.cfg.queue,
-                });
+                })
+            } else if s.queue.len() >= self.cfg.queue.max(1) as usize {
+                Some(SubmitError::Busy { workflow: workflow(), workers: self.cfg.max_workers, queue: self.cfg.queue })
+            } else {
+                None
+            };
+            if let Some(e) = refused {
+                s.counters.call(Outcome::Refused, Duration::ZERO);
+                return Err(e);
             }
             let (reply, rx) = oneshot::channel();
             s.queue.push_back(Job { call, completions, reply, queued_at: Instant::now(), own_timeout });
@@ -455,6 +458,11 @@ impl Pool {
         }
     }
 
+    /// What the pool counted since it started.
+    pub fn call_counters(&self) -> Counters {
+        self.state().counters.clone()
+    }
+
     /// The workspace's quota, if any.
     pub fn quota(&self) -> Option<&Arc<super::quota::Quota>> {
         self.cfg.quota.as_ref()
@@ -494,6 +502,9 @@ impl Pool {
             tracing::error!(workflow = %self.cfg.workflow, "{message}");
             s.shown = Some(Shown { message: message.clone(), until });
             let jobs: Vec<Job> = s.queue.drain(..).collect();
+            for j in &jobs {
+                s.counters.call(Outcome::Refused, j.queued_at.elapsed());
+            }
             (delay, jobs.into_iter().map(|j| (j, q.kind.clone(), message.clone())).collect::<Vec<_>>())
         };
         for (job, kind, message) in failed {
@@ -523,6 +534,7 @@ impl Pool {
                 let own = job.queued_at + job.own_timeout;
                 let hard = own + QUEUE_WAIT_MAX;
                 if now >= hard {
+                    s.counters.call(Outcome::QueueTimeout, now.duration_since(job.queued_at));
                     let f = Failure::QueueTimeout {
                         workflow: self.cfg.workflow.clone(),
                         waited: now.duration_since(job.queued_at),
@@ -530,6 +542,7 @@ impl Pool {
                     };
                     out.push((job, f));
                 } else if now >= own && !serving {
+                    s.counters.call(Outcome::QueueTimeout, now.duration_since(job.queued_at));
                     let f = Failure::NoWorker {
                         workflow: self.cfg.workflow.clone(),
                         waited: job.own_timeout,
@@ -732,6 +745,7 @@ impl Pool {
                 w.pid = None;
                 w.restarts += 1;
             });
+            self.state().counters.restarts += 1;
             if paced {
                 self.pace(delay).await;
             } else {
@@ -885,7 +899,11 @@ impl Pool {
                 () = async { let _ = abort.wait_for(|a| *a).await; } => {
                     kill_descendants(pid);
                     worker.kill().await;
-                    self.state().busy -= 1;
+                    {
+                        let mut s = self.state();
+                        s.busy -= 1;
+                        s.counters.call(Outcome::Stopped, job.queued_at.elapsed());
+                    }
                     let _ = job.reply.send(Err(CallError::Died("the broker is stopping".into()).into()));
                     return SlotEnd::Shutdown;
                 }
@@ -923,6 +941,15 @@ impl Pool {
                 )),
                 Err(e @ CallError::Stuck(_)) => Some((e.to_string(), false)),
             };
+            let outcome = match &result {
+                _ if limit.is_some() => Outcome::Limit,
+                Ok(_) if timed_out => Outcome::Timeout,
+                Ok(Answer::Done(o)) if o.termination == crate::protocol::Termination::Exited(0) => Outcome::Ok,
+                Ok(Answer::Done(_)) => Outcome::Failed,
+                Ok(Answer::Answered(_)) => Outcome::Ok,
+                Err(_) => Outcome::WorkerLost,
+            };
+            let limit_text = limit.clone();
             let reply = match result {
                 Ok(outcome) => Ok((id, outcome, limit.clone())),
                 Err(CallError::Died(why)) => Err(Failure::Call(CallError::Died(match &limit {
@@ -942,6 +969,13 @@ impl Pool {
                 s.busy -= 1;
                 if lost.is_none() {
                     s.health.proven();
+                }
+                s.counters.call(outcome, job.queued_at.elapsed());
+                if let Some(l) = &limit_text {
+                    s.counters.kill(limit_kind(l));
+                }
+                if timed_out {
+                    s.counters.kill("call_timeout");
                 }
             }
             let _ = job.reply.send(reply);
