@@ -301,8 +301,9 @@ pub struct UsageReport {
     pub model_calls: u32,
 }
 
-/// `POST /v1/chat/completions`, as OpenAI clients send it. Fields corral
-/// does not use (temperature, …) are accepted and ignored.
+/// `POST /v1/chat/completions`, as OpenAI clients send it. The other
+/// fields (`temperature`, `max_tokens`, …) are in `params`: passed to the
+/// model, or refused by name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatBody {
     /// The workflow.
@@ -310,6 +311,8 @@ pub struct ChatBody {
     pub messages: Vec<ChatBodyMessage>,
     #[serde(default)]
     pub stream: bool,
+    #[serde(flatten)]
+    pub params: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

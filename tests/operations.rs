@@ -182,3 +182,44 @@ fn healthz_names_a_broken_workflow_only_to_those_who_may_use_it() {
     let out = b.cli(Some("alice"), &["exec", "tools", "--", "echo", "served"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "served\n", "{out:?}");
 }
+
+#[test]
+fn chat_parameters_reach_the_model_and_those_it_cannot_honour_are_refused() {
+    if !full_sandbox() {
+        return;
+    }
+    let stub = Stub::start(vec![answer("{\"ok\": true}", 3, 2), answer("plain", 1, 1)]);
+    let b = Broker::start("ops-params", &[llm_policy("chat", "lab", &stub.base_url(), "")]);
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b.http("POST", "/v1/chat/completions", Some(body.to_string().as_bytes()))
+    };
+    let (code, r) =
+        chat(json!({"temperature": 0.2, "max_tokens": 64, "seed": 11, "response_format": {"type": "json_object"}}));
+    assert_eq!(code, 200, "{r:#}");
+    let sent = &stub.received()[0].body;
+    assert_eq!(
+        (&sent["temperature"], &sent["max_tokens"], &sent["seed"], &sent["response_format"]["type"]),
+        (&json!(0.2), &json!(64), &json!(11), &json!("json_object")),
+        "{sent:#}"
+    );
+    // Refused by name, before any model call or worker.
+    for (extra, name) in [
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        (json!({"n": 3}), "n"),
+        (json!({"logprobs": true}), "logprobs"),
+        (json!({"temperature": "warm"}), "temperature"),
+        (json!({"temprature": 0.1}), "temprature"),
+    ] {
+        let (code, r) = chat(extra);
+        assert_eq!((code, r["error"]["code"].as_str()), (400, Some("bad_request")), "{r:#}");
+        assert!(r["error"]["message"].as_str().unwrap().contains(&format!("parameter {name} ")), "{r:#}");
+    }
+    assert_eq!(stub.received().len(), 1, "a refused request reached the model");
+    // A plain request goes through, with nothing added.
+    let (code, r) = chat(json!({}));
+    assert_eq!((code, r["choices"][0]["message"]["content"].as_str()), (200, Some("plain")), "{r:#}");
+    let sent = &stub.received()[1].body;
+    assert!(sent.get("temperature").is_none_or(Value::is_null), "{sent:#}");
+}

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::auth::Peer;
 use super::launcher::{Answer, Call, CompletionJob};
-use super::llm::{CallContext, GatewayError};
+use super::llm::{CallContext, GatewayError, ModelParams};
 use super::pool::{Failure, SubmitError, QUEUE_WAIT_MAX};
 use super::{Broker, Workflow};
 use crate::api::ToolCallReport;
@@ -25,6 +25,8 @@ const ASK_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 pub struct AskInput {
     pub prompt: String,
     pub conversation: Vec<ChatMessage>,
+    /// Sampling parameters for the model (`/v1/chat/completions`).
+    pub params: ModelParams,
 }
 
 /// An ask that ran.
@@ -98,6 +100,7 @@ pub async fn run(
         tenant: wf.policy.tenant.as_str(),
         llm: Some(llm),
         uid: Some(peer.uid),
+        params: &input.params,
     };
     // Fail fast, before a worker is busy with it.
     gateway.check_budget(&ctx, utc::now())?;

@@ -72,7 +72,7 @@ pub(super) async fn ask(
         .iter()
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let input = AskInput { prompt: body.prompt, conversation };
+    let input = AskInput { prompt: body.prompt, conversation, params: Default::default() };
     let r = tokio::select! {
         r = ask::run(broker, &caller.peer, wf.clone(), input, &caller.request_id) => r.map_err(|e| ask_error(broker, &wf, e))?,
         () = front.stopped() => return Err(ApiError::stopping()),

@@ -20,6 +20,7 @@ use crate::api::{
     ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply, ChatReplyMessage, ChatUsage,
 };
 use crate::broker::ask::{self, AskInput};
+use crate::broker::llm::ModelParams;
 use crate::protocol::{AskStop, ChatMessage, Role};
 use crate::utc;
 
@@ -65,7 +66,9 @@ pub(super) async fn chat(
     })?;
     let prompt = messages.remove(last_user).content.unwrap_or_default();
     messages.truncate(last_user);
-    let input = AskInput { prompt, conversation: messages };
+    let params = ModelParams::from_request(&body.params)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    let input = AskInput { prompt, conversation: messages, params };
     let r = tokio::select! {
         r = ask::run(broker, &caller.peer, wf.clone(), input, request_id) => r.map_err(|e| ask_error(broker, &wf, e))?,
         () = front.stopped() => return Err(ApiError::stopping()),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::credentials::CredentialStore;
 use super::error::GatewayError;
+use super::params::ModelParams;
 use super::provider::{self, Endpoint};
 use super::retry::RetryPolicy;
 use super::trust::{self, Distrust, PeerCheckLayer, Route};
@@ -25,6 +26,8 @@ pub struct CallContext<'a> {
     pub llm: Option<&'a Llm>,
     /// The client whose request this is (`SO_PEERCRED`), for its usage.
     pub uid: Option<u32>,
+    /// The client's sampling parameters, for every completion.
+    pub params: &'a ModelParams,
 }
 
 pub struct Gateway {
@@ -190,7 +193,8 @@ impl Gateway {
         let http = self.client(llm.timeout, &route)?;
         let started = Instant::now();
         let (result, tries) =
-            provider::complete(&http, self.retry, &endpoint, &req.messages, &req.tools, ctx.request_id).await;
+            provider::complete(&http, self.retry, &endpoint, &req.messages, &req.tools, ctx.params, ctx.request_id)
+                .await;
         let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &result {
             Ok(c) => {

@@ -14,6 +14,7 @@
 mod credentials;
 mod error;
 mod gateway;
+mod params;
 mod provider;
 mod retry;
 mod transport;
@@ -22,5 +23,6 @@ mod trust;
 pub use credentials::{CredentialError, CredentialStore};
 pub use error::GatewayError;
 pub use gateway::{CallContext, Gateway};
+pub use params::{ModelParams, ParamError};
 pub use retry::RetryPolicy;
 pub use trust::{check as check_endpoint, Distrust};

@@ -18,6 +18,7 @@ use async_openai::types::chat::{
 
 use super::credentials::Key;
 use super::error::GatewayError;
+use super::params::ModelParams;
 use super::retry::RetryPolicy;
 use super::transport::{Attempts, Transport};
 use crate::protocol::{ChatMessage, Completion, Role, ToolCall, ToolSpec, Usage};
@@ -77,14 +78,20 @@ fn tool_to_openai(t: &ToolSpec) -> ChatCompletionTools {
     })
 }
 
-/// The request body: corral's conversation and tools for `model`.
-pub fn request(model: &str, messages: &[ChatMessage], tools: &[ToolSpec]) -> CreateChatCompletionRequest {
-    CreateChatCompletionRequest {
+/// The request body: corral's conversation and tools for `model`, with the
+/// client's sampling parameters.
+pub fn request(
+    model: &str,
+    messages: &[ChatMessage],
+    tools: &[ToolSpec],
+    params: &ModelParams,
+) -> CreateChatCompletionRequest {
+    params.request(CreateChatCompletionRequest {
         model: model.to_string(),
         messages: messages.iter().map(to_openai).collect(),
         tools: (!tools.is_empty()).then(|| tools.iter().map(tool_to_openai).collect()),
         ..Default::default()
-    }
+    })
 }
 
 /// The first choice of a response as corral's [`Completion`].
@@ -135,6 +142,7 @@ pub async fn complete(
     ep: &Endpoint<'_>,
     messages: &[ChatMessage],
     tools: &[ToolSpec],
+    params: &ModelParams,
     request_id: &str,
 ) -> (Result<Completion, GatewayError>, u32) {
     let log = Arc::new(Mutex::new(Attempts::default()));
@@ -153,7 +161,7 @@ pub async fn complete(
         .with_org_id("")
         .with_project_id("");
     let client = async_openai::Client::build(http.clone(), config).with_http_service(transport);
-    let result = client.chat().create(request(ep.model, messages, tools)).await;
+    let result = client.chat().create(request(ep.model, messages, tools, params)).await;
     let attempts = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tries = attempts.tries.max(1);
     let outcome = match result {
