@@ -60,7 +60,7 @@ pub(super) async fn metrics(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
-    let broker = std::sync::Arc::clone(&front.broker);
+    let broker = &front.broker;
     if !broker.may_read_metrics(&caller.peer) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -74,17 +74,7 @@ pub(super) async fn metrics(
     }
     let pools: Vec<(String, PoolStatus, Counters)> =
         broker.pools().into_iter().map(|(wf, p)| (wf.name.clone(), p.status(), p.call_counters())).collect();
-    let tokens = tokio::task::spawn_blocking(move || broker.gateway.ledger().usage(0, GroupBy::Workflow, None))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the ledger query failed"))?
-        .map_err(|e| {
-            tracing::error!("{e}");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "failed to read the ledger; see the broker log",
-            )
-        })?;
+    let tokens = super::status::ledger_usage(&front, 0, GroupBy::Workflow, None).await?;
     let tokens: Vec<(String, u64, u64)> =
         tokens.into_iter().map(|r| (r.key, r.prompt_tokens, r.completion_tokens)).collect();
     let mut resp = render(&pools, &tokens).into_response();

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::{AppState, Caller};
 use crate::api::GroupBy;
 use crate::api::{BrokerInfo, DiskStatus, Status, UsageQuery, UsageRow, WorkerStatus, WorkflowStatus};
+use crate::broker::ledger::UsageRow as LedgerRow;
 use crate::broker::pool::status::{PoolStatus, WorkerInfo};
 use crate::sandbox;
 use crate::utc;
@@ -60,18 +61,7 @@ pub(super) async fn usage(
     let peer = caller.peer;
     let uid = (!super::authorize::sees_all(&peer)).then_some(peer.uid);
     let by = q.by.unwrap_or(GroupBy::Workflow);
-    let broker = std::sync::Arc::clone(&front.broker);
-    let rows = tokio::task::spawn_blocking(move || broker.gateway.ledger().usage(since, by, uid))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the ledger query failed"))?
-        .map_err(|e| {
-            tracing::error!("{e}");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "failed to read the ledger; see the broker log",
-            )
-        })?;
+    let rows = ledger_usage(&front, since, by, uid).await?;
     let rows: Vec<UsageRow> = rows
         .into_iter()
         .map(|r| UsageRow {
@@ -84,6 +74,27 @@ pub(super) async fn usage(
         })
         .collect();
     Ok(json(StatusCode::OK, &rows))
+}
+
+/// The ledger's token sums (see `Ledger::usage`), off the async threads.
+pub(super) async fn ledger_usage(
+    front: &AppState,
+    since: i64,
+    by: GroupBy,
+    uid: Option<u32>,
+) -> Result<Vec<LedgerRow>, ApiError> {
+    let broker = std::sync::Arc::clone(&front.broker);
+    tokio::task::spawn_blocking(move || broker.gateway.ledger().usage(since, by, uid))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the ledger query failed"))?
+        .map_err(|e| {
+            tracing::error!("{e}");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "failed to read the ledger; see the broker log",
+            )
+        })
 }
 
 /// `GET /v1/status` for one workflow.
