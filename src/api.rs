@@ -27,6 +27,8 @@ pub const METRICS_PATH: &str = "/metrics";
 pub const MODELS_PATH: &str = "/v1/models";
 /// The OpenAPI document of this API.
 pub const OPENAPI_PATH: &str = "/v1/openapi.json";
+/// `DELETE /v1/calls/{request_id}`: cancels a call of the caller's.
+pub const CALL_PATH: &str = "/v1/calls/{request_id}";
 
 /// `GET /v1/models`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +88,10 @@ pub struct ExecReply {
     /// Either stream was cut at the workflow's `output_max`.
     pub truncated: bool,
     pub timed_out: bool,
+    /// The call was cancelled (`DELETE /v1/calls/{request_id}`): its
+    /// processes were killed; the output is what it wrote until then.
+    #[serde(default)]
+    pub cancelled: bool,
     /// The resource limit that ended or hampered the call, when the kernel
     /// says one did: "memory_max 256M reached …", "tasks_max 64 reached …".
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -32,6 +32,9 @@ pub enum ToWorker {
     Ask(AskRequest),
     /// The broker's answer to a [`FromWorker::Complete`].
     Completion(CompletionReply),
+    /// The client of call `id` went away or cancelled it: kill its tools
+    /// and answer at once. A worker that already answered ignores it.
+    Cancel(u64),
 }
 
 /// Worker → broker.
@@ -82,6 +85,8 @@ pub struct ExecOutcome {
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
     pub timed_out: bool,
+    /// Ended by a [`ToWorker::Cancel`] (or the broker's going away).
+    pub cancelled: bool,
     pub wall_us: u64,
     pub cpu_user_us: u64,
     pub cpu_system_us: u64,
@@ -229,6 +234,8 @@ pub enum AskStop {
     MaxSteps,
     /// A model call failed; the message is the broker's.
     Failed(String),
+    /// The broker cancelled the ask ([`ToWorker::Cancel`]).
+    Cancelled,
 }
 
 /// The result of an [`AskRequest`].

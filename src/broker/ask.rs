@@ -27,6 +27,8 @@ pub struct AskInput {
     pub conversation: Vec<ChatMessage>,
     /// Sampling parameters for the model (`/v1/chat/completions`).
     pub params: ModelParams,
+    /// Notified to cancel the ask (`DELETE /v1/calls/{id}`).
+    pub cancel: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// An ask that ran.
@@ -77,6 +79,8 @@ pub enum AskError {
     WrongAnswer,
     #[error("{0}")]
     Failed(String),
+    #[error("the ask was cancelled by its client (DELETE /v1/calls/…)")]
+    Cancelled,
 }
 
 /// Runs `input` on a worker of `wf`, for `peer` (whom the caller has
@@ -119,7 +123,7 @@ pub async fn run(
     };
     tracing::info!(workflow = %wf.name, model = %llm.model, max_steps = llm.max_steps, "ask");
     let (tx, mut rx) = mpsc::channel::<CompletionJob>(1);
-    let mut done = wf.pool.submit(Call::Ask(call), Some(tx)).map_err(AskError::Submit)?;
+    let mut done = wf.pool.submit(Call::Ask(call), Some(tx), input.cancel).map_err(AskError::Submit)?;
     let deadline = tokio::time::Instant::now() + timeout + QUEUE_WAIT_MAX;
     let mut usage = Usage::default();
     let mut model_calls = 0u32;
@@ -168,6 +172,9 @@ pub async fn run(
     if outcome.usage != usage {
         tracing::warn!(workflow = %wf.name, worker_usage = ?outcome.usage, broker_usage = ?usage,
             "the worker's token count differs from the broker's; reporting the broker's");
+    }
+    if outcome.stop == AskStop::Cancelled {
+        return Err(AskError::Cancelled);
     }
     if let AskStop::Failed(text) = &outcome.stop {
         return Err(match last_error {

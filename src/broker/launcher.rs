@@ -1,6 +1,6 @@
 //! Starting one worker process and talking to it.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -16,6 +16,9 @@ use crate::protocol::{
     FromWorker, SandboxSpec, ToWorker,
 };
 use crate::sandbox::process::{spawn_worker, try_reap, watch_pidfd};
+
+/// How long a worker has to answer a cancelled call before it is killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// The broker's `oom_score_adj` when it runs as root: memory that no limit of
 /// a tool call sees (shared memory, memfds, tmpfs pages without systemd)
@@ -292,16 +295,19 @@ impl Worker {
     /// wait before declaring the worker stuck. During an ask, every
     /// completion the worker asks for goes to `completions` and its answer
     /// back to the worker; a worker that asks without an ask in flight
-    /// breaks the protocol and is killed.
+    /// breaks the protocol and is killed. When `cancel` completes (the
+    /// client went away, or cancelled), the worker is told to end the call
+    /// and gets [`CANCEL_GRACE`] to answer.
     pub async fn call(
         &mut self,
         call: Call,
         backstop: Duration,
         completions: Option<&Completions>,
+        cancel: impl std::future::Future<Output = ()>,
     ) -> Result<Answer, CallError> {
         let id = call.id();
         let limit = call.timeout() + backstop;
-        let deadline = tokio::time::Instant::now() + limit;
+        let mut deadline = tokio::time::Instant::now() + limit;
         let is_ask = matches!(call, Call::Ask(_));
         let frame = match call {
             Call::Exec(r) => ToWorker::Exec(r),
@@ -310,7 +316,39 @@ impl Worker {
         if write_frame_async(&mut self.sock, &frame).await.is_err() {
             return Err(CallError::Died(self.reap().await));
         }
+        tokio::pin!(cancel);
+        let mut cancelled = false;
         loop {
+            // Wait for the socket to be readable rather than select on a
+            // frame read: a read dropped half-way would lose the framing.
+            tokio::select! {
+                ready = self.sock.readable() => {
+                    if ready.is_err() {
+                        return Err(CallError::Died(self.reap().await));
+                    }
+                    // Readiness may be stale (the last read took a whole
+                    // frame without reaching WouldBlock): look, and clear it
+                    // if nothing is there.
+                    let fd = self.sock.as_fd();
+                    match self.sock.try_io(tokio::io::Interest::READABLE, || crate::sandbox::sys::peek(fd)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(_) => return Err(CallError::Died(self.reap().await)),
+                    }
+                }
+                () = &mut cancel, if !cancelled => {
+                    cancelled = true;
+                    deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
+                    if write_frame_async(&mut self.sock, &ToWorker::Cancel(id)).await.is_err() {
+                        return Err(CallError::Died(self.reap().await));
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    self.kill().await;
+                    return Err(CallError::Stuck(limit));
+                }
+            }
             let answer = tokio::time::timeout_at(deadline, read_frame_async::<_, FromWorker>(&mut self.sock)).await;
             let msg = match answer {
                 Ok(Ok(Some(msg))) => msg,
@@ -326,17 +364,30 @@ impl Worker {
                 FromWorker::Complete(request) if is_ask && request.id == id => {
                     let step = request.step;
                     let result = match completions {
+                        _ if cancelled => Err("the ask was cancelled".to_string()),
                         Some(tx) => {
                             let (reply, rx) = oneshot::channel();
                             if tx.send(CompletionJob { request, reply }).await.is_err() {
                                 Err("the request was abandoned by its client".to_string())
                             } else {
-                                match tokio::time::timeout_at(deadline, rx).await {
-                                    Ok(Ok(r)) => r,
-                                    Ok(Err(_)) => Err("the request was abandoned by its client".to_string()),
-                                    Err(_) => {
-                                        self.kill().await;
-                                        return Err(CallError::Stuck(limit));
+                                tokio::select! {
+                                    r = tokio::time::timeout_at(deadline, rx) => match r {
+                                        Ok(Ok(r)) => r,
+                                        Ok(Err(_)) => Err("the request was abandoned by its client".to_string()),
+                                        Err(_) => {
+                                            self.kill().await;
+                                            return Err(CallError::Stuck(limit));
+                                        }
+                                    },
+                                    // The model's answer is not awaited: the
+                                    // worker gets the cancel instead.
+                                    () = &mut cancel, if !cancelled => {
+                                        cancelled = true;
+                                        deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
+                                        if write_frame_async(&mut self.sock, &ToWorker::Cancel(id)).await.is_err() {
+                                            return Err(CallError::Died(self.reap().await));
+                                        }
+                                        continue;
                                     }
                                 }
                             }

@@ -127,6 +127,8 @@ pub struct Broker {
     gateway: llm::Gateway,
     /// Every exec call, on its way to the ledger.
     exec_log: ledger::ExecLog,
+    /// Calls in flight, for `DELETE /v1/calls/{id}`.
+    calls: http::calls::InFlightCalls,
     /// Set once SIGTERM starts the drain: new requests are refused.
     draining: AtomicBool,
 }
@@ -444,6 +446,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         in_flight: AtomicUsize::new(0),
         gateway,
         exec_log,
+        calls: http::calls::InFlightCalls::default(),
         draining: AtomicBool::new(false),
     });
     let (initial, _) = broker.build(&loaded, &Workflows::new()).await;

@@ -183,6 +183,16 @@ pub fn hung_up(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     }
 }
 
+/// Whether socket `fd` has a byte to read or its peer's end of file, without
+/// reading it or waiting: `Err(WouldBlock)` when it has neither.
+pub fn peek(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut byte = [0u8; 1];
+    recv(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
 fn cstring(s: &str) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }

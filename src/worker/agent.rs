@@ -151,10 +151,13 @@ fn refused(tool: &str, why: String) -> (ToolRecord, String) {
 
 /// Runs one tool call of the model; returns its record and the text fed
 /// back.
-fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall) -> (ToolRecord, String) {
+fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall, sock: &UnixStream) -> (ToolRecord, String, bool) {
     let (argv, stdin) = match command(call) {
         Ok(c) => c,
-        Err(why) => return refused(&call.name, why),
+        Err(why) => {
+            let (record, text) = refused(&call.name, why);
+            return (record, text, false);
+        }
     };
     let exec = ExecRequest {
         id: req.id,
@@ -163,7 +166,7 @@ fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall) -> (ToolRe
         stdin,
         timeout_ms: req.tool_timeout_ms,
     };
-    let o = tool::run(ctx, &exec);
+    let o = tool::run(ctx, &exec, sock);
     let (exit_code, signal) = match o.termination {
         Termination::Exited(c) => (Some(c), None),
         Termination::Signaled(s) => (None, Some(s)),
@@ -181,7 +184,7 @@ fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall) -> (ToolRe
         timed_out: o.timed_out,
         error: o.error.clone(),
     };
-    (record, result_text(&o, req.tool_timeout_ms))
+    (record, result_text(&o, req.tool_timeout_ms), o.cancelled)
 }
 
 /// Runs the loop of `req`, talking to the broker on `sock`.
@@ -199,6 +202,10 @@ pub fn run(sock: &mut UnixStream, ctx: &tool::Tools<'_>, req: &AskRequest) -> Re
         write_frame(sock, &FromWorker::Complete(ask))?;
         let reply = match read_frame::<_, ToWorker>(sock)? {
             Some(ToWorker::Completion(r)) if r.id == req.id && r.step == step => r,
+            Some(ToWorker::Cancel(id)) if id == req.id => {
+                tracing::info!(step, "ask cancelled");
+                return Ok(outcome(None, AskStop::Cancelled, step, transcript, usage));
+            }
             Some(_) => return Err(WorkerError::Protocol("expected the Completion of this step")),
             None => return Err(WorkerError::Protocol("the broker closed the socket during an ask")),
         };
@@ -219,11 +226,18 @@ pub fn run(sock: &mut UnixStream, ctx: &tool::Tools<'_>, req: &AskRequest) -> Re
         let calls = message.tool_calls.clone();
         messages.push(message);
         for (i, call) in calls.iter().enumerate() {
-            let (record, text) = if u32::try_from(i).unwrap_or(u32::MAX) < MAX_TOOL_CALLS_PER_STEP {
-                run_tool(ctx, req, call)
+            let (record, text, cancelled) = if u32::try_from(i).unwrap_or(u32::MAX) < MAX_TOOL_CALLS_PER_STEP {
+                run_tool(ctx, req, call, sock)
             } else {
-                refused(&call.name, format!("more than {MAX_TOOL_CALLS_PER_STEP} tool calls in one step; not run"))
+                let why = format!("more than {MAX_TOOL_CALLS_PER_STEP} tool calls in one step; not run");
+                let (record, text) = refused(&call.name, why);
+                (record, text, false)
             };
+            if cancelled {
+                tracing::info!(step, tool = %record.tool, "ask cancelled during a tool call");
+                transcript.push(record);
+                return Ok(outcome(None, AskStop::Cancelled, step, transcript, usage));
+            }
             tracing::info!(step, tool = %record.tool, argv = ?record.argv, exit_code = ?record.exit_code,
                 duration_ms = record.duration_ms, timed_out = record.timed_out, "tool call");
             transcript.push(record);

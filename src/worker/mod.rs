@@ -66,7 +66,7 @@ pub fn run() -> Result<(), WorkerError> {
             ToWorker::Exec(req) => {
                 let span = tracing::info_span!("exec", request_id = %req.request_id, call = req.id);
                 let _enter = span.enter();
-                let outcome = tool::run(&tools, &req);
+                let outcome = tool::run(&tools, &req, &sock);
                 tracing::debug!(termination = ?outcome.termination, wall_us = outcome.wall_us, "exec done");
                 write_frame(&mut sock, &FromWorker::Done(outcome))?;
             }
@@ -77,6 +77,8 @@ pub fn run() -> Result<(), WorkerError> {
                 write_frame(&mut sock, &FromWorker::Answered(outcome))?;
             }
             ToWorker::Completion(_) => return Err(WorkerError::Protocol("Completion outside an ask")),
+            // A cancel that crossed the call's answer on the way.
+            ToWorker::Cancel(_) => {}
             ToWorker::Init(_) => return Err(WorkerError::Protocol("Init sent twice")),
         }
     }

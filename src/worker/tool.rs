@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
@@ -17,7 +18,8 @@ use nix::sys::resource::{getrusage, UsageWho};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::protocol::{ExecOutcome, ExecRequest, SandboxSpec, Termination};
+use crate::frame::read_frame;
+use crate::protocol::{ExecOutcome, ExecRequest, SandboxSpec, Termination, ToWorker};
 use crate::sandbox::landlock::Prepared;
 use crate::sandbox::{namespace, process, sys};
 
@@ -86,6 +88,7 @@ fn not_started(req: &ExecRequest, start: Instant, message: String) -> ExecOutcom
         stdout_truncated: false,
         stderr_truncated: false,
         timed_out: false,
+        cancelled: false,
         wall_us: elapsed_us(start),
         cpu_user_us: 0,
         cpu_system_us: 0,
@@ -134,8 +137,8 @@ fn spawn(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Child> {
 /// Runs one call to completion, then empties the worker's IPC namespace:
 /// nothing the call made outlives it. Never panics on the command's
 /// behaviour.
-pub fn run(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
-    let outcome = run_call(ctx, req);
+pub fn run(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutcome {
+    let outcome = run_call(ctx, req, broker);
     let (removed, failed) = namespace::clean_ipc(ctx.mqueue);
     if removed > 0 {
         tracing::debug!(removed, "IPC objects the call left were removed");
@@ -146,7 +149,20 @@ pub fn run(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
     outcome
 }
 
-fn run_call(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
+/// Whether the broker cancelled call `id`: it sent [`ToWorker::Cancel`],
+/// or closed the socket (it is gone). Called when the socket is readable.
+fn cancelled(broker: &UnixStream, id: u64) -> bool {
+    match read_frame::<_, ToWorker>(&mut &*broker) {
+        Ok(Some(ToWorker::Cancel(c))) => c == id,
+        Ok(Some(_)) => {
+            tracing::warn!("unexpected frame during a tool call; cancelling it");
+            true
+        }
+        Ok(None) | Err(_) => true,
+    }
+}
+
+fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutcome {
     let spec = ctx.spec;
     let start = Instant::now();
     let (cpu_user0, cpu_sys0) = children_cpu_us();
@@ -174,6 +190,7 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
     let deadline = start + Duration::from_millis(req.timeout_ms);
     let mut written = 0usize;
     let mut timed_out = false;
+    let mut cancel = false;
 
     // Phase 1: feed stdin and collect output until the command exits or the
     // deadline passes.
@@ -188,8 +205,8 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
         }
         let remaining = deadline - now;
         let wait_ms = if pidfd.is_some() { remaining.as_millis() } else { remaining.as_millis().min(10) };
-        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(4);
-        let mut slots = [usize::MAX; 4]; // out, err, stdin, pidfd
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(5);
+        let mut slots = [usize::MAX; 5]; // out, err, stdin, pidfd, broker
         if let Some(fd) = &out.pipe {
             slots[0] = fds.len();
             fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
@@ -206,13 +223,19 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
             slots[3] = fds.len();
             fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
         }
+        slots[4] = fds.len();
+        fds.push(PollFd::new(broker.as_fd(), PollFlags::POLLIN));
         let timeout = PollTimeout::from(u16::try_from(wait_ms).unwrap_or(u16::MAX));
         if poll(&mut fds, timeout).is_err() {
             continue; // EINTR
         }
         let ready = |slot: usize| fds.get(slot).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
-        let (o, e, i) = (ready(slots[0]), ready(slots[1]), ready(slots[2]));
+        let (o, e, i, b) = (ready(slots[0]), ready(slots[1]), ready(slots[2]), ready(slots[4]));
         drop(fds);
+        if b && cancelled(broker, req.id) {
+            cancel = true;
+            break;
+        }
         if o {
             out.pump();
         }
@@ -236,7 +259,7 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
 
     // Phase 2: end the call. On timeout the whole group first, then whatever
     // escaped it (setsid); on a normal exit, whatever the command left behind.
-    if timed_out {
+    if timed_out || cancel {
         let _ = killpg(Pid::from_raw(pid_t), Signal::SIGKILL);
         let _ = child.kill();
     }
@@ -265,6 +288,7 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest) -> ExecOutcome {
         stdout_truncated: out.truncated,
         stderr_truncated: err.truncated,
         timed_out,
+        cancelled: cancel,
         wall_us: elapsed_us(start),
         cpu_user_us: cpu_user1.saturating_sub(cpu_user0).max(usage.user_us),
         cpu_system_us: cpu_sys1.saturating_sub(cpu_sys0).max(usage.system_us),

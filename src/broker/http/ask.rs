@@ -9,6 +9,7 @@ use axum::Extension;
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
+use super::calls::call_id;
 use super::error::ApiError;
 use super::error::{call_error, dropped, submit_error};
 use super::{AppState, Caller};
@@ -55,6 +56,7 @@ pub(super) fn ask_error(broker: &Broker, wf: &Workflow, e: AskError) -> ApiError
         AskError::WrongAnswer => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         AskError::Failed(text) if broker.draining() => ApiError { message: text, ..ApiError::stopping() },
         AskError::Failed(text) => ApiError::new(StatusCode::BAD_GATEWAY, "ask_failed", text),
+        AskError::Cancelled => ApiError::new(StatusCode::CONFLICT, "cancelled", e.to_string()),
     }
 }
 
@@ -62,6 +64,7 @@ pub(super) async fn ask(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
     early: Option<Extension<Early>>,
+    headers: axum::http::HeaderMap,
     body: JsonBody<AskBody>,
 ) -> Result<Response, ApiError> {
     let broker = &front.broker;
@@ -72,7 +75,9 @@ pub(super) async fn ask(
         .iter()
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let input = AskInput { prompt: body.prompt, conversation, params: Default::default() };
+    let registered = broker.calls.register(&caller.request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
+    let cancel = Some(std::sync::Arc::clone(&registered.cancel));
+    let input = AskInput { prompt: body.prompt, conversation, params: Default::default(), cancel };
     let r = tokio::select! {
         r = ask::run(broker, &caller.peer, wf.clone(), input, &caller.request_id) => r.map_err(|e| ask_error(broker, &wf, e))?,
         () = front.stopped() => return Err(ApiError::stopping()),

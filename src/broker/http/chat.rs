@@ -14,6 +14,7 @@ use super::ask::{ask_error, role};
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
+use super::calls::call_id;
 use super::error::ApiError;
 use super::{AppState, Caller};
 use crate::api::{
@@ -44,6 +45,7 @@ pub(super) async fn chat(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
     early: Option<Extension<Early>>,
+    headers: axum::http::HeaderMap,
     body: JsonBody<ChatBody>,
 ) -> Result<Response, ApiError> {
     let broker = &front.broker;
@@ -68,7 +70,9 @@ pub(super) async fn chat(
     messages.truncate(last_user);
     let params = ModelParams::from_request(&body.params)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
-    let input = AskInput { prompt, conversation: messages, params };
+    let registered = broker.calls.register(request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
+    let cancel = Some(std::sync::Arc::clone(&registered.cancel));
+    let input = AskInput { prompt, conversation: messages, params, cancel };
     let r = tokio::select! {
         r = ask::run(broker, &caller.peer, wf.clone(), input, request_id) => r.map_err(|e| ask_error(broker, &wf, e))?,
         () = front.stopped() => return Err(ApiError::stopping()),

@@ -1,22 +1,25 @@
 //! `POST /v1/exec`: one command in a workflow's sandbox.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 use base64::Engine;
+use tokio::sync::Notify;
 
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
+use super::calls::call_id;
 use super::error::ApiError;
 use super::error::{call_error, dropped, submit_error};
 use super::{AppState, Caller};
 use crate::api::{self, ExecBody, ExecReply};
 use crate::broker::launcher::{signal_name, Answer, Call};
-use crate::broker::ledger::ExecCall;
+use crate::broker::ledger::{ExecCall, ExecLog};
 use crate::broker::log::Escaped;
 use crate::broker::pool::QUEUE_WAIT_MAX;
 use crate::broker::InFlight;
@@ -32,6 +35,7 @@ pub(super) async fn exec(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
     early: Option<Extension<Early>>,
+    headers: HeaderMap,
     body: JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let broker = &front.broker;
@@ -81,45 +85,44 @@ pub(super) async fn exec(
     let id = broker.next_call_id();
     let call = ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms };
     tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), "exec");
-    let started = Instant::now();
-    let record = |outcome: &str, done: Option<&ExecOutcome>, limit: Option<&String>| {
-        broker.exec_log.record(ExecCall {
+    let calls = &broker.calls;
+    let registered = calls.register(&request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
+    let mut row = Row {
+        log: &broker.exec_log,
+        started: Instant::now(),
+        call: Some(ExecCall {
             time: utc::now(),
             request_id: request_id.clone(),
             workflow: wf.name.clone(),
             tenant: wf.policy.tenant.to_string(),
             uid: caller.peer.uid,
             argv: body.argv.clone(),
-            outcome: outcome.to_string(),
-            exit_code: done.and_then(|o| match o.termination {
-                Termination::Exited(c) => Some(c),
-                _ => None,
-            }),
-            signal: done.and_then(|o| match o.termination {
-                Termination::Signaled(s) => Some(s),
-                _ => None,
-            }),
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            stdout_bytes: done.map_or(0, |o| o.stdout.len() as u64),
-            stderr_bytes: done.map_or(0, |o| o.stderr.len() as u64),
-            timed_out: done.is_some_and(|o| o.timed_out),
-            limit: limit.cloned(),
-        });
+            outcome: "cancelled".into(),
+            exit_code: None,
+            signal: None,
+            duration_ms: 0,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            timed_out: false,
+            limit: None,
+        }),
     };
-    let (worker, outcome, limit) = match run(&front, &wf, call, timeout_ms).await {
+    let (worker, outcome, limit) = match run(&front, &wf, call, timeout_ms, Arc::clone(&registered.cancel)).await {
         Ok(done) => done,
         Err(e) => {
-            record(e.code, None, None);
+            row.finish(e.code, None, None);
             return Err(e);
         }
     };
-    let recorded = match (&limit, outcome.timed_out, outcome.termination) {
-        (Some(_), _, _) => "limit",
-        (None, true, _) => "timeout",
-        (None, false, Termination::Exited(0)) => "ok",
+    drop(registered);
+    let recorded = match (&limit, outcome.timed_out, outcome.cancelled, outcome.termination) {
+        (Some(_), _, _, _) => "limit",
+        (None, true, _, _) => "timeout",
+        (None, false, true, _) => "cancelled",
+        (None, false, false, Termination::Exited(0)) => "ok",
         _ => "failed",
     };
-    record(recorded, Some(&outcome), limit.as_ref());
+    row.finish(recorded, Some(&outcome), limit.as_ref());
     let (exit_code, signal) = match outcome.termination {
         Termination::Exited(c) => (Some(c), None),
         Termination::Signaled(s) => (None, Some(s)),
@@ -144,6 +147,7 @@ pub(super) async fn exec(
         stderr_truncated: outcome.stderr_truncated,
         truncated: outcome.stdout_truncated || outcome.stderr_truncated,
         timed_out: outcome.timed_out,
+        cancelled: outcome.cancelled,
         limit,
         wall_ms: ms(outcome.wall_us),
         cpu_user_ms: ms(outcome.cpu_user_us),
@@ -160,9 +164,10 @@ async fn run(
     wf: &Workflow,
     call: ExecRequest,
     timeout_ms: u64,
+    cancel: Arc<Notify>,
 ) -> Result<(u64, ExecOutcome, Option<String>), ApiError> {
     let broker = &front.broker;
-    let rx = wf.pool.submit(Call::Exec(call), None).map_err(|e| submit_error(broker, e))?;
+    let rx = wf.pool.submit(Call::Exec(call), None, Some(cancel)).map_err(|e| submit_error(broker, e))?;
     let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
     let result = tokio::select! {
         r = tokio::time::timeout(wait, rx) => r.map_err(|_| {
@@ -183,5 +188,41 @@ async fn run(
             "internal",
             "the worker answered an exec with an ask result; retry it",
         )),
+    }
+}
+
+/// The call's row in the ledger: written when it ends, or, when the client
+/// went away first (the handler is dropped), as `cancelled`.
+struct Row<'a> {
+    log: &'a ExecLog,
+    started: Instant,
+    call: Option<ExecCall>,
+}
+
+impl Row<'_> {
+    fn finish(&mut self, outcome: &str, done: Option<&ExecOutcome>, limit: Option<&String>) {
+        let Some(mut call) = self.call.take() else { return };
+        call.outcome = outcome.to_string();
+        if let Some(o) = done {
+            (call.exit_code, call.signal) = match o.termination {
+                Termination::Exited(c) => (Some(c), None),
+                Termination::Signaled(s) => (None, Some(s)),
+                Termination::NotStarted => (None, None),
+            };
+            call.stdout_bytes = o.stdout.len() as u64;
+            call.stderr_bytes = o.stderr.len() as u64;
+            call.timed_out = o.timed_out;
+        }
+        call.limit = limit.cloned();
+        call.duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.log.record(call);
+    }
+}
+
+impl Drop for Row<'_> {
+    fn drop(&mut self) {
+        if self.call.is_some() {
+            self.finish("cancelled", None, None);
+        }
     }
 }

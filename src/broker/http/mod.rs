@@ -19,6 +19,7 @@
 mod ask;
 mod authorize;
 mod body;
+pub(crate) mod calls;
 mod chat;
 mod conn;
 pub mod error;

@@ -17,14 +17,14 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Extension, Router};
 
 use super::authorize::{authorize, Early};
 use super::error::{render, ApiError};
-use super::{ask, chat, exec, models, ops, status, AppState, Caller};
+use super::{ask, calls, chat, exec, models, ops, status, AppState, Caller};
 use crate::api::{
-    ASK_PATH, CHAT_PATH, EXEC_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, OPENAPI_PATH, REQUEST_ID_HEADER,
+    ASK_PATH, CALL_PATH, CHAT_PATH, EXEC_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, OPENAPI_PATH, REQUEST_ID_HEADER,
     STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER,
 };
 use crate::broker::auth::{describe_uid, Peer};
@@ -37,7 +37,7 @@ const MODEL_PATH: &str = "/v1/models/{id}";
 /// Every route: method, path, handler. The router is built from this
 /// list, and a test holds the OpenAPI document to it.
 type Route = (&'static str, &'static str, fn() -> MethodRouter<AppState>);
-pub const ROUTES: [Route; 10] = [
+pub const ROUTES: [Route; 11] = [
     ("post", EXEC_PATH, || post(exec::exec)),
     ("post", ASK_PATH, || post(ask::ask)),
     ("post", CHAT_PATH, || post(chat::chat)),
@@ -48,6 +48,7 @@ pub const ROUTES: [Route; 10] = [
     ("get", HEALTH_PATH, || get(ops::healthz)),
     ("get", METRICS_PATH, || get(ops::metrics)),
     ("get", OPENAPI_PATH, || get(ops::openapi)),
+    ("delete", CALL_PATH, || delete(calls::cancel)),
 ];
 
 pub(super) fn router(front: AppState) -> Router {

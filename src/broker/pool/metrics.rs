@@ -28,6 +28,8 @@ pub enum Outcome {
     QueueTimeout,
     /// Cut short by the broker's stop.
     Stopped,
+    /// Its client went away, or cancelled it.
+    Cancelled,
 }
 
 impl Outcome {
@@ -41,6 +43,7 @@ impl Outcome {
             Outcome::Refused => "refused",
             Outcome::QueueTimeout => "queue_timeout",
             Outcome::Stopped => "stopped",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }

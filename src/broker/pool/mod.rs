@@ -107,6 +107,9 @@ struct Job {
     queued_at: Instant,
     /// The call's own timeout: how long it waits while no worker is up.
     own_timeout: Duration,
+    /// Notified to cancel the call (`DELETE /v1/calls/{id}`); a client
+    /// that goes away cancels it too (its reply's receiver is dropped).
+    cancel: Option<Arc<Notify>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +350,7 @@ impl Pool {
         self: &Arc<Self>,
         call: Call,
         completions: Option<Completions>,
+        cancel: Option<Arc<Notify>>,
     ) -> Result<oneshot::Receiver<CallResult>, SubmitError> {
         let own_timeout = Duration::from_millis(match &call {
             Call::Exec(r) => r.timeout_ms,
@@ -373,7 +377,7 @@ impl Pool {
                 return Err(e);
             }
             let (reply, rx) = oneshot::channel();
-            s.queue.push_back(Job { call, completions, reply, queued_at: Instant::now(), own_timeout });
+            s.queue.push_back(Job { call, completions, reply, queued_at: Instant::now(), own_timeout, cancel });
             (s.needs_slot(self.cfg.max_workers), rx)
         };
         let (grow, rx) = grow;
@@ -889,8 +893,21 @@ impl Pool {
             let before = Self::counters(&loc);
             let pid = worker.pid;
             let mut abort = self.abort.subscribe();
+            let Job { call, completions, mut reply, queued_at, cancel, .. } = job;
+            let cancelled = async {
+                let asked = async {
+                    match &cancel {
+                        Some(n) => n.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = reply.closed() => {}
+                    () = asked => {}
+                }
+            };
             let result = tokio::select! {
-                r = worker.call(job.call, BACKSTOP, job.completions.as_ref()) => r,
+                r = worker.call(call, BACKSTOP, completions.as_ref(), cancelled) => r,
                 () = stopped(pid) => {
                     kill_descendants(pid);
                     worker.kill().await;
@@ -902,16 +919,18 @@ impl Pool {
                     {
                         let mut s = self.state();
                         s.busy -= 1;
-                        s.counters.call(Outcome::Stopped, job.queued_at.elapsed());
+                        s.counters.call(Outcome::Stopped, queued_at.elapsed());
                     }
-                    let _ = job.reply.send(Err(CallError::Died("the broker is stopping".into()).into()));
+                    let _ = reply.send(Err(CallError::Died("the broker is stopping".into()).into()));
                     return SlotEnd::Shutdown;
                 }
             };
             let timed_out = matches!(&result, Ok(Answer::Done(o)) if o.timed_out);
             let mut limit = self.limit_hit(&before, &Self::counters(&loc), timed_out);
             let killed = result.as_ref().is_ok_and(|a| match a {
-                Answer::Done(o) => o.termination == crate::protocol::Termination::Signaled(9) && !o.timed_out,
+                Answer::Done(o) => {
+                    o.termination == crate::protocol::Termination::Signaled(9) && !o.timed_out && !o.cancelled
+                }
                 Answer::Answered(_) => false,
             });
             if limit.is_none() && (killed || result.is_err()) && loc.is_some() {
@@ -943,6 +962,8 @@ impl Pool {
             };
             let outcome = match &result {
                 _ if limit.is_some() => Outcome::Limit,
+                Ok(Answer::Done(o)) if o.cancelled => Outcome::Cancelled,
+                Ok(Answer::Answered(a)) if a.stop == crate::protocol::AskStop::Cancelled => Outcome::Cancelled,
                 Ok(_) if timed_out => Outcome::Timeout,
                 Ok(Answer::Done(o)) if o.termination == crate::protocol::Termination::Exited(0) => Outcome::Ok,
                 Ok(Answer::Done(_)) => Outcome::Failed,
@@ -950,7 +971,7 @@ impl Pool {
                 Err(_) => Outcome::WorkerLost,
             };
             let limit_text = limit.clone();
-            let reply = match result {
+            let answer = match result {
                 Ok(outcome) => Ok((id, outcome, limit.clone())),
                 Err(CallError::Died(why)) => Err(Failure::Call(CallError::Died(match &limit {
                     Some(l) => format!("{why}; {l}"),
@@ -970,7 +991,7 @@ impl Pool {
                 if lost.is_none() {
                     s.health.proven();
                 }
-                s.counters.call(outcome, job.queued_at.elapsed());
+                s.counters.call(outcome, queued_at.elapsed());
                 if let Some(l) = &limit_text {
                     s.counters.kill(limit_kind(l));
                 }
@@ -978,7 +999,7 @@ impl Pool {
                     s.counters.kill("call_timeout");
                 }
             }
-            let _ = job.reply.send(reply);
+            let _ = reply.send(answer);
             if let Some((why, outside)) = lost {
                 return SlotEnd::Lost { why, outside };
             }
@@ -1020,7 +1041,14 @@ mod tests {
             timeout_ms: 1000,
         });
         let (reply, _) = oneshot::channel();
-        Job { call, completions: None, reply, queued_at: Instant::now(), own_timeout: Duration::from_secs(1) }
+        Job {
+            call,
+            completions: None,
+            reply,
+            queued_at: Instant::now(),
+            own_timeout: Duration::from_secs(1),
+            cancel: None,
+        }
     }
 
     #[test]
