@@ -34,6 +34,7 @@ pub mod landlock;
 pub mod memory;
 pub mod namespace;
 pub mod process;
+pub mod refusal;
 pub mod seccomp;
 pub mod spec;
 pub mod sys;

@@ -1,5 +1,6 @@
 //! `POST /v1/exec`: one command in a workflow's sandbox.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -125,6 +126,17 @@ pub(super) async fn exec(
         Termination::Signaled(s) => (None, Some(s)),
         Termination::NotStarted => (None, None),
     };
+    let failed = !matches!(outcome.termination, Termination::Exited(0));
+    let mut searched = outcome.stderr.clone();
+    if let (Termination::NotStarted, Some(e)) = (&outcome.termination, &outcome.error) {
+        // "cannot execute `./a`: Permission denied": name the file itself.
+        let argv0 = Path::new(&body.argv[0]);
+        let file = if argv0.is_absolute() { argv0.to_path_buf() } else { wf.pool.spec().workspace.join(argv0) };
+        if argv0.components().count() > 1 || argv0.is_absolute() {
+            searched.extend_from_slice(format!("\n{}: {e}\n", file.display()).as_bytes());
+        }
+    }
+    let sandbox_hint = crate::sandbox::refusal::hint(wf.pool.spec(), &searched, failed);
     let (stdout, stdout_base64) = api::encode_bytes(&outcome.stdout);
     let (stderr, stderr_base64) = api::encode_bytes(&outcome.stderr);
     let ms = |us: u64| us as f64 / 1000.0;
@@ -145,6 +157,7 @@ pub(super) async fn exec(
         truncated: outcome.stdout_truncated || outcome.stderr_truncated,
         timed_out: outcome.timed_out,
         limit,
+        sandbox_hint,
         wall_ms: ms(outcome.wall_us),
         cpu_user_ms: ms(outcome.cpu_user_us),
         cpu_system_ms: ms(outcome.cpu_system_us),
