@@ -40,7 +40,7 @@ fi
 
 # Service users the workers run as (no login, no home): the default one,
 # one per tenant of the example policies, and one for the limit tests.
-for u in corral-worker corral-alice corral-kid corral-test; do
+for u in corral-worker corral-alice corral-kid corral-dev corral-test; do
   id "$u" >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /usr/sbin/nologin "$u"
 done
 getent group corral-users >/dev/null || groupadd --system corral-users
@@ -49,4 +49,4 @@ getent group corral-users >/dev/null || groupadd --system corral-users
 for u in alice kid mallory; do
   id "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$u"
 done
-echo "test host ready: users corral-worker corral-alice corral-kid corral-test alice kid mallory"
+echo "test host ready: users corral-worker corral-alice corral-kid corral-dev corral-test alice kid mallory"
