@@ -126,17 +126,7 @@ pub(super) async fn exec(
         Termination::Signaled(s) => (None, Some(s)),
         Termination::NotStarted => (None, None),
     };
-    let failed = !matches!(outcome.termination, Termination::Exited(0));
-    let mut searched = outcome.stderr.clone();
-    if let (Termination::NotStarted, Some(e)) = (&outcome.termination, &outcome.error) {
-        // "cannot execute `./a`: Permission denied": name the file itself.
-        let argv0 = Path::new(&body.argv[0]);
-        let file = if argv0.is_absolute() { argv0.to_path_buf() } else { wf.pool.spec().workspace.join(argv0) };
-        if argv0.components().count() > 1 || argv0.is_absolute() {
-            searched.extend_from_slice(format!("\n{}: {e}\n", file.display()).as_bytes());
-        }
-    }
-    let sandbox_hint = crate::sandbox::refusal::hint(wf.pool.spec(), &searched, failed);
+    let sandbox_hint = sandbox_hint(&wf.pool, &body.argv[0], &outcome);
     let (stdout, stdout_base64) = api::encode_bytes(&outcome.stdout);
     let (stderr, stderr_base64) = api::encode_bytes(&outcome.stderr);
     let ms = |us: u64| us as f64 / 1000.0;
@@ -196,5 +186,26 @@ async fn run(
             "internal",
             "the worker answered an exec with an ask result; retry it",
         )),
+    }
+}
+
+/// Which rule of the workflow's sandbox a failed call likely ran into (see
+/// [`crate::sandbox::refusal`]); `None` for a call that succeeded.
+fn sandbox_hint(pool: &crate::broker::pool::Pool, argv0: &str, outcome: &ExecOutcome) -> Option<String> {
+    if matches!(outcome.termination, Termination::Exited(0)) {
+        return None;
+    }
+    let spec = pool.spec();
+    match (&outcome.termination, &outcome.error) {
+        (Termination::NotStarted, Some(e)) => {
+            // "cannot execute `./a`: Permission denied": name the file itself.
+            let argv0 = Path::new(argv0);
+            if argv0.components().count() < 2 && !argv0.is_absolute() {
+                return None; // found through PATH: no path of its own to name
+            }
+            let line = format!("{}: {e}\n", spec.workspace.join(argv0).display());
+            crate::sandbox::refusal::hint(spec, line.as_bytes(), true)
+        }
+        _ => crate::sandbox::refusal::hint(spec, &outcome.stderr, true),
     }
 }
