@@ -526,7 +526,7 @@ fn reload_applies_a_changed_policy_and_keeps_the_old_set_on_error() {
         st["workflows"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect()
     };
 
-    // A fourth workflow appears on reload and serves, without a restart.
+    // A fifth workflow appears on reload and serves, without a restart.
     // Its own user, so its own tenant (a tenant is one user): below Landlock
     // ABI 6 the broker refuses required workflows that share a user
     // (shell-tools runs as corral-worker).
@@ -548,7 +548,7 @@ fn reload_applies_a_changed_policy_and_keeps_the_old_set_on_error() {
     assert_eq!(svc.main_pid(), pid, "reload restarted the broker");
     let text = poll(Duration::from_secs(5), || {
         let t = svc.show(SERVICE, "StatusText");
-        t.contains("serving 4 workflows").then_some(t)
+        t.contains("serving 5 workflows").then_some(t)
     });
     assert!(text.is_some(), "StatusText={}", svc.show(SERVICE, "StatusText"));
 
