@@ -6,7 +6,8 @@
 #   scripts/setup-test-host.sh [--no-build]
 #
 #   --no-build  this host only runs prebuilt binaries and tests (the qemu
-#               guest of tests/guest/): no C compiler (the Rust linker) needed
+#               guest of tests/guest/): no npm (its toolchain tests are not
+#               required there)
 #
 # apt-get runs only when something is missing; without a reachable mirror it
 # stops and names what to install.
@@ -19,13 +20,20 @@ case "${1:-}" in
 esac
 [ "$(id -u)" = 0 ] || { echo "run as root (it installs packages and creates users)" >&2; exit 1; }
 
-# command:package; curl only for the demo's hints, gcc only to link builds
+# command:package; curl only for the demo's hints. The toolchain the
+# sandboxed tools of tests/toolchain.rs run (git, make, cc, c++, node; npm
+# where a build happens: the Debian 12 guest carries no npm) must be in
+# /usr/bin, where the policies' PATH looks.
 tools="python3:python3 bwrap:bubblewrap curl:curl runuser:util-linux nsenter:util-linux useradd:passwd"
-[ $build = 0 ] || tools="$tools gcc:gcc"
+tools="$tools /usr/bin/git:git /usr/bin/make:make /usr/bin/cc:gcc /usr/bin/c++:g++ /usr/bin/node:nodejs"
+[ $build = 0 ] || tools="$tools /usr/bin/npm:npm"
 need=""
+add() { case " $need " in *" $1 "*) ;; *) need="$need $1" ;; esac; }
 for p in $tools; do
-  command -v "${p%%:*}" >/dev/null 2>&1 || case " $need " in *" ${p#*:} "*) ;; *) need="$need ${p#*:}" ;; esac
+  command -v "${p%%:*}" >/dev/null 2>&1 || add "${p#*:}"
 done
+# python3 -m venv with pip (ensurepip)
+/usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || add python3-venv
 if [ -n "$need" ]; then
   echo "installing:$need" >&2
   command -v apt-get >/dev/null 2>&1 || { echo "missing:$need, and this host has no apt-get: install them by hand" >&2; exit 1; }
@@ -40,7 +48,7 @@ fi
 
 # Service users the workers run as (no login, no home): the default one,
 # one per tenant of the example policies, and one for the limit tests.
-for u in corral-worker corral-alice corral-kid corral-test; do
+for u in corral-worker corral-alice corral-kid corral-dev corral-test; do
   id "$u" >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /usr/sbin/nologin "$u"
 done
 getent group corral-users >/dev/null || groupadd --system corral-users
@@ -49,4 +57,4 @@ getent group corral-users >/dev/null || groupadd --system corral-users
 for u in alice kid mallory; do
   id "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$u"
 done
-echo "test host ready: users corral-worker corral-alice corral-kid corral-test alice kid mallory"
+echo "test host ready: users corral-worker corral-alice corral-kid corral-dev corral-test alice kid mallory"

@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-test-host.sh
-export CORRAL_TEST_REQUIRE="${CORRAL_TEST_REQUIRE:-root,landlock,landlock-tcp,landlock-scopes,seccomp,users,python3,bwrap,systemd,guest}"
+export CORRAL_TEST_REQUIRE="${CORRAL_TEST_REQUIRE:-root,landlock,landlock-tcp,landlock-scopes,seccomp,users,python3,bwrap,toolchain,node,npm,systemd,guest}"
 echo "required test features: $CORRAL_TEST_REQUIRE"
 
 # Build first, so the systemd is not kept waiting on the compiler.
@@ -36,7 +36,7 @@ echo "namespaced systemd: PID $CORRAL_TEST_SYSTEMD_PID"
 
 cargo test --release --locked
 CORRAL_TEST_UNDER_SYSTEMD=1 cargo test --release --locked --test escape --test escape_ipc --test isolation --test limits --test api \
-  --test cancel --test front_door --test faults --test llm --test operations --test pool --test workspace
+  --test cancel --test front_door --test faults --test llm --test operations --test pool --test workspace --test toolchain
 
 case ",$CORRAL_TEST_REQUIRE," in
   *,guest,* | *,all,*)

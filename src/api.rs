@@ -96,6 +96,11 @@ pub struct ExecReply {
     /// says one did: "memory_max 256M reached …", "tasks_max 64 reached …".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<String>,
+    /// When a failed call's stderr names a path the sandbox's rules do not
+    /// cover, next to "Permission denied": the path and the rule. A hint
+    /// (inferred from stderr), not the kernel's word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_hint: Option<String>,
     pub wall_ms: f64,
     pub cpu_user_ms: f64,
     pub cpu_system_ms: f64,

@@ -84,7 +84,7 @@ fn status_shows_a_tenant_only_its_own_workflows() {
     // root sees every workflow.
     let all: Vec<String> =
         b.status()["workflows"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
-    assert_eq!(all, ["family-chat", "homework", "shell-tools"]);
+    assert_eq!(all, ["coding", "family-chat", "homework", "shell-tools"]);
 }
 
 /// A policy of `tenant` that may also write /dev/shm (POSIX shared memory).

@@ -313,6 +313,7 @@ fn procs_of_uid(sd: u32, uid: u32) -> Vec<u32> {
 /// The limits of the shipped policies, as `systemctl show` prints them:
 /// (workflow, tenant, MemoryMax, TasksMax, CPUQuotaPerSecUSec).
 const WORKFLOW_LIMITS: &[(&str, &str, &str, &str, &str)] = &[
+    ("coding", "dev", "1073741824", "256", "infinity"),
     ("family-chat", "alice", "536870912", "128", "infinity"),
     ("homework", "kid", "134217728", "32", "250ms"),
     ("shell-tools", "ops", "268435456", "64", "infinity"),
@@ -335,7 +336,7 @@ fn service_is_ready_hardened_and_puts_workers_in_scopes() {
     assert_eq!(svc.show(SERVICE, "SubState"), "running");
     assert_eq!(svc.show(SERVICE, "Type"), "notify");
     let status_text = svc.show(SERVICE, "StatusText");
-    assert!(status_text.contains("serving 3 workflows"), "StatusText={status_text}");
+    assert!(status_text.contains("serving 4 workflows"), "StatusText={status_text}");
     assert_eq!(svc.show(SERVICE, "WatchdogUSec"), "20s");
 
     let st = svc.status();
@@ -380,7 +381,7 @@ fn service_is_ready_hardened_and_puts_workers_in_scopes() {
     let out = std::process::Command::new(BIN).arg("status").env("CORRAL_SOCKET", svc.socket()).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let table = String::from_utf8_lossy(&out.stdout);
-    for wf in ["family-chat", "homework", "shell-tools"] {
+    for wf in ["coding", "family-chat", "homework", "shell-tools"] {
         assert!(table.contains(&format!("scope corral-{wf}-")), "{table}");
     }
     assert!(table.contains(": memory ") && table.contains("(peak ") && table.contains(", tasks "), "{table}");
@@ -525,7 +526,7 @@ fn reload_applies_a_changed_policy_and_keeps_the_old_set_on_error() {
         st["workflows"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect()
     };
 
-    // A fourth workflow appears on reload and serves, without a restart.
+    // A fifth workflow appears on reload and serves, without a restart.
     // Its own user, so its own tenant (a tenant is one user): below Landlock
     // ABI 6 the broker refuses required workflows that share a user
     // (shell-tools runs as corral-worker).
@@ -537,7 +538,7 @@ fn reload_applies_a_changed_policy_and_keeps_the_old_set_on_error() {
         names(&st).contains(&"probe".to_string()).then_some(st)
     })
     .unwrap_or_else(|| panic!("probe never appeared: {:#}", svc.status()));
-    assert_eq!(names(&st).len(), 4, "{st:#}");
+    assert_eq!(names(&st).len(), 5, "{st:#}");
     let r = poll(Duration::from_secs(10), || {
         let (code, r) = svc.exec_body(&json!({ "workflow": "probe", "argv": ["echo", "new"] }));
         (code == 200).then_some(r)
@@ -547,7 +548,7 @@ fn reload_applies_a_changed_policy_and_keeps_the_old_set_on_error() {
     assert_eq!(svc.main_pid(), pid, "reload restarted the broker");
     let text = poll(Duration::from_secs(5), || {
         let t = svc.show(SERVICE, "StatusText");
-        t.contains("serving 4 workflows").then_some(t)
+        t.contains("serving 5 workflows").then_some(t)
     });
     assert!(text.is_some(), "StatusText={}", svc.show(SERVICE, "StatusText"));
 
@@ -565,7 +566,7 @@ fn reload_applies_a_changed_policy_and_keeps_the_old_set_on_error() {
     assert_eq!(svc.show(SERVICE, "ActiveState"), "active");
     assert_eq!(svc.main_pid(), pid);
     let st = svc.status();
-    assert_eq!(names(&st), ["family-chat", "homework", "probe", "shell-tools"], "{st:#}");
+    assert_eq!(names(&st), ["coding", "family-chat", "homework", "probe", "shell-tools"], "{st:#}");
     assert_eq!(stdout(&svc.exec("probe", &["echo", "still"])), "still\n");
     assert_eq!(stdout(&svc.exec("homework", &["echo", "still"])), "still\n");
     // (Svc's drop removes both files and restarts with the shipped set.)

@@ -368,7 +368,7 @@ fn prepare_state_dir(dir: &std::path::Path) -> Result<(), BrokerError> {
     workspace::prepare_state_dir(dir).map_err(|source| BrokerError::StateDir { dir: dir.to_path_buf(), source })
 }
 
-const RLIMITS_ONLY: &str = "rlimits only (RLIMIT_AS = memory_max, RLIMIT_NPROC = tasks_max per user, \
+const RLIMITS_ONLY: &str = "rlimits only (RLIMIT_DATA = memory_max per process, RLIMIT_AS = 8 x memory_max as a backstop, RLIMIT_NPROC = tasks_max per user, \
     RLIMIT_FSIZE, RLIMIT_NOFILE); cpu_quota, memory_swap_max, io_weight and tenant limits are NOT enforced";
 
 /// systemd when it answers; the resource control text; why systemd is not

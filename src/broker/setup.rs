@@ -159,9 +159,13 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
             output_max: limits.output_max.0,
             file_size_max: limits.file_size_max.0,
             open_files_max: u64::from(limits.open_files_max),
-            // RLIMIT_AS breaks runtimes that reserve address space (JITs);
-            // only when no cgroup limits memory does it stand in.
-            address_space_max: systemd.is_none().then_some(limits.memory_max.0),
+            // Only when no cgroup limits memory: RLIMIT_DATA stands in for
+            // memory_max (what a call commits, not what it reserves, so
+            // JITs start), RLIMIT_AS only as a generous backstop.
+            data_max: systemd.is_none().then_some(limits.memory_max.0),
+            address_space_max: systemd
+                .is_none()
+                .then(|| crate::sandbox::spec::address_space_backstop(limits.memory_max.0)),
             processes_max: systemd.is_none().then_some(u64::from(limits.tasks_max)),
         },
         env,

@@ -110,6 +110,20 @@ fn describe_rows(wf: &Workflow, kernel: KernelSupport) -> Result<String, sandbox
             interpreters.join(", ")
         );
     }
+    let wrote: Vec<&str> = sb
+        .write
+        .iter()
+        .filter(|w| exec_dirs.iter().any(|e| std::path::Path::new(w.as_str()).starts_with(e)))
+        .map(|w| w.as_str())
+        .collect();
+    if !wrote.is_empty() {
+        let _ = writeln!(
+            out,
+            "  RUNS CODE IT WROTE: {} is writable and in exec: tools may build programs there and run them \
+             (compilers, venvs, npm scripts); what runs is still bound by this sandbox",
+            wrote.join(" ")
+        );
+    }
     let _ = writeln!(out, "  tcp    connect {:?} bind {:?}", sb.tcp_connect, sb.tcp_bind);
     let cpu = l.cpu_quota.as_ref().map_or("none".to_string(), ToString::to_string);
     let _ = writeln!(

@@ -82,6 +82,9 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
     if let Some(err) = &reply.error {
         eprintln!("corral: {err}");
     }
+    if let Some(hint) = &reply.sandbox_hint {
+        eprintln!("corral: {hint}");
+    }
     if reply.truncated {
         eprintln!("corral: output truncated at the workflow's output_max");
     }

@@ -11,6 +11,7 @@ use super::*;
 const SHELL_TOOLS: &str = include_str!("../../policies/shell-tools.toml");
 const FAMILY_CHAT: &str = include_str!("../../policies/family-chat.toml");
 const HOMEWORK: &str = include_str!("../../policies/homework.toml");
+const CODING: &str = include_str!("../../policies/coding.toml");
 
 const MINIMAL: &str = "[workflow]\nname = \"w\"\ntenant = \"t\"\n";
 
@@ -103,6 +104,25 @@ fn shipped_policies_parse() {
         TenantLimits { memory_max: Some(ByteSize::gib(1)), cpu_quota: None, tasks_max: Some(256) }
     );
     assert_eq!(shell.tenant_limits, TenantLimits::default());
+    // git skips /etc/gitconfig instead of failing on it; multiprocessing
+    // gets the worker's own /dev/shm.
+    assert_eq!(shell.env["GIT_CONFIG_NOSYSTEM"], "1");
+    assert!(shell.sandbox.write.iter().any(|p| p.as_str() == "/dev/shm"));
+
+    let coding = parse_workflow(Path::new("policies/coding.toml"), CODING).unwrap();
+    assert_eq!((coding.tenant.as_str(), coding.user.as_deref()), ("dev", Some("corral-dev")));
+    // It may run what it builds: the workspace is writable and in exec.
+    assert!(coding.sandbox.write.iter().any(|p| p.as_str() == "{workspace}"));
+    assert!(coding.sandbox.exec.iter().any(|p| p.as_str() == "{workspace}"));
+    for default in DEFAULT_EXEC {
+        assert!(coding.sandbox.exec.iter().any(|p| p.as_str() == default), "{default}");
+    }
+    // No network until egress allow-lists exist.
+    assert!(coding.sandbox.tcp_connect.is_empty() && coding.sandbox.tcp_bind.is_empty());
+    assert_eq!(coding.limits.memory_max, ByteSize::gib(1));
+    assert_eq!(coding.limits.call_timeout, Duration::from_secs(300));
+    assert_eq!(coding.env["GIT_CONFIG_NOSYSTEM"], "1");
+    assert!(coding.llm.is_none());
 }
 
 #[test]
@@ -111,11 +131,12 @@ fn shipped_policies_load_as_a_directory() {
         ("shell-tools.toml", SHELL_TOOLS),
         ("family-chat.toml", FAMILY_CHAT),
         ("homework.toml", HOMEWORK),
+        ("coding.toml", CODING),
         ("README.md", "not a policy"),
     ]);
     let policies = load_dir(&dir.0).unwrap();
     let names: Vec<&str> = policies.workflows.iter().map(|w| w.name.as_str()).collect();
-    assert_eq!(names, ["family-chat", "homework", "shell-tools"]);
+    assert_eq!(names, ["coding", "family-chat", "homework", "shell-tools"]);
     let tenant = |name: &str| name.parse::<TenantName>().unwrap();
     assert_eq!(policies.tenant_limits(&tenant("kid")).memory_max, Some(ByteSize::mib(256)));
     assert_eq!(policies.tenant_limits(&tenant("alice")).tasks_max, Some(256));

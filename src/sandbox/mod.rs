@@ -34,6 +34,7 @@ pub mod landlock;
 pub mod memory;
 pub mod namespace;
 pub mod process;
+pub mod refusal;
 pub mod seccomp;
 pub mod spec;
 pub mod sys;
@@ -124,6 +125,9 @@ pub struct Confined {
     /// Where the worker's IPC namespace lists its POSIX queues, for
     /// [`namespace::clean_ipc`] after each call.
     pub mqueue: Option<PathBuf>,
+    /// The worker's private `/dev/shm`, for [`namespace::clean_shm`] after
+    /// each call.
+    pub shm: Option<PathBuf>,
 }
 
 /// `oom_score_adj` of every worker and tool: the OOM killer's first choice.
@@ -203,7 +207,7 @@ pub fn confine_worker(spec: &SandboxSpec, sock: std::os::fd::BorrowedFd<'_>) -> 
         oom_score_adj: Some(oom),
         notes,
     };
-    Ok(Confined { effective, mqueue: ns.mqueue })
+    Ok(Confined { effective, mqueue: ns.mqueue, shm: ns.shm })
 }
 
 /// Whether tool calls run at the lowest CPU priority: when no systemd scope
@@ -312,9 +316,13 @@ pub fn resource_rows(cgroups: Option<&str>) -> Vec<Enforcement> {
         None => vec![
             row(
                 "memory",
-                "RLIMIT_AS of each call (virtual memory; no systemd scope): shared memory, memfds and tmpfs pages \
-                 are outside it, so tools are the OOM killer's first choice (oom_score_adj 1000) and the broker \
-                 its last (-900, with CAP_SYS_RESOURCE); the worker's /dev/shm is capped at memory_max",
+                "RLIMIT_DATA = memory_max of each call (the private writable memory a process commits: heap, \
+                 anonymous mappings, thread stacks; address space a runtime only reserves is not counted, so \
+                 node, Go and the JVM start), RLIMIT_AS = 8 x memory_max (at least 16G) only as a backstop; no \
+                 systemd scope, so the limit is per process, not per call; SysV shared memory held to memory_max \
+                 per worker (shmall), the worker's /dev/shm capped at memory_max, memfds refused; shared \
+                 anonymous mappings only by the backstop: tools are the OOM killer's first choice \
+                 (oom_score_adj 1000) and the broker its last (-900, with CAP_SYS_RESOURCE)",
             ),
             row("tasks", "RLIMIT_NPROC of the worker's user (no systemd scope)"),
             row(

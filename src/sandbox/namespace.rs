@@ -37,6 +37,9 @@ pub struct Report {
     /// (`/dev/mqueue`, or `/dev/shm/.mqueue` where the host has none): the
     /// worker's Landlock layer must let it list the queues there.
     pub mqueue: Option<PathBuf>,
+    /// The worker's private `/dev/shm`, emptied after each call
+    /// ([`clean_shm`]); `None` where it has none (never the host's).
+    pub shm: Option<PathBuf>,
     pub notes: Vec<String>,
 }
 
@@ -100,6 +103,14 @@ fn mounts(spec: &SandboxSpec) -> Result<Report, SandboxError> {
         .map_err(ns_err("mount /proc for the PID namespace"))?;
     // Per IPC namespace: a segment nobody has attached is removed at once.
     std::fs::write("/proc/sys/kernel/shm_rmid_forced", "1").map_err(ns_err("set kernel.shm_rmid_forced"))?;
+    // Without a cgroup, RLIMIT_DATA does not count shared mappings: SysV
+    // shared memory of the whole namespace is held to memory_max instead.
+    if let Some(max) = spec.tool.data_max {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096);
+        let pages = max / u64::try_from(page).unwrap_or(4096).max(1);
+        std::fs::write("/proc/sys/kernel/shmmax", max.to_string()).map_err(ns_err("set kernel.shmmax"))?;
+        std::fs::write("/proc/sys/kernel/shmall", pages.to_string()).map_err(ns_err("set kernel.shmall"))?;
+    }
     // The sysctls of the new /proc stay read-only, as the host's are under
     // ProtectKernelTunables=.
     let sysctl = Path::new("/proc/sys");
@@ -109,10 +120,11 @@ fn mounts(spec: &SandboxSpec) -> Result<Report, SandboxError> {
 
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        let size = spec.tool.address_space_max.map(|b| format!(",size={b}")).unwrap_or_default();
+        let size = spec.tool.data_max.map(|b| format!(",size={b}")).unwrap_or_default();
         sys::mount(Some("shm"), shm, Some("tmpfs"), hidden, Some(&format!("mode=1777{size}")))
             .map_err(ns_err("mount a private /dev/shm"))?;
         report.noexec.push(shm.to_path_buf());
+        report.shm = Some(shm.to_path_buf());
     } else {
         report.notes.push("/dev/shm does not exist here: POSIX shared memory has no file system to live in".into());
     }
@@ -221,4 +233,43 @@ pub fn clean_ipc(mqueue: Option<&Path>) -> (usize, Vec<String>) {
         }
     }
     (removed, failed)
+}
+
+/// Empties the worker's private `/dev/shm` after a call (all but `keep`, the
+/// POSIX queue mount inside it where the host has no `/dev/mqueue`): POSIX
+/// shared memory, semaphores and files a call left there do not reach the
+/// next call. Every process of the call is dead by then. Returns how many
+/// entries were removed, and the ones that could not be.
+pub fn clean_shm(dir: &Path, keep: Option<&Path>) -> (usize, Vec<String>) {
+    let mut removed = 0;
+    let mut failed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, failed);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if keep.is_some_and(|k| k == path) {
+            continue;
+        }
+        match remove_tree(&path) {
+            Ok(()) => removed += 1,
+            Err(e) => failed.push(format!("{}: {e}", path.display())),
+        }
+    }
+    (removed, failed)
+}
+
+/// Removes `path` and what is beneath it without following symlinks,
+/// giving back the owner's rights to directories a call closed (`chmod 0`).
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return std::fs::remove_file(path);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(path)?.flatten() {
+        remove_tree(&entry.path())?;
+    }
+    std::fs::remove_dir(path)
 }

@@ -42,6 +42,9 @@ pub fn install_tool_hook(
         setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile)?;
         setrlimit(Resource::RLIMIT_FSIZE, limits.file_size_max, limits.file_size_max)?;
         setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+        if let Some(bytes) = limits.data_max {
+            setrlimit(Resource::RLIMIT_DATA, bytes, bytes)?;
+        }
         if let Some(bytes) = limits.address_space_max {
             setrlimit(Resource::RLIMIT_AS, bytes, bytes)?;
         }

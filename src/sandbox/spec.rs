@@ -53,8 +53,14 @@ pub struct ToolLimits {
     pub output_max: u64,
     pub file_size_max: u64,
     pub open_files_max: u64,
-    /// `RLIMIT_AS` of a tool (cgroups give the real memory limit when systemd
-    /// manages the worker).
+    /// `RLIMIT_DATA` of a tool: the private writable memory it may commit
+    /// (heap, anonymous mappings, thread stacks), `memory_max` when no
+    /// cgroup limits memory (systemd's scope is the real limit otherwise).
+    /// Address space a runtime only reserves (`PROT_NONE`, as V8, Go and the
+    /// JVM do) is not counted until it is made writable.
+    pub data_max: Option<u64>,
+    /// `RLIMIT_AS` of a tool: a generous backstop beside `data_max`
+    /// ([`address_space_backstop`]), never the memory limit itself.
     pub address_space_max: Option<u64>,
     /// `RLIMIT_NPROC` of a tool (counted per uid by the kernel).
     pub processes_max: Option<u64>,
@@ -100,4 +106,14 @@ pub struct EffectiveSandbox {
     pub oom_score_adj: Option<i32>,
     /// Everything that is weaker than the policy asked for, in words.
     pub notes: Vec<String>,
+}
+
+/// The `RLIMIT_AS` backstop that goes with a `memory_max` of `memory_max`
+/// bytes when no cgroup limits memory: 8 × `memory_max`, at least 16 GiB.
+/// Runtimes reserve far more address space than they touch (node about
+/// 0.7 GiB for `node -e 1`, a JVM a quarter of the host's RAM plus 1 GiB),
+/// so address space is the wrong quantity to limit; the backstop only caps
+/// what `RLIMIT_DATA` does not count (shared and read-only mappings).
+pub fn address_space_backstop(memory_max: u64) -> u64 {
+    memory_max.saturating_mul(8).max(16 << 30)
 }

@@ -59,7 +59,13 @@ pub fn run() -> Result<(), WorkerError> {
         }
     };
     write_frame(&mut sock, &FromWorker::Ready(confined.effective))?;
-    let tools = tool::Tools { spec: &spec, layer: &layer, devnull: &devnull, mqueue: confined.mqueue.as_deref() };
+    let tools = tool::Tools {
+        spec: &spec,
+        layer: &layer,
+        devnull: &devnull,
+        mqueue: confined.mqueue.as_deref(),
+        shm: confined.shm.as_deref(),
+    };
 
     while let Some(msg) = read_frame::<_, ToWorker>(&mut sock)? {
         match msg {

@@ -110,6 +110,8 @@ pub struct Tools<'a> {
     pub devnull: &'a File,
     /// The worker's POSIX queue directory, emptied after each call.
     pub mqueue: Option<&'a Path>,
+    /// The worker's private `/dev/shm`, emptied after each call.
+    pub shm: Option<&'a Path>,
 }
 
 fn spawn(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Child> {
@@ -134,8 +136,8 @@ fn spawn(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Child> {
     cmd.spawn()
 }
 
-/// Runs one call to completion, then empties the worker's IPC namespace:
-/// nothing the call made outlives it. Never panics on the command's
+/// Runs one call to completion, then empties the worker's IPC namespace
+/// and its private `/dev/shm`: nothing the call made outlives it. Never panics on the command's
 /// behaviour.
 pub fn run(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutcome {
     let outcome = run_call(ctx, req, broker);
@@ -145,6 +147,15 @@ pub fn run(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutco
     }
     if !failed.is_empty() {
         tracing::warn!(?failed, "IPC objects the call left could not be removed");
+    }
+    if let Some(shm) = ctx.shm {
+        let (removed, failed) = namespace::clean_shm(shm, ctx.mqueue);
+        if removed > 0 {
+            tracing::debug!(removed, "files the call left in /dev/shm were removed");
+        }
+        if !failed.is_empty() {
+            tracing::warn!(?failed, "files the call left in /dev/shm could not be removed");
+        }
     }
     outcome
 }

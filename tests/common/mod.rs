@@ -19,7 +19,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_corral");
 
 /// Users the tests expect (created by `scripts/setup-test-host.sh`).
 pub const WORKER_USER: &str = "corral-worker";
-pub const USERS: &[&str] = &["corral-worker", "corral-alice", "corral-kid", "corral-test", "alice", "kid", "mallory"];
+pub const USERS: &[&str] =
+    &["corral-worker", "corral-alice", "corral-kid", "corral-dev", "corral-test", "alice", "kid", "mallory"];
 
 fn feature_present(feature: &str) -> Result<(), String> {
     match feature {
@@ -75,8 +76,35 @@ fn feature_present(feature: &str) -> Result<(), String> {
             None => Err("no namespaced systemd: set CORRAL_TEST_SYSTEMD_PID (scripts/sd-ns/ns.sh start)".into()),
         },
         "python3" => which("python3"),
+        // What tests/toolchain.rs runs inside the sandbox, from the paths the
+        // policies' PATH (/usr/bin:/bin) finds: git, make, C and C++
+        // compilers, python3 with venv and ensurepip (python3-venv).
+        "toolchain" => {
+            let missing: Vec<&str> = ["git", "make", "cc", "c++", "python3", "tar", "gzip", "ps"]
+                .into_iter()
+                .filter(|p| !Path::new("/usr/bin").join(p).is_file())
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!("{missing:?} not in /usr/bin: run scripts/setup-test-host.sh"));
+            }
+            let venv = Command::new("/usr/bin/python3").args(["-c", "import venv, ensurepip"]).output();
+            match venv {
+                Ok(o) if o.status.success() => Ok(()),
+                _ => Err("python3 has no venv/ensurepip: install python3-venv".into()),
+            }
+        }
+        "node" => usr_bin("node"),
+        "npm" => usr_bin("npm"),
         "bwrap" => which("bwrap"),
         other => Err(format!("unknown feature {other}")),
+    }
+}
+
+fn usr_bin(prog: &str) -> Result<(), String> {
+    if Path::new("/usr/bin").join(prog).is_file() {
+        Ok(())
+    } else {
+        Err(format!("/usr/bin/{prog} is not installed"))
     }
 }
 

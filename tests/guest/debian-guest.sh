@@ -49,9 +49,11 @@ fi
 # D-Bus (corral's scopes), the kernel, and what corral's tests call:
 # bwrap, runuser/nsenter (util-linux), python3, ps/pgrep (procps), ip
 # (iproute2), useradd (passwd), curl; ca-certificates as on any installed
-# Debian (the LLM gateway's HTTP client wants a CA store). Changing the list
-# rebuilds the root.
-packages=systemd,systemd-sysv,dbus,linux-image-amd64,udev,kmod,passwd,util-linux,e2fsprogs,procps,python3,bubblewrap,iproute2,curl,ca-certificates
+# Debian (the LLM gateway's HTTP client wants a CA store); the toolchain
+# tests/toolchain.rs runs in the sandbox: git, make, gcc, g++ (libc6-dev is
+# only a recommendation of gcc), python3-venv, nodejs (npm is left out: it
+# pulls in hundreds of packages). Changing the list rebuilds the root.
+packages=systemd,systemd-sysv,dbus,linux-image-amd64,udev,kmod,passwd,util-linux,e2fsprogs,procps,python3,bubblewrap,iproute2,curl,ca-certificates,git,make,gcc,g++,libc6-dev,python3-venv,nodejs
 root=$cache/rootfs
 if [ ! -f "$cache/.built" ] || [ "$(cat "$cache/.built")" != "$packages" ]; then
   # the same mirror apt uses on this machine

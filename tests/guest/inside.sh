@@ -20,8 +20,9 @@ if [ -n "${CORRAL_GUEST_BIND_FROM:-}" ]; then
 fi
 cd "$repo" || exit 1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-# Landlock ABI 2: no TCP rules (landlock-tcp), no scopes (landlock-scopes).
-export CORRAL_TEST_REQUIRE=${CORRAL_GUEST_REQUIRE:-root,landlock,seccomp,users,python3,bwrap,systemd}
+# Landlock ABI 2: no TCP rules (landlock-tcp), no scopes (landlock-scopes);
+# no npm (see debian-guest.sh: packages).
+export CORRAL_TEST_REQUIRE=${CORRAL_GUEST_REQUIRE:-root,landlock,seccomp,users,python3,bwrap,toolchain,node,systemd}
 section() { printf '\n===== %s =====\n' "$*"; }
 failed=0 summary=()
 
@@ -34,6 +35,10 @@ export CORRAL_TEST_FUZZ_BODIES=${CORRAL_GUEST_FUZZ_BODIES:-1000}
 # attack's answers need longer to arrive.
 export CORRAL_TEST_LOAD_MAX_CONCURRENCY=${CORRAL_GUEST_LOAD_MAX_CONCURRENCY:-64}
 export CORRAL_TEST_ATTACK_SETTLE=${CORRAL_GUEST_ATTACK_SETTLE:-8}
+# tests/toolchain.rs: ensurepip (installing and byte-compiling pip and
+# setuptools into a venv) takes minutes on the emulated CPUs; the venv is
+# made without it there and pip runs from the wheel ensurepip would install.
+export CORRAL_TEST_VENV_WITHOUT_ENSUREPIP=${CORRAL_GUEST_VENV_WITHOUT_ENSUREPIP:-1}
 
 section "guest: $(uname -r), $(stat -fc %T /sys/fs/cgroup), PID 1 $(cat /proc/1/comm), $(nproc) CPUs"
 echo "required test features: $CORRAL_TEST_REQUIRE"

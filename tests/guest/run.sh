@@ -15,8 +15,8 @@
 # The guest's console is kept in target/guest/console.log.
 #
 # CORRAL_GUEST_REQUIRE overrides the features the guest must have (default:
-# root,landlock,seccomp,users,python3,bwrap,systemd — not landlock-tcp or
-# landlock-scopes: Landlock ABI 2 has neither).
+# root,landlock,seccomp,users,python3,bwrap,toolchain,node,systemd — not
+# landlock-tcp or landlock-scopes: Landlock ABI 2 has neither; not npm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd -P)

@@ -1,5 +1,6 @@
 //! `POST /v1/exec`: one command in a workflow's sandbox.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,6 +129,7 @@ pub(super) async fn exec(
         Termination::Signaled(s) => (None, Some(s)),
         Termination::NotStarted => (None, None),
     };
+    let sandbox_hint = sandbox_hint(&wf.pool, &body.argv[0], &outcome);
     let (stdout, stdout_base64) = api::encode_bytes(&outcome.stdout);
     let (stderr, stderr_base64) = api::encode_bytes(&outcome.stderr);
     let ms = |us: u64| us as f64 / 1000.0;
@@ -149,6 +151,7 @@ pub(super) async fn exec(
         timed_out: outcome.timed_out,
         cancelled: outcome.cancelled,
         limit,
+        sandbox_hint,
         wall_ms: ms(outcome.wall_us),
         cpu_user_ms: ms(outcome.cpu_user_us),
         cpu_system_ms: ms(outcome.cpu_system_us),
@@ -224,5 +227,26 @@ impl Drop for Row<'_> {
         if self.call.is_some() {
             self.finish("cancelled", None, None);
         }
+    }
+}
+
+/// Which rule of the workflow's sandbox a failed call likely ran into (see
+/// [`crate::sandbox::refusal`]); `None` for a call that succeeded.
+fn sandbox_hint(pool: &crate::broker::pool::Pool, argv0: &str, outcome: &ExecOutcome) -> Option<String> {
+    if matches!(outcome.termination, Termination::Exited(0)) {
+        return None;
+    }
+    let spec = pool.spec();
+    match (&outcome.termination, &outcome.error) {
+        (Termination::NotStarted, Some(e)) => {
+            // "cannot execute `./a`: Permission denied": name the file itself.
+            let argv0 = Path::new(argv0);
+            if argv0.components().count() < 2 && !argv0.is_absolute() {
+                return None; // found through PATH: no path of its own to name
+            }
+            let line = format!("{}: {e}\n", spec.workspace.join(argv0).display());
+            crate::sandbox::refusal::hint(spec, line.as_bytes(), true)
+        }
+        _ => crate::sandbox::refusal::hint(spec, &outcome.stderr, true),
     }
 }

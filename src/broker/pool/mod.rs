@@ -473,6 +473,11 @@ impl Pool {
     }
 
     /// PIDs of the live worker processes.
+    /// The sandbox the workers of this pool enforce.
+    pub fn spec(&self) -> &SandboxSpec {
+        &self.cfg.spec
+    }
+
     pub fn worker_pids(&self) -> Vec<u32> {
         self.state().workers.values().filter_map(|w| w.pid).collect()
     }
