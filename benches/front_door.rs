@@ -11,7 +11,8 @@
 //!
 //! `cargo bench --bench front_door` (needs root, python3 and the users
 //! mallory and alice: `scripts/setup-test-host.sh`).
-//! `CORRAL_BENCH_CALLS` sets the calls per concurrency level (default 2000).
+//! `CORRAL_BENCH_CALLS` sets the calls per concurrency level (default 2000);
+//! `CORRAL_BENCH_BIN` the corral binary to measure (default: cargo's).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
@@ -213,7 +214,7 @@ fn main() {
         p = d.parent();
     }
     let socket = dir.join("s.sock");
-    let mut broker = Command::new(BIN)
+    let mut broker = Command::new(std::env::var("CORRAL_BENCH_BIN").unwrap_or_else(|_| BIN.to_string()))
         .args(["broker", "--systemd", "off", "--policies"])
         .arg(dir.join("policies"))
         .arg("--socket")

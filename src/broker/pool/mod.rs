@@ -257,11 +257,6 @@ fn kill_descendants(worker: u32) {
     }
 }
 
-/// Whether process `pid` has died (a zombie not yet reaped, or gone).
-fn is_dead(pid: u32) -> bool {
-    matches!(proc_state(pid), None | Some('Z' | 'X'))
-}
-
 /// How often a busy worker is checked for being stopped.
 const STOP_CHECK: Duration = Duration::from_millis(250);
 const STOPPED_MID_CALL: &str = "the worker was stopped (SIGSTOP or a tracer) during the call";
@@ -856,9 +851,12 @@ impl Pool {
             // A worker that died or was stopped while idle, and whose end
             // was not seen yet, must not get the call: it goes back to the
             // head of the queue, for the replacement.
-            let unfit = if is_stopped(worker.pid) {
+            // One read of /proc/PID/stat answers both questions.
+            let state = proc_state(worker.pid);
+            let unfit = if matches!(state, Some('T' | 't')) {
                 Some("idle worker was stopped (SIGSTOP or a tracer); killed it".to_string())
-            } else if is_dead(worker.pid) {
+            } else if matches!(state, None | Some('Z' | 'X')) {
+                // Dead: a zombie not yet reaped, or gone.
                 Some(format!("idle worker {}", worker.exited().await))
             } else {
                 None
