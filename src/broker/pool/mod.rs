@@ -205,7 +205,7 @@ fn signal_of(text: &str) -> Option<i32> {
 /// The state letter of process `pid` (`R`, `S`, `T`, `Z`, …); `None` when
 /// it is gone.
 fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = crate::broker::auth::proc_stat(pid)?;
     // "PID (comm) S ...": the state follows the last ')'.
     stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next())
 }
