@@ -1,15 +1,30 @@
-//! Per-call overhead of a sandboxed call through corral, against baselines
-//! measured in the same run: bare fork+exec+wait of `/bin/true`, and
-//! `bwrap --unshare-all --ro-bind / / /bin/true`.
+//! One table: the cost of one trivial call (`/bin/true`) through corral and
+//! through the other ways to run it, measured in the same run, interleaved
+//! call by call (a noisy neighbour hits every row alike):
 //!
-//! `cargo bench --bench overhead` (root for the worker's user switch; bwrap
-//! optional). `CORRAL_BENCH_ITERS` sets the iterations (default 400). The
-//! three are interleaved call by call, so a noisy neighbour hits all alike.
+//! - bare `fork`+`exec`+`wait` (the kernel's own cost, the baseline);
+//! - corral: `POST /v1/exec` on a fresh connection (as the CLI makes it) and
+//!   on a kept-alive one, to a warm worker, which runs the tool as its
+//!   sandboxed child;
+//! - `bwrap --unshare-all --ro-bind / / /bin/true` (if installed);
+//! - `systemd-run --scope --quiet /bin/true` (if systemd is reachable);
+//! - `nsjail -Mo --quiet -R / -- /bin/true` (if installed).
+//!
+//! `cargo bench --bench overhead` as root. Under the namespaced systemd of
+//! the tests: `CORRAL_TEST_SYSTEMD_PID=$(scripts/sd-ns/ns.sh pid) cargo bench
+//! --bench overhead` (the bench re-runs itself inside that namespace; the
+//! broker's workers then get their scopes). `CORRAL_BENCH_ITERS` sets the
+//! calls per row (default 400); `CORRAL_BENCH_BIN` the corral binary to
+//! measure (default: the one cargo built with the bench, e.g. to measure
+//! the shipped `cargo build --release` binary from a bench built without LTO).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
 
 const BIN: &str = env!("CARGO_BIN_EXE_corral");
 
@@ -27,9 +42,10 @@ min_idle = 1
 max_workers = 1
 "#;
 
+const BODY: &[u8] = br#"{"workflow":"bench","argv":["/bin/true"]}"#;
+
 /// The `per_mille`/1000 quantile of sorted samples (nearest rank).
 fn percentile(sorted: &[Duration], per_mille: usize) -> Duration {
-    // Nearest rank: the smallest sample with at least p of them at or below.
     let n = sorted.len();
     let rank = (1..=n).find(|&k| k * 1000 >= per_mille * n).unwrap_or(n);
     sorted[rank - 1]
@@ -41,9 +57,17 @@ struct Series {
 }
 
 impl Series {
+    fn new(name: &'static str) -> Self {
+        Series { name, samples: Vec::new() }
+    }
     fn p(&mut self, per_mille: usize) -> Duration {
         self.samples.sort();
         percentile(&self.samples, per_mille)
+    }
+    fn time(&mut self, f: impl FnOnce()) {
+        let t = Instant::now();
+        f();
+        self.samples.push(t.elapsed());
     }
 }
 
@@ -51,14 +75,89 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+fn check_exec_answer(status: hyper::StatusCode, bytes: &[u8]) {
+    assert!(status.is_success(), "{}", String::from_utf8_lossy(bytes));
+    assert!(bytes.windows(14).any(|w| w == b"\"exit_code\":0,"), "{}", String::from_utf8_lossy(bytes));
+}
+
+/// One HTTP/1.1 connection to the broker, kept alive across calls.
+struct KeptAlive {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl KeptAlive {
+    async fn open(socket: &Path) -> Self {
+        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        KeptAlive { send }
+    }
+
+    /// One call; returns the worker's own wall time for it (spawn to reap).
+    async fn exec(&mut self) -> Duration {
+        self.send.ready().await.unwrap();
+        let req = hyper::Request::post("http://localhost/v1/exec")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(BODY)))
+            .unwrap();
+        let resp = self.send.send_request(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        check_exec_answer(status, &bytes);
+        let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        Duration::from_secs_f64(answer["wall_ms"].as_f64().unwrap() / 1000.0)
+    }
+
+    async fn status(&mut self) {
+        self.send.ready().await.unwrap();
+        let req = hyper::Request::get("http://localhost/v1/status").body(Full::new(Bytes::new())).unwrap();
+        let resp = self.send.send_request(req).await.unwrap();
+        assert!(resp.status().is_success());
+        resp.into_body().collect().await.unwrap();
+    }
+}
+
+fn installed(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn run_ok(cmd: &str, args: &[&str]) {
+    let st = Command::new(cmd).args(args).status().unwrap();
+    assert!(st.success(), "{cmd} {args:?}: {st}");
+}
+
+/// Re-runs the bench inside the namespaced systemd of the tests, when one
+/// is named and this host has none; returns whether systemd is reachable.
+fn systemd_here() -> bool {
+    if Path::new("/run/systemd/system").is_dir() {
+        return true;
+    }
+    match std::env::var("CORRAL_TEST_SYSTEMD_PID") {
+        Ok(pid) if std::env::var_os("CORRAL_BENCH_IN_NS").is_none() => {
+            let st = Command::new("nsenter")
+                .args(["-t", &pid, "-m", "-p", "--"])
+                .arg(std::env::current_exe().unwrap())
+                .args(std::env::args().skip(1))
+                .env("CORRAL_BENCH_IN_NS", "1")
+                .status()
+                .unwrap();
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        _ => false,
+    }
+}
+
 fn main() {
+    let systemd = systemd_here();
     let iters: usize = std::env::var("CORRAL_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("corral-bench-{}", std::process::id()));
+    let dir = PathBuf::from(format!("/run/corral-bench-overhead-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::write(dir.join("policies/bench.toml"), POLICY).unwrap();
     let socket = dir.join("s.sock");
-    let mut broker = Command::new(BIN)
-        .args(["broker", "--policies"])
+    let bin = std::env::var("CORRAL_BENCH_BIN").unwrap_or_else(|_| BIN.to_string());
+    let mut broker = Command::new(&bin)
+        .args(["broker", "--instance", "bench-overhead", "--systemd", if systemd { "required" } else { "off" }])
+        .arg("--policies")
         .arg(dir.join("policies"))
         .arg("--socket")
         .arg(&socket)
@@ -71,20 +170,18 @@ fn main() {
         .unwrap();
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let body = br#"{"workflow":"bench","argv":["/bin/true"]}"#.to_vec();
-    let call = |rt: &tokio::runtime::Runtime| {
+    let fresh = |rt: &tokio::runtime::Runtime| {
         let (status, bytes) = rt
-            .block_on(corral::client::request(&socket, hyper::Method::POST, "/v1/exec", Some(body.clone())))
+            .block_on(corral::client::request(&socket, hyper::Method::POST, "/v1/exec", Some(BODY.to_vec())))
             .expect("broker call");
-        assert!(status.is_success(), "{}", String::from_utf8_lossy(&bytes));
-        assert!(bytes.windows(14).any(|w| w == b"\"exit_code\":0,"), "{}", String::from_utf8_lossy(&bytes));
+        check_exec_answer(status, &bytes);
     };
     // Wait for the broker and a warm worker.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
             let (s, _) = rt
-                .block_on(corral::client::request(&socket, hyper::Method::POST, "/v1/exec", Some(body.clone())))
+                .block_on(corral::client::request(&socket, hyper::Method::POST, "/v1/exec", Some(BODY.to_vec())))
                 .unwrap_or((hyper::StatusCode::SERVICE_UNAVAILABLE, Default::default()));
             if s.is_success() {
                 break;
@@ -93,59 +190,77 @@ fn main() {
         assert!(Instant::now() < deadline, "broker did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let bwrap = Command::new("bwrap").arg("--version").output().is_ok_and(|o| o.status.success());
+    let mut kept = rt.block_on(KeptAlive::open(&socket));
+    let bwrap = installed("bwrap", "--version");
+    let nsjail = installed("nsjail", "--help");
 
-    let mut bare = Series { name: "fork+exec+wait /bin/true", samples: Vec::new() };
-    let mut corral = Series { name: "corral exec (HTTP, worker, tool child)", samples: Vec::new() };
-    let mut bw = Series { name: "bwrap --unshare-all --ro-bind / / /bin/true", samples: Vec::new() };
+    let mut bare = Series::new("fork+exec+wait /bin/true");
+    let mut c_fresh = Series::new("corral exec, fresh connection");
+    let mut c_kept = Series::new("corral exec, kept-alive connection");
+    let mut in_worker = Series::new("(its part in the worker: spawn to reap, as it reports)");
+    let mut status = Series::new("(GET /v1/status, kept-alive: HTTP without a call)");
+    let mut bw = Series::new("bwrap --unshare-all --ro-bind / / /bin/true");
+    let mut sd = Series::new("systemd-run --scope --quiet /bin/true");
+    let mut nj = Series::new("nsjail -Mo --quiet -R / -- /bin/true");
     for _ in 0..20 {
-        call(&rt); // warm-up
+        fresh(&rt); // warm-up
+        rt.block_on(kept.exec());
     }
     for _ in 0..iters {
+        bare.time(|| run_ok("/bin/true", &[]));
+        c_fresh.time(|| fresh(&rt));
         let t = Instant::now();
-        let st = Command::new("/bin/true").status().unwrap();
-        bare.samples.push(t.elapsed());
-        assert!(st.success());
-
-        let t = Instant::now();
-        call(&rt);
-        corral.samples.push(t.elapsed());
-
+        let wall = rt.block_on(kept.exec());
+        c_kept.samples.push(t.elapsed());
+        in_worker.samples.push(wall);
+        status.time(|| rt.block_on(kept.status()));
         if bwrap {
-            let t = Instant::now();
-            let st =
-                Command::new("bwrap").args(["--unshare-all", "--ro-bind", "/", "/", "/bin/true"]).status().unwrap();
-            bw.samples.push(t.elapsed());
-            assert!(st.success());
+            bw.time(|| run_ok("bwrap", &["--unshare-all", "--ro-bind", "/", "/", "/bin/true"]));
+        }
+        if systemd {
+            sd.time(|| run_ok("systemd-run", &["--scope", "--quiet", "/bin/true"]));
+        }
+        if nsjail {
+            nj.time(|| run_ok("nsjail", &["-Mo", "--quiet", "-R", "/", "--", "/bin/true"]));
         }
     }
-    let _ = broker.kill();
+    drop(kept);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(broker.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = broker.wait();
     let _ = std::fs::remove_dir_all(&dir);
 
     let (bare50, bare99) = (bare.p(500), bare.p(990));
-    println!("{iters} calls each, interleaved; median (p50) and p99 wall time per call\n");
-    println!("| what | p50 ms | p99 ms | p50 / bare |");
-    println!("|---|---|---|---|");
-    let mut rows = vec![bare, corral];
-    if bwrap {
-        rows.push(bw);
+    println!("{iters} calls per row, interleaved; wall time per call, client side\n");
+    println!("| what | p50 ms | p99 ms | p50 − bare ms | p50 / bare | p99 / bare |");
+    println!("|---|---|---|---|---|---|");
+    let mut rows = vec![bare, c_fresh, c_kept, in_worker, status];
+    for (s, on) in [(bw, bwrap), (sd, systemd), (nj, nsjail)] {
+        if on {
+            rows.push(s);
+        }
     }
     for s in &mut rows {
         let (p50, p99) = (s.p(500), s.p(990));
-        println!("| {} | {:.3} | {:.3} | {:.2}x |", s.name, ms(p50), ms(p99), p50.as_secs_f64() / bare50.as_secs_f64());
+        println!(
+            "| {} | {:.3} | {:.3} | {:+.3} | {:.2}x | {:.2}x |",
+            s.name,
+            ms(p50),
+            ms(p99),
+            ms(p50) - ms(bare50),
+            p50.as_secs_f64() / bare50.as_secs_f64(),
+            p99.as_secs_f64() / bare99.as_secs_f64()
+        );
     }
-    let c50 = rows[1].p(500);
-    let c99 = rows[1].p(990);
-    println!(
-        "\ncorral overhead over bare spawn: p50 {:+.3} ms, p99 {:+.3} ms",
-        ms(c50) - ms(bare50),
-        ms(c99) - ms(bare99)
-    );
-    if bwrap {
-        let b50 = rows[2].p(500);
-        println!("corral p50 / bwrap p50: {:.2}", c50.as_secs_f64() / b50.as_secs_f64());
-    } else {
-        println!("bwrap not installed: no bwrap baseline (apt-get install bubblewrap)");
+    for (what, on, hint) in [
+        ("bwrap", bwrap, "apt-get install bubblewrap"),
+        ("systemd-run --scope", systemd, "run under systemd, or set CORRAL_TEST_SYSTEMD_PID"),
+        ("nsjail", nsjail, "not packaged in Debian 12: build it from github.com/google/nsjail"),
+    ] {
+        if !on {
+            println!("\n{what}: not measured ({hint})");
+        }
     }
 }

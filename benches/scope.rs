@@ -68,6 +68,58 @@ fn worker_start_ms(dir: &Path, systemd: &str) -> f64 {
     ms
 }
 
+/// Starts a broker with `n` workflows (one warm worker each), returns the
+/// time from its spawn until every pool reports a ready worker.
+fn pools_start_ms(dir: &Path, systemd: &str, n: usize) -> f64 {
+    let policies = dir.join(format!("policies-{n}"));
+    let _ = std::fs::remove_dir_all(&policies);
+    std::fs::create_dir_all(&policies).unwrap();
+    for i in 0..n {
+        let text = POLICY.replace("name = \"bench\"", &format!("name = \"bench{i}\""));
+        std::fs::write(policies.join(format!("bench{i}.toml")), text).unwrap();
+    }
+    let socket = dir.join("many.sock");
+    let t = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["broker", "--systemd", systemd, "--instance", "bench", "--policies"])
+        .arg(&policies)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ms = loop {
+        assert!(Instant::now() < deadline, "{n} pools did not start");
+        if let Ok((s, body)) = rt.block_on(corral::client::request(&socket, hyper::Method::GET, "/v1/status", None)) {
+            if s.is_success() {
+                let st: corral::api::Status = serde_json::from_slice(&body).unwrap();
+                let ready = st
+                    .workflows
+                    .iter()
+                    .filter(|w| w.workers.iter().any(|k| k.start_ms.is_some() && k.state == "idle"))
+                    .count();
+                if ready == n {
+                    break t.elapsed().as_secs_f64() * 1000.0;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&policies);
+    ms
+}
+
 fn main() {
     if !Path::new("/run/systemd/system").is_dir() {
         match std::env::var("CORRAL_TEST_SYSTEMD_PID") {
@@ -103,6 +155,12 @@ fn main() {
         assert!(st.success());
         run.push(t.elapsed().as_secs_f64() * 1000.0);
     }
+    let reps: usize = std::env::var("CORRAL_BENCH_POOL_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let (mut many_scoped, mut many_plain) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        many_scoped.push(pools_start_ms(dir, "required", 100));
+        many_plain.push(pools_start_ms(dir, "off", 100));
+    }
     let _ = std::fs::remove_dir_all(dir);
     println!("{iters} starts each, interleaved; worker start = spawn until the confined worker reports ready\n");
     println!("| what | p50 ms | p99 ms |");
@@ -114,5 +172,13 @@ fn main() {
     ] {
         let (p50, p99) = median_p99(v);
         println!("| {name} | {p50:.2} | {p99:.2} |");
+    }
+    println!("\n{reps} broker starts each, interleaved: spawn until all 100 pools report an idle, ready worker\n");
+    println!("| what | p50 ms | max ms |");
+    println!("|---|---|---|");
+    for (name, v) in [("100 workflows, with scopes", many_scoped), ("100 workflows, --systemd off", many_plain)] {
+        let max = v.iter().copied().fold(0.0, f64::max);
+        let (p50, _) = median_p99(v);
+        println!("| {name} | {p50:.0} | {max:.0} |");
     }
 }

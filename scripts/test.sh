@@ -20,6 +20,14 @@
 # kernel, narrow it, e.g. CORRAL_TEST_REQUIRE=root,landlock,seccomp,users.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The shipped binary is built small (Cargo.toml: fat LTO, one codegen unit,
+# opt-level "s"), which costs a whole-program link of a minute or more per
+# executable. The suites build about a dozen test executables: they keep the
+# build they had before (no LTO, 16 codegen units, opt-level 3), and so does
+# the corral binary they run. Same code; set these to test the shipped build.
+export CARGO_PROFILE_RELEASE_LTO="${CARGO_PROFILE_RELEASE_LTO:-false}"
+export CARGO_PROFILE_RELEASE_CODEGEN_UNITS="${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-16}"
+export CARGO_PROFILE_RELEASE_OPT_LEVEL="${CARGO_PROFILE_RELEASE_OPT_LEVEL:-3}"
 ./scripts/setup-test-host.sh
 export CORRAL_TEST_REQUIRE="${CORRAL_TEST_REQUIRE:-root,landlock,landlock-tcp,landlock-scopes,seccomp,users,python3,bwrap,toolchain,node,npm,systemd,guest}"
 echo "required test features: $CORRAL_TEST_REQUIRE"

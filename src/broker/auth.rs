@@ -52,10 +52,30 @@ pub fn describe_uid(uid: u32) -> String {
     }
 }
 
+/// `/proc/PID/stat` of `pid`, in one read: `read_to_string` sees size 0
+/// and probes in growing steps from 32 bytes (six reads for one line).
+/// Read on every request (the caller's ancestry) and every call (the
+/// worker's state).
+pub(crate) fn proc_stat(pid: u32) -> Option<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    String::from_utf8(buf).ok()
+}
+
 /// The parent PID of `pid`, from `/proc/PID/stat` (field 4, after the
 /// parenthesised command name, which may itself contain spaces or ')').
 fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = proc_stat(pid)?;
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.split_whitespace().nth(1)?.parse().ok()
 }

@@ -101,6 +101,14 @@ fn descendants() -> BTreeSet<u32> {
 /// subreaper, so orphans come back to it). Returns how many it killed, or
 /// an error if some still lived after `grace`.
 pub fn kill_all_descendants(grace: Duration) -> io::Result<usize> {
+    // The common end of a call: its command left nothing. No child at all
+    // means no descendant (a living descendant's chain of parents always
+    // ends at one of our children: we are a subreaper), so the /proc walk
+    // below is spared.
+    // (A child this reaps is one fewer for the loop below.)
+    if let Err(Errno::ECHILD) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+        return Ok(0);
+    }
     let deadline = Instant::now() + grace;
     let mut killed = BTreeSet::new();
     loop {

@@ -300,6 +300,51 @@ pub fn ipc_remove(kind: IpcKind, id: libc::c_int) -> io::Result<()> {
     check_int(ret).map(drop)
 }
 
+/// How many System V IPC objects (shared memory segments, message queues,
+/// semaphore sets) exist in the calling process's IPC namespace: three
+/// `*_INFO` calls, in place of reading and parsing the three
+/// `/proc/sysvipc` files after every call. `None` if one is refused.
+pub fn ipc_objects() -> Option<usize> {
+    // SHM_INFO from <linux/shm.h>; the libc crate does not export it.
+    const SHM_INFO: libc::c_int = 14;
+    // Large and aligned enough for struct shm_info (48 bytes), struct
+    // msginfo (32) and struct seminfo (40), which the kernel writes.
+    let mut buf = [0u64; 16];
+    let ints = |b: &[u64; 16]| -> [libc::c_int; 8] {
+        let mut out = [0; 8];
+        for (i, v) in out.iter_mut().enumerate() {
+            let word = b[i / 2].to_ne_bytes();
+            let half = if i % 2 == 0 { &word[..4] } else { &word[4..] };
+            *v = libc::c_int::from_ne_bytes([half[0], half[1], half[2], half[3]]);
+        }
+        out
+    };
+    let mut total = 0usize;
+    // SAFETY: SHM_INFO writes a struct shm_info (48 bytes) to the buffer,
+    // which holds 128 writable bytes and lives across the call.
+    let ret = unsafe { libc::shmctl(0, SHM_INFO, buf.as_mut_ptr().cast()) };
+    if ret < 0 {
+        return None;
+    }
+    total += usize::try_from(ints(&buf)[0]).ok()?; // used_ids
+    buf = [0; 16];
+    // SAFETY: MSG_INFO writes a struct msginfo (32 bytes) to the buffer, as above.
+    let ret = unsafe { libc::msgctl(0, libc::MSG_INFO, buf.as_mut_ptr().cast()) };
+    if ret < 0 {
+        return None;
+    }
+    total += usize::try_from(ints(&buf)[0]).ok()?; // msgpool: queues in use
+    buf = [0; 16];
+    // SAFETY: SEM_INFO writes a struct seminfo (40 bytes) through the
+    // union semun pointer argument, to the buffer, as above.
+    let ret = unsafe { libc::semctl(0, 0, libc::SEM_INFO, buf.as_mut_ptr()) };
+    if ret < 0 {
+        return None;
+    }
+    total += usize::try_from(ints(&buf)[7]).ok()?; // semusz: sets in use
+    Some(total)
+}
+
 /// `mq_unlink(3)` of `/name`.
 pub fn mq_unlink(name: &str) -> io::Result<()> {
     let name = cstring(&format!("/{name}"))?;
@@ -343,4 +388,40 @@ pub fn exit_on_stop_signals() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ipc_objects` counts each kind, so an empty count may skip the
+    /// /proc/sysvipc reads: in a thread of its own IPC namespace (needs
+    /// root, as the suites run), nothing else can add or remove objects.
+    #[test]
+    fn ipc_objects_counts_each_kind_of_system_v_object() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC)
+                .unwrap_or_else(|e| panic!("unshare(CLONE_NEWIPC): {e}: run the unit tests as root"));
+            assert_eq!(ipc_objects(), Some(0));
+            // SAFETY: semget, msgget and shmget take plain integers; each
+            // makes a private object of this thread's IPC namespace.
+            let sem = unsafe { libc::semget(libc::IPC_PRIVATE, 1, 0o600) };
+            assert!(sem >= 0, "semget: {}", io::Error::last_os_error());
+            assert_eq!(ipc_objects(), Some(1), "a semaphore set");
+            // SAFETY: as above.
+            let msg = unsafe { libc::msgget(libc::IPC_PRIVATE, 0o600) };
+            assert!(msg >= 0, "msgget: {}", io::Error::last_os_error());
+            assert_eq!(ipc_objects(), Some(2), "and a message queue");
+            // SAFETY: as above.
+            let shm = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, 0o600) };
+            assert!(shm >= 0, "shmget: {}", io::Error::last_os_error());
+            assert_eq!(ipc_objects(), Some(3), "and a shared memory segment");
+            ipc_remove(IpcKind::Sem, sem).expect("remove the semaphore set");
+            ipc_remove(IpcKind::Msg, msg).expect("remove the queue");
+            ipc_remove(IpcKind::Shm, shm).expect("remove the segment");
+            assert_eq!(ipc_objects(), Some(0));
+        })
+        .join()
+        .expect("the IPC namespace thread");
+    }
 }

@@ -31,6 +31,15 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" = 0 ] || { echo "run as root (the guest is built and booted as root)" >&2; exit 1; }
 
+# The shipped binary is built small (Cargo.toml: fat LTO, one codegen unit,
+# opt-level "s"), which costs a whole-program link of a minute or more per
+# executable. The suites build about a dozen test executables: they keep the
+# build they had before (no LTO, 16 codegen units, opt-level 3), and so does
+# the corral binary they run. Same code; set these to test the shipped build.
+export CARGO_PROFILE_RELEASE_LTO="${CARGO_PROFILE_RELEASE_LTO:-false}"
+export CARGO_PROFILE_RELEASE_CODEGEN_UNITS="${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-16}"
+export CARGO_PROFILE_RELEASE_OPT_LEVEL="${CARGO_PROFILE_RELEASE_OPT_LEVEL:-3}"
+
 t0=$(date +%s)
 # The release test executables (the same build `cargo test --release` uses),
 # and the binary they run. Integration tests only: kind "test".

@@ -72,6 +72,7 @@ impl Gateway {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
+        super::install_tls_provider();
         let builder = || {
             // A completion is never redirected: a redirect could carry the
             // prompt (and a key) somewhere the policy did not name.

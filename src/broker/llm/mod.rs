@@ -26,3 +26,15 @@ pub use gateway::{CallContext, Gateway};
 pub use params::{ModelParams, ParamError};
 pub use retry::RetryPolicy;
 pub use trust::{check as check_endpoint, Distrust};
+
+/// Installs the TLS crypto provider of the gateway's HTTPS clients once per
+/// process: `ring`. reqwest's default, aws-lc-rs, weighs about 3 MB of the
+/// binary and minutes of a cold build; `ring` offers the same TLS 1.2/1.3
+/// suites to the providers. Idempotent; call before building a client.
+pub(crate) fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err: another provider is already the process default; keep it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

@@ -286,6 +286,7 @@ mod tests {
                 }
             });
             let me = nix::unistd::Uid::effective().as_raw();
+            crate::broker::llm::install_tls_provider();
             let client = |uid| {
                 reqwest::Client::builder()
                     .no_proxy()

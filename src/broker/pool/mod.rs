@@ -211,7 +211,7 @@ fn signal_of(text: &str) -> Option<i32> {
 /// The state letter of process `pid` (`R`, `S`, `T`, `Z`, …); `None` when
 /// it is gone.
 fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = crate::broker::auth::proc_stat(pid)?;
     // "PID (comm) S ...": the state follows the last ')'.
     stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next())
 }
@@ -261,11 +261,6 @@ fn kill_descendants(worker: u32) {
             }
         }
     }
-}
-
-/// Whether process `pid` has died (a zombie not yet reaped, or gone).
-fn is_dead(pid: u32) -> bool {
-    matches!(proc_state(pid), None | Some('Z' | 'X'))
 }
 
 /// How often a busy worker is checked for being stopped.
@@ -879,9 +874,12 @@ impl Pool {
             // A worker that died or was stopped while idle, and whose end
             // was not seen yet, must not get the call: it goes back to the
             // head of the queue, for the replacement.
-            let unfit = if is_stopped(worker.pid) {
+            // One read of /proc/PID/stat answers both questions.
+            let state = proc_state(worker.pid);
+            let unfit = if matches!(state, Some('T' | 't')) {
                 Some("idle worker was stopped (SIGSTOP or a tracer); killed it".to_string())
-            } else if is_dead(worker.pid) {
+            } else if matches!(state, None | Some('Z' | 'X')) {
+                // Dead: a zombie not yet reaped, or gone.
                 Some(format!("idle worker {}", worker.exited().await))
             } else {
                 None
