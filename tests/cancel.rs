@@ -32,6 +32,28 @@ fn wait_gone(b: &Broker, secs: &str) -> Duration {
     t.elapsed()
 }
 
+/// Sends `body` to `path` from a thread of its own; the returned function
+/// closes that client's connection (its call still running) and waits for it.
+fn call_then_leave(b: &Broker, path: &'static str, body: Value) -> impl FnOnce() {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let socket = b.socket.clone();
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            tokio::select! {
+                r = corral::client::request(&socket, hyper::Method::POST, path, Some(body.to_string().into_bytes())) => {
+                    panic!("the call ended before its client went away: {r:?}")
+                }
+                _ = stopped => {}
+            }
+        });
+    });
+    move || {
+        stop.send(()).unwrap();
+        client.join().unwrap();
+    }
+}
+
 fn for_clients(mut p: PolicyFile, users: &[&str]) -> PolicyFile {
     let list = users.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
     p.text = p
@@ -71,23 +93,10 @@ fn a_client_that_goes_away_cancels_its_call_and_the_worker_serves_on() {
     }
     let b = Broker::start("cancel-gone", &[single("w")]);
     let worker = b.worker_pids("w");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let socket = b.socket.clone();
-    let client = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let body = json!({"workflow": "w", "argv": ["sh", "-c", "sleep 20.5; touch too-far"]});
-        rt.block_on(async {
-            tokio::select! {
-                r = corral::client::request(&socket, hyper::Method::POST, "/v1/exec", Some(body.to_string().into_bytes())) => {
-                    panic!("the call ended before its client went away: {r:?}")
-                }
-                _ = stopped => {}
-            }
-        });
-    });
+    let leave =
+        call_then_leave(&b, "/v1/exec", json!({"workflow": "w", "argv": ["sh", "-c", "sleep 20.5; touch too-far"]}));
     wait_started(&b, "20.5");
-    stop.send(()).unwrap();
-    client.join().unwrap();
+    leave();
     let took = wait_gone(&b, "20.5");
     eprintln!("tool tree gone {took:?} after the client went away");
     assert_eq!(stdout(&b.exec("w", &["echo", "next"])), "next\n");
@@ -181,23 +190,9 @@ fn an_ask_cut_during_its_tool_call_kills_the_tool_and_asks_the_model_no_more() {
     let mut p = llm_policy("agent", "lab", &stub.base_url(), "");
     p.text = p.text.replace("call_timeout = \"10s\"", "call_timeout = \"60s\"");
     let b = Broker::start("cancel-ask", &[p]);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let socket = b.socket.clone();
-    let client = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let body = json!({"workflow": "agent", "prompt": "wait"});
-        rt.block_on(async {
-            tokio::select! {
-                r = corral::client::request(&socket, hyper::Method::POST, "/v1/ask", Some(body.to_string().into_bytes())) => {
-                    panic!("the ask ended before its client went away: {r:?}")
-                }
-                _ = stopped => {}
-            }
-        });
-    });
+    let leave = call_then_leave(&b, "/v1/ask", json!({"workflow": "agent", "prompt": "wait"}));
     wait_started(&b, "20.125");
-    stop.send(()).unwrap();
-    client.join().unwrap();
+    leave();
     let took = wait_gone(&b, "20.125");
     eprintln!("the ask's tool gone {took:?} after its client went away");
     // The worker is free (it answers an exec), and the model heard no more.

@@ -338,10 +338,7 @@ impl Worker {
                 }
                 () = &mut cancel, if !cancelled => {
                     cancelled = true;
-                    deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
-                    if write_frame_async(&mut self.sock, &ToWorker::Cancel(id)).await.is_err() {
-                        return Err(CallError::Died(self.reap().await));
-                    }
+                    self.cancel(id, &mut deadline).await?;
                     continue;
                 }
                 () = tokio::time::sleep_until(deadline) => {
@@ -383,10 +380,7 @@ impl Worker {
                                     // worker gets the cancel instead.
                                     () = &mut cancel, if !cancelled => {
                                         cancelled = true;
-                                        deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
-                                        if write_frame_async(&mut self.sock, &ToWorker::Cancel(id)).await.is_err() {
-                                            return Err(CallError::Died(self.reap().await));
-                                        }
+                                        self.cancel(id, &mut deadline).await?;
                                         continue;
                                     }
                                 }
@@ -405,6 +399,16 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Tells the worker to end call `id`, and gives it [`CANCEL_GRACE`] to
+    /// answer from now.
+    async fn cancel(&mut self, id: u64, deadline: &mut tokio::time::Instant) -> Result<(), CallError> {
+        *deadline = (*deadline).min(tokio::time::Instant::now() + CANCEL_GRACE);
+        if write_frame_async(&mut self.sock, &ToWorker::Cancel(id)).await.is_err() {
+            return Err(CallError::Died(self.reap().await));
+        }
+        Ok(())
     }
 
     /// Waits (briefly) for a worker whose socket closed, and says how it ended.
