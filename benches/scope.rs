@@ -31,21 +31,35 @@ fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
     (at(500), at(990))
 }
 
-/// Starts a broker, waits for its worker, returns the worker's start_ms.
-fn worker_start_ms(dir: &Path, systemd: &str) -> f64 {
-    let socket = dir.join("s.sock");
-    let mut child = Command::new(BIN)
+/// `corral broker` on `policies`, its state under `dir`.
+fn broker(dir: &Path, policies: &Path, socket: &Path, systemd: &str) -> std::process::Child {
+    Command::new(BIN)
         .args(["broker", "--systemd", systemd, "--instance", "bench", "--policies"])
-        .arg(dir.join("policies"))
+        .arg(policies)
         .arg("--socket")
-        .arg(&socket)
+        .arg(socket)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// SIGTERM, and wait for it to end.
+fn stop(child: &mut std::process::Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+}
+
+/// Starts a broker, waits for its worker, returns the worker's start_ms.
+fn worker_start_ms(dir: &Path, systemd: &str) -> f64 {
+    let socket = dir.join("s.sock");
+    let mut child = broker(dir, &dir.join("policies"), &socket, systemd);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let ms = loop {
@@ -60,11 +74,7 @@ fn worker_start_ms(dir: &Path, systemd: &str) -> f64 {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
+    stop(&mut child);
     ms
 }
 
@@ -80,18 +90,7 @@ fn pools_start_ms(dir: &Path, systemd: &str, n: usize) -> f64 {
     }
     let socket = dir.join("many.sock");
     let t = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(["broker", "--systemd", systemd, "--instance", "bench", "--policies"])
-        .arg(&policies)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = broker(dir, &policies, &socket, systemd);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let ms = loop {
@@ -111,11 +110,7 @@ fn pools_start_ms(dir: &Path, systemd: &str, n: usize) -> f64 {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
+    stop(&mut child);
     let _ = std::fs::remove_dir_all(&policies);
     ms
 }
