@@ -24,7 +24,7 @@ esac
 # sandboxed tools of tests/toolchain.rs run (git, make, cc, c++, node; npm
 # where a build happens: the Debian 12 guest carries no npm) must be in
 # /usr/bin, where the policies' PATH looks.
-tools="python3:python3 bwrap:bubblewrap curl:curl runuser:util-linux nsenter:util-linux useradd:passwd"
+tools="python3:python3 bwrap:bubblewrap curl:curl ip:iproute2 runuser:util-linux nsenter:util-linux useradd:passwd"
 tools="$tools /usr/bin/git:git /usr/bin/make:make /usr/bin/cc:gcc /usr/bin/c++:g++ /usr/bin/node:nodejs"
 [ $build = 0 ] || tools="$tools /usr/bin/npm:npm"
 need=""

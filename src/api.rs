@@ -101,10 +101,46 @@ pub struct ExecReply {
     /// (inferred from stderr), not the kernel's word.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_hint: Option<String>,
+    /// With `[network]`: the destinations the call reached through the
+    /// egress proxy, and those it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressReport>,
     pub wall_ms: f64,
     pub cpu_user_ms: f64,
     pub cpu_system_ms: f64,
     pub peak_rss_kib: u64,
+}
+
+/// What a call did through its workflow's egress proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressReport {
+    /// Destinations reached, in the order first reached.
+    pub reached: Vec<EgressReached>,
+    /// Destinations refused, with the rule that refused them.
+    pub refused: Vec<EgressRefused>,
+    /// The per-call cap (`connections_max`, `bytes_max`) that stopped the
+    /// call's traffic, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capped: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressReached {
+    pub host: String,
+    pub port: u16,
+    pub connections: u32,
+    /// Bytes from the tool to the destination.
+    pub sent: u64,
+    /// Bytes from the destination to the tool.
+    pub received: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressRefused {
+    pub host: String,
+    pub port: u16,
+    pub attempts: u32,
+    pub reason: String,
 }
 
 /// Text for JSON, plus base64 of the exact bytes when they are not UTF-8.
@@ -289,6 +325,9 @@ pub struct AskReply {
     pub transcript: Vec<ToolCallReport>,
     /// As the providers reported them to the broker.
     pub usage: UsageReport,
+    /// With `[network]`: what the ask's tool calls reached and were refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -46,6 +46,11 @@ enum Command {
         /// Members of this group may read GET /metrics (root always may).
         #[arg(long, env = "CORRAL_METRICS_GROUP")]
         metrics_group: Option<String>,
+        /// Egress proxy: look names up in this file (/etc/hosts syntax, read
+        /// at every lookup) before the system's resolver; for tests and
+        /// hosts whose DNS the broker should not use.
+        #[arg(long, env = "CORRAL_EGRESS_HOSTS")]
+        egress_hosts: Option<PathBuf>,
     },
     /// Run one command in a workflow's sandbox: `corral exec WORKFLOW -- CMD ARGS…`.
     Exec {
@@ -216,6 +221,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             drain_timeout,
             instance,
             metrics_group,
+            egress_hosts,
         } => {
             init_logging();
             let metrics_gid = match &metrics_group {
@@ -267,6 +273,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 instance,
                 http: corral::broker::http::limits::Limits::default(),
                 metrics_gid,
+                egress_hosts,
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(corral::error_chain(&e)))?;

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::auth::Peer;
 use super::launcher::{Answer, Call, CompletionJob};
 use super::llm::{CallContext, GatewayError, ModelParams};
-use super::pool::{Failure, SubmitError, QUEUE_WAIT_MAX};
+use super::pool::{Failure, Served, SubmitError, QUEUE_WAIT_MAX};
 use super::{Broker, Workflow};
 use crate::api::ToolCallReport;
 use crate::protocol::{AskOutcome, AskRequest, AskStop, ChatMessage, Usage, MAX_TOOL_CALLS_PER_STEP};
@@ -39,6 +39,8 @@ pub struct AskResult {
     /// The broker's own count of the ask's tokens.
     pub usage: Usage,
     pub model_calls: u32,
+    /// With `[network]`: what the ask's tools reached and were refused.
+    pub egress: Option<crate::api::EgressReport>,
 }
 
 impl AskResult {
@@ -160,10 +162,24 @@ pub async fn run(
     let outcome = match result {
         Err(_) => return Err(AskError::Dropped),
         Ok(Err(e)) => return Err(AskError::Call(e)),
-        Ok(Ok((_, Answer::Answered(outcome), _))) => outcome,
-        Ok(Ok((_, Answer::Done(_), _))) => return Err(AskError::WrongAnswer),
+        Ok(Ok(Served { answer: Answer::Answered(outcome), egress, .. })) => (outcome, egress),
+        Ok(Ok(Served { answer: Answer::Done(_), .. })) => return Err(AskError::WrongAnswer),
     };
+    let (outcome, egress) = outcome;
+    let egress = egress.as_ref().map(super::http::proxy::report);
     let now = utc::now();
+    if let Some(report) = &egress {
+        let call = super::ledger::CallRef {
+            time: now,
+            request_id,
+            workflow: &wf.name,
+            tenant: wf.policy.tenant.as_str(),
+            kind: "ask",
+        };
+        if let Err(e) = gateway.ledger().record_egress(&call, report) {
+            tracing::error!("{e}");
+        }
+    }
     for t in &outcome.transcript {
         if let Err(e) = gateway.ledger().record_tool_call(now, request_id, &wf.name, wf.policy.tenant.as_str(), t) {
             tracing::error!("{e}");
@@ -184,5 +200,5 @@ pub async fn run(
     }
     tracing::info!(workflow = %wf.name, steps = outcome.steps, tool_calls = outcome.transcript.len(),
         total_tokens = usage.total_tokens, stop = ?outcome.stop, "ask done");
-    Ok(AskResult { workflow: wf.name.clone(), model: llm.model.clone(), outcome, usage, model_calls })
+    Ok(AskResult { workflow: wf.name.clone(), model: llm.model.clone(), outcome, usage, model_calls, egress })
 }

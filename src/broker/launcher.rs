@@ -3,12 +3,15 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
+use super::egress::{Egress, EgressReceipt};
+use super::http::proxy::Proxy;
 use super::scope::{Systemd, UnitLimits};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::protocol::{
@@ -64,6 +67,12 @@ pub enum StartError {
     Frame(#[from] FrameError),
     #[error("failed to create the worker socket pair: {0}")]
     Socket(std::io::Error),
+    #[error(
+        "failed to give the worker a network namespace with its egress proxy: {0}. The broker needs \
+         CAP_SYS_ADMIN and CAP_NET_ADMIN; as a systemd service: net in RestrictNamespaces= and both in \
+         CapabilityBoundingSet= (see units/corral.service)"
+    )]
+    Egress(std::io::Error),
     #[error("failed to put the worker in its scope: {0}")]
     Scope(String),
     #[error(
@@ -141,6 +150,8 @@ pub struct Worker {
     pub effective: EffectiveSandbox,
     child: Child,
     sock: UnixStream,
+    /// With `[network]`: the proxy inside the worker's network namespace.
+    proxy: Option<Proxy>,
 }
 
 /// A worker process: PID 1 of its own namespaces (when the broker is root),
@@ -155,17 +166,48 @@ impl Child {
     /// Starts `exe worker` on `sock`; in new namespaces when the broker is
     /// root. A root broker that cannot make them refuses (no silent
     /// downgrade); one that is not root has no tenants to keep apart.
-    fn spawn(exe: &Path, log_filter: &str, sock: std::os::fd::RawFd) -> Result<Child, StartError> {
+    /// With `proxy_port`, in a network namespace of its own, with the
+    /// listener of its egress proxy.
+    fn spawn(
+        exe: &Path,
+        log_filter: &str,
+        sock: std::os::fd::RawFd,
+        proxy_port: Option<u16>,
+    ) -> Result<(Child, Option<std::net::TcpListener>), StartError> {
         let namespaces = nix::unistd::Uid::effective().is_root();
-        let spawned = spawn_worker(exe, log_filter, sock, namespaces).map_err(|e| {
+        let spawn_error = |e: std::io::Error| {
             if namespaces && matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL | libc::ENOSPC)) {
                 StartError::Namespaces(e)
             } else {
                 StartError::Spawn { exe: exe.display().to_string(), source: e }
             }
-        })?;
+        };
+        let (spawned, listener) = match proxy_port {
+            None => (spawn_worker(exe, log_filter, sock, namespaces).map_err(spawn_error)?, None),
+            Some(_) if !namespaces => {
+                return Err(StartError::Refused(
+                    "[network] needs a broker running as root (a network namespace per worker)".into(),
+                ))
+            }
+            Some(port) => {
+                // The spawn's own error is kept apart from the namespace's.
+                let mut spawn_failed = None;
+                let made = crate::sandbox::net::spawn_in_new_netns(port, || {
+                    spawn_worker(exe, log_filter, sock, namespaces).map_err(|e| {
+                        let shown = std::io::Error::new(e.kind(), e.to_string());
+                        spawn_failed = Some(e);
+                        shown
+                    })
+                });
+                match (made, spawn_failed) {
+                    (Ok((s, l)), _) => (s, Some(l)),
+                    (Err(_), Some(e)) => return Err(spawn_error(e)),
+                    (Err(e), None) => return Err(StartError::Egress(e)),
+                }
+            }
+        };
         let pidfd = watch_pidfd(spawned.pidfd).map_err(StartError::Socket)?;
-        Ok(Child { pid: spawned.pid, pidfd, status: None })
+        Ok((Child { pid: spawned.pid, pidfd, status: None }, listener))
     }
 
     /// Waits until the process ends and reaps it. Cancel-safe.
@@ -241,11 +283,28 @@ pub async fn start(
     spec: &SandboxSpec,
     log_filter: &str,
     scope: Option<ScopePlan<'_>>,
+    egress: Option<&Arc<Egress>>,
 ) -> Result<Worker, StartError> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Socket)?;
-    let mut child = Child::spawn(exe, log_filter, theirs.as_raw_fd())?;
+    if spec.egress_proxy.is_some() != egress.is_some() {
+        return Err(StartError::Refused("the workflow's egress rules and its sandbox spec disagree".into()));
+    }
+    let (mut child, listener) = Child::spawn(exe, log_filter, theirs.as_raw_fd(), spec.egress_proxy)?;
     drop(theirs);
     let pid = child.pid;
+    // INVARIANT: the listener existed before the worker did; the worker
+    // blocks reading Init, so no tool runs before the proxy serves.
+    let proxy = match (listener, egress) {
+        (Some(l), Some(egress)) => match Proxy::start(l, egress.clone()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                child.start_kill();
+                let _ = child.wait().await;
+                return Err(StartError::Egress(e));
+            }
+        },
+        _ => None,
+    };
     ours.set_nonblocking(true).map_err(StartError::Socket)?;
     let mut sock = UnixStream::from_std(ours).map_err(StartError::Socket)?;
 
@@ -274,7 +333,7 @@ pub async fn start(
     };
     match answer {
         Err(_) => Err(StartError::Timeout),
-        Ok(Ok(Some(FromWorker::Ready(effective)))) => Ok(Worker { pid, effective, child, sock }),
+        Ok(Ok(Some(FromWorker::Ready(effective)))) => Ok(Worker { pid, effective, child, sock, proxy }),
         Ok(Ok(Some(FromWorker::Refused(why)))) => {
             let _ = child.wait().await;
             Err(StartError::Refused(why))
@@ -291,6 +350,19 @@ pub async fn start(
 }
 
 impl Worker {
+    /// A call starts: the proxy's connections from now on count for it.
+    pub fn begin_egress(&self) {
+        if let Some(p) = &self.proxy {
+            p.begin_call();
+        }
+    }
+
+    /// The call ended: its proxied connections are cut, and this is what it
+    /// reached and was refused.
+    pub fn end_egress(&self) -> Option<EgressReceipt> {
+        self.proxy.as_ref().and_then(Proxy::end_call)
+    }
+
     /// Runs one call. `backstop` is how long past the call's own timeout we
     /// wait before declaring the worker stuck. During an ask, every
     /// completion the worker asks for goes to `completions` and its answer

@@ -56,6 +56,22 @@ CREATE TABLE IF NOT EXISTS exec_calls (
     limit_hit    TEXT
 );
 CREATE INDEX IF NOT EXISTS exec_calls_workflow_time ON exec_calls (workflow, time);
+CREATE TABLE IF NOT EXISTS egress (
+    id           INTEGER PRIMARY KEY,
+    time         INTEGER NOT NULL,
+    request_id   TEXT NOT NULL,
+    workflow     TEXT NOT NULL,
+    tenant       TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    host         TEXT NOT NULL,
+    port         INTEGER NOT NULL,
+    allowed      INTEGER NOT NULL,
+    connections  INTEGER NOT NULL,
+    sent         INTEGER NOT NULL,
+    received     INTEGER NOT NULL,
+    reason       TEXT
+);
+CREATE INDEX IF NOT EXISTS egress_request ON egress (request_id);
 CREATE TABLE IF NOT EXISTS tool_calls (
     id           INTEGER PRIMARY KEY,
     time         INTEGER NOT NULL,
@@ -125,6 +141,61 @@ pub struct ExecCall {
     pub stderr_bytes: u64,
     pub timed_out: bool,
     pub limit: Option<String>,
+    /// With `[network]`: what the call reached and was refused (the
+    /// `egress` table, a row per destination).
+    pub egress: Option<crate::api::EgressReport>,
+}
+
+/// Which call a set of rows belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct CallRef<'a> {
+    pub time: i64,
+    pub request_id: &'a str,
+    pub workflow: &'a str,
+    pub tenant: &'a str,
+    /// `exec` or `ask`.
+    pub kind: &'a str,
+}
+
+/// Writes a call's egress rows in `conn` (a transaction or not).
+fn insert_egress(conn: &Connection, call: &CallRef<'_>, r: &crate::api::EgressReport) -> rusqlite::Result<()> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO egress (time, request_id, workflow, tenant, kind, host, port, allowed, connections, sent, \
+         received, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    for d in &r.reached {
+        insert.execute(params![
+            call.time,
+            call.request_id,
+            call.workflow,
+            call.tenant,
+            call.kind,
+            d.host,
+            d.port,
+            true,
+            d.connections,
+            to_i64(d.sent),
+            to_i64(d.received),
+            r.capped
+        ])?;
+    }
+    for d in &r.refused {
+        insert.execute(params![
+            call.time,
+            call.request_id,
+            call.workflow,
+            call.tenant,
+            call.kind,
+            d.host,
+            d.port,
+            false,
+            d.attempts,
+            0,
+            0,
+            d.reason
+        ])?;
+    }
+    Ok(())
 }
 
 /// Whose tokens a budget counts.
@@ -256,6 +327,11 @@ impl Ledger {
             .map_err(LedgerError::Write)
     }
 
+    /// Records what one call did through the egress proxy.
+    pub fn record_egress(&self, call: &CallRef<'_>, r: &crate::api::EgressReport) -> Result<(), LedgerError> {
+        insert_egress(&self.conn(), call, r).map_err(LedgerError::Write)
+    }
+
     /// Writes `calls` in one transaction (one sync for the batch).
     pub fn record_exec_calls(&self, calls: &[ExecCall]) -> Result<(), LedgerError> {
         let mut conn = self.conn();
@@ -287,6 +363,16 @@ impl Ledger {
                         c.limit
                     ])
                     .map_err(LedgerError::Write)?;
+                if let Some(r) = &c.egress {
+                    let call = CallRef {
+                        time: c.time,
+                        request_id: &c.request_id,
+                        workflow: &c.workflow,
+                        tenant: &c.tenant,
+                        kind: "exec",
+                    };
+                    insert_egress(&tx, &call, r).map_err(LedgerError::Write)?;
+                }
             }
         }
         tx.commit().map_err(LedgerError::Write)
@@ -511,6 +597,23 @@ mod tests {
                 stderr_bytes: 0,
                 timed_out: false,
                 limit: None,
+                // The first call went through the egress proxy.
+                egress: (i == 0).then(|| crate::api::EgressReport {
+                    reached: vec![crate::api::EgressReached {
+                        host: "pypi.org".into(),
+                        port: 443,
+                        connections: 2,
+                        sent: 10,
+                        received: 20,
+                    }],
+                    refused: vec![crate::api::EgressRefused {
+                        host: "evil.org".into(),
+                        port: 443,
+                        attempts: 1,
+                        reason: "not in [network] allow".into(),
+                    }],
+                    capped: None,
+                }),
             });
         }
         log.close();
@@ -522,6 +625,17 @@ mod tests {
             .unwrap();
         assert_eq!((n, uids), (1000, 2));
         assert_eq!(argv, r#"["echo","it's"]"#);
+        let rows: Vec<(String, String, bool, i64)> = conn
+            .prepare("SELECT request_id, host, allowed, received FROM egress ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![("r-0".into(), "pypi.org".into(), true, 20), ("r-0".into(), "evil.org".into(), false, 0)]
+        );
         drop(conn);
         let _ = std::fs::remove_dir_all(dir);
     }

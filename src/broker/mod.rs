@@ -17,6 +17,7 @@
 
 mod ask;
 mod auth;
+pub mod egress;
 pub mod http;
 mod launcher;
 pub mod ledger;
@@ -79,6 +80,8 @@ pub struct Config {
     pub http: http::limits::Limits,
     /// Members of this group may read `GET /metrics` (besides root).
     pub metrics_gid: Option<u32>,
+    /// The egress proxy's hosts file, read before the system's resolver.
+    pub egress_hosts: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,7 +286,13 @@ impl Broker {
             let systemd = self.systemd.as_ref().map(|sd| (sd, prefix.as_str()));
             // Formatting, growing or filling a disk_max image runs tools.
             let prepared = tokio::task::block_in_place(|| {
-                setup::prepare(wf, &self.config.state_dir, &self.config.worker_user, systemd)
+                setup::prepare(
+                    wf,
+                    &self.config.state_dir,
+                    &self.config.worker_user,
+                    systemd,
+                    self.config.egress_hosts.as_deref(),
+                )
             });
             let creds = prepared.pool.spec.credentials.as_ref();
             uses.push(sandbox::UserUse {

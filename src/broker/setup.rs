@@ -7,6 +7,7 @@ use std::sync::Arc;
 use nix::unistd::{Group, Uid, User};
 
 use super::auth::Clients;
+use super::egress::{Egress, Resolver};
 use super::pool::{PoolConfig, ScopeSetup};
 use super::quota::{self, Quota};
 use super::scope::{slice_name, Systemd, UnitLimits};
@@ -96,7 +97,13 @@ pub fn slice_limits(t: &policy::TenantLimits) -> UnitLimits {
 
 /// `systemd`: set when workers go into transient scopes; then cgroups
 /// limit memory and tasks, and the rlimits that stood in for them go.
-pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Option<(&Systemd, &str)>) -> Prepared {
+pub fn prepare(
+    wf: &Workflow,
+    state_dir: &Path,
+    default_user: &str,
+    systemd: Option<(&Systemd, &str)>,
+    egress_hosts: Option<&Path>,
+) -> Prepared {
     let workspace = wf.workspace(state_dir);
     let mut unavailable = None;
     let creds = match credentials(wf, default_user) {
@@ -118,6 +125,13 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
             }
         }
     }
+    if unavailable.is_none() && wf.network.is_some() && !nix::unistd::Uid::effective().is_root() {
+        unavailable = Some(
+            "[network] needs a broker running as root: each worker gets a network namespace of its own, \
+             with the broker's egress proxy as its only way out; run the broker as root, or remove [network]"
+                .to_string(),
+        );
+    }
     let expanded_exec: Vec<PathBuf> = wf.sandbox.exec.iter().map(|p| p.expand(&workspace)).collect();
     let mut quota = None;
     if unavailable.is_none() {
@@ -130,6 +144,16 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
         |paths: &[policy::PathTemplate]| -> Vec<PathBuf> { paths.iter().map(|p| p.expand(&workspace)).collect() };
     let mut env: Vec<(String, String)> =
         wf.env.iter().map(|(k, v)| (k.clone(), v.replace("{workspace}", &workspace.to_string_lossy()))).collect();
+    if wf.network.is_some() {
+        // What curl, pip, git, python's urllib and most other clients read;
+        // curl ignores the upper-case HTTP_PROXY, python prefers lower case.
+        let proxy = format!("http://127.0.0.1:{}", crate::sandbox::net::PROXY_PORT);
+        for key in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+            env.retain(|(k, _)| k != key);
+            env.push((key.to_string(), proxy.clone()));
+        }
+        env.retain(|(k, _)| !k.eq_ignore_ascii_case("no_proxy") && !k.eq_ignore_ascii_case("all_proxy"));
+    }
     for (key, value) in [
         ("PATH", DEFAULT_PATH.to_string()),
         ("HOME", workspace.display().to_string()),
@@ -153,6 +177,7 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
         exec: expand(&wf.sandbox.exec),
         tcp_connect: wf.sandbox.tcp_connect.clone(),
         tcp_bind: wf.sandbox.tcp_bind.clone(),
+        egress_proxy: wf.network.as_ref().map(|_| crate::sandbox::net::PROXY_PORT),
         workspace: workspace.clone(),
         scope: None,
         tool: ToolLimits {
@@ -191,6 +216,13 @@ pub fn prepare(wf: &Workflow, state_dir: &Path, default_user: &str, systemd: Opt
             memory_max: wf.limits.memory_max.to_string(),
             tasks_max: wf.limits.tasks_max,
             quota,
+            egress: wf.network.as_ref().map(|n| {
+                Arc::new(Egress {
+                    workflow: wf.name.to_string(),
+                    network: n.clone(),
+                    resolver: Resolver::new(egress_hosts.map(Path::to_path_buf), true),
+                })
+            }),
         },
         clients: resolve_clients(wf),
     }
@@ -237,6 +269,24 @@ pub fn enforcement_rows(wf: &Workflow, systemd: bool) -> Vec<crate::sandbox::Enf
         Err(e) => vec![crate::sandbox::Enforcement { promise: "refused".into(), by: e.to_string() }],
     };
     let cg = systemd.then(|| crate::cgroup::version(Path::new(crate::cgroup::ROOT)));
+    if let Some(n) = &wf.network {
+        let private = if n.private {
+            "private addresses allowed"
+        } else {
+            "no loopback, private, link-local or metadata address"
+        };
+        let by = format!(
+            "the broker's egress proxy only, to {} ({private}; at most {} connections and {} per call): each \
+             worker has a network namespace of its own with loopback only (Landlock TCP on the proxy's port \
+             where ABI >= 4; seccomp: no UDP, raw or other families)",
+            n.allow.iter().map(|r| r.text.as_str()).collect::<Vec<_>>().join(", "),
+            n.connections_max,
+            n.bytes_max
+        );
+        for row in rows.iter_mut().filter(|r| r.promise == "network") {
+            row.by.clone_from(&by);
+        }
+    }
     rows.extend(crate::sandbox::resource_rows(cg));
     rows.push(disk_row(wf));
     rows

@@ -231,7 +231,7 @@ fn expected_for(key: &str) -> Option<&'static str> {
     // Array elements accept what their array holds.
     let key = key.split('[').next().unwrap_or(key);
     Some(match key {
-        "workflow" | "sandbox" | "limits" | "pool" | "env" | "llm" => "a table",
+        "workflow" | "sandbox" | "limits" | "pool" | "env" | "llm" | "network" => "a table",
         // `tenant = "kid"` belongs in [workflow]; at the top level it is the
         // [tenant] table.
         "tenant" => {
@@ -270,6 +270,10 @@ fn expected_for(key: &str) -> Option<&'static str> {
         "llm.credential" => "a credential name such as \"ollama\"",
         "llm.endpoint_user" => "a user name such as \"ollama\"",
         "llm.endpoint_socket" => "an absolute path such as \"/run/ollama/api.sock\"",
+        "network.allow" => "a list of hosts, e.g. [\"pypi.org\", \"*.pythonhosted.org\", \"api.github.com:443\"]",
+        "network.private" => "true or false",
+        "network.connections_max" => "an integer",
+        "network.bytes_max" => "a size such as \"1G\" or an integer number of bytes",
         _ if key.starts_with("env.") => "a string",
         _ => return None,
     })
@@ -277,7 +281,8 @@ fn expected_for(key: &str) -> Option<&'static str> {
 
 /// `; did you mean [table].key?` when an unknown key is valid in another table.
 fn suggest(name: &str, path: &str) -> String {
-    const TABLES: [&str; 8] = ["", "workflow", "workflow.clients", "sandbox", "limits", "tenant", "pool", "llm"];
+    const TABLES: [&str; 9] =
+        ["", "workflow", "workflow.clients", "sandbox", "limits", "tenant", "pool", "llm", "network"];
     let home =
         TABLES.into_iter().filter(|t| *t != path).find(|t| known_keys(t).is_some_and(|keys| keys.contains(&name)));
     match home {

@@ -60,6 +60,14 @@
 //! max_steps = 8                   # default 8, 1..=64
 //! daily_tokens = 200000           # optional, per workflow
 //! tenant_daily_tokens = 500000    # optional, per tenant
+//!
+//! [network]                       # optional; tools reach these through the broker's proxy only
+//! allow = ["pypi.org", "*.pythonhosted.org", "api.github.com:443"]   # host[:port]; default ports 80, 443
+//! private = false                 # default false: names resolving to loopback, private,
+//!                                 # link-local or metadata addresses are refused
+//! connections_max = 256           # per call; default 256, 1..=100000
+//! bytes_max = "1G"                # per call, both ways; default 1G, at least 1K
+//!                                 # Not with [sandbox].tcp_connect. Needs a root broker.
 //! ```
 //!
 //! Paths are absolute or start with `{workspace}`
@@ -95,6 +103,7 @@ mod error;
 mod host;
 mod load;
 mod names;
+pub mod network;
 mod path;
 mod raw;
 mod schema;
@@ -108,6 +117,7 @@ pub use endpoint::Endpoint;
 pub use error::{FirstUser, Place, PolicyError, PolicyErrors};
 pub use load::{load_dir, parse_workflow, Policies};
 pub use names::{InvalidName, TenantName, WorkflowName};
+pub use network::{AllowRule, HostPattern, Network};
 pub use path::{InvalidPath, PathTemplate, WORKSPACE};
 pub use schema::{
     Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow, DEFAULT_EXEC,

@@ -19,6 +19,7 @@ pub(crate) struct RawFile {
     pub pool: Option<RawPool>,
     pub env: Option<BTreeMap<String, String>>,
     pub llm: Option<RawLlm>,
+    pub network: Option<RawNetwork>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +97,15 @@ pub(crate) struct RawLlm {
     pub spike_factor: Option<f64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNetwork {
+    pub allow: Option<Vec<String>>,
+    pub private: Option<bool>,
+    pub connections_max: Option<i64>,
+    pub bytes_max: Option<SizeText>,
+}
+
 /// A size as written: a string (`"256M"`) or an integer number of bytes,
 /// kept as text for `ByteSize::from_str`.
 #[derive(Debug)]
@@ -136,6 +146,7 @@ pub(crate) fn known_keys(table: &str) -> Option<&'static [&'static str]> {
         "tenant" => fields_of::<RawTenant>(),
         "pool" => fields_of::<RawPool>(),
         "llm" => fields_of::<RawLlm>(),
+        "network" => fields_of::<RawNetwork>(),
         _ => None,
     }
 }
@@ -198,7 +209,10 @@ mod tests {
 
     #[test]
     fn known_keys_match_the_structs() {
-        assert_eq!(known_keys(""), Some(&["workflow", "sandbox", "limits", "tenant", "pool", "env", "llm"][..]));
+        assert_eq!(
+            known_keys(""),
+            Some(&["workflow", "sandbox", "limits", "tenant", "pool", "env", "llm", "network"][..])
+        );
         assert_eq!(
             known_keys("sandbox"),
             Some(&["landlock", "read", "write", "exec", "tcp_connect", "tcp_bind", "seccomp"][..])

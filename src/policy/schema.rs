@@ -40,6 +40,10 @@ pub struct Workflow {
     pub env: BTreeMap<String, String>,
     /// `[llm]`, if present.
     pub llm: Option<Llm>,
+    /// `[network]`, if present: tools reach these destinations through the
+    /// broker's proxy, and nothing else. `None`: `[sandbox].tcp_connect`
+    /// alone decides (no network by default).
+    pub network: Option<super::network::Network>,
     /// The file this workflow came from.
     pub source: PathBuf,
 }

@@ -213,12 +213,12 @@ fn unknown_keys_name_file_line_key_and_valid_keys() {
     assert_eq!(
         error(&format!("colour = 1\n{MINIMAL}")),
         "policies/x.toml:1: colour: unknown key; valid keys at the top level are: \
-         workflow, sandbox, limits, tenant, pool, env, llm"
+         workflow, sandbox, limits, tenant, pool, env, llm, network"
     );
     assert_eq!(
         error(&format!("{MINIMAL}[limit]\n")),
         "policies/x.toml:4: limit: unknown key; valid keys at the top level are: \
-         workflow, sandbox, limits, tenant, pool, env, llm"
+         workflow, sandbox, limits, tenant, pool, env, llm, network"
     );
     // Inline table, one level deeper.
     assert_eq!(
@@ -707,4 +707,28 @@ fn llm_endpoints_anyone_could_squat_are_refused() {
     assert!(e.contains("llm.endpoint_user: invalid user name"), "{e}");
     let ok = parse(&llm("base_url = \"http://127.0.0.1:11434/v1\"\nendpoint_user = \"ollama\"")).unwrap();
     assert!(matches!(ok.llm.unwrap().endpoint, crate::policy::Endpoint::OwnedPort { .. }));
+}
+
+#[test]
+fn network_tables_validate_with_file_line_and_key() {
+    let ok = parse(&format!(
+        "{MINIMAL}\n[network]\nallow = [\"pypi.org\", \"*.pythonhosted.org\", \"api.github.com:443\"]\n"
+    ))
+    .unwrap();
+    let n = ok.network.unwrap();
+    assert_eq!(n.allow.len(), 3);
+    assert!(!n.private, "private defaults to false");
+    assert!(n.allows("files.pythonhosted.org", 443).is_some());
+    assert!(n.allows("api.github.com", 80).is_none());
+    assert_eq!((n.connections_max, n.bytes_max), (256, ByteSize::gib(1)));
+    assert!(parse(MINIMAL).unwrap().network.is_none(), "no [network]: today's behaviour");
+
+    let e = error(&format!("{MINIMAL}\n[network]\nallow = [\"pypi.org\", \"*.org\"]\n"));
+    assert!(e.starts_with("policies/x.toml:6: network.allow[1]: invalid entry \"*.org\""), "{e}");
+    let e = error(&format!("{MINIMAL}\n[network]\nconnections_max = 0\n"));
+    assert!(e.starts_with("policies/x.toml:6: network.connections_max: 0 is out of range"), "{e}");
+    let e = error(&format!("{MINIMAL}\n[sandbox]\ntcp_connect = [443]\n\n[network]\nallow = [\"pypi.org\"]\n"));
+    assert!(e.contains("sandbox.tcp_connect: a workflow with [network] reaches the network only through"), "{e}");
+    let e = error(&format!("{MINIMAL}\n[network]\nallow = \"pypi.org\"\n"));
+    assert!(e.contains("network.allow") && e.contains("a list of hosts"), "{e}");
 }

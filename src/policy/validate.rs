@@ -11,8 +11,9 @@ use std::time::Duration;
 use super::document::Lines;
 use super::error::{Place, PolicyError};
 use super::names::check_unix_name;
+use super::network::{AllowRule, Network, DEFAULT_BYTES_MAX, DEFAULT_CONNECTIONS_MAX};
 use super::path::PathTemplate;
-use super::raw::{RawClients, RawFile, RawLimits, RawLlm, RawPool, RawSandbox, RawTenant, SizeText};
+use super::raw::{RawClients, RawFile, RawLimits, RawLlm, RawNetwork, RawPool, RawSandbox, RawTenant, SizeText};
 use super::schema::{
     Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow, DEFAULT_EXEC,
     DEFAULT_LLM_TIMEOUT, DEFAULT_SPIKE_FACTOR, DEFAULT_WRITE, MIN_DISK_MAX,
@@ -189,6 +190,14 @@ pub(crate) fn validate(file: &Path, lines: &Lines, raw: RawFile) -> Result<Workf
     let pool = pool(&mut c, raw.pool.unwrap_or_default());
     let env = env(&mut c, raw.env.unwrap_or_default());
     let llm = raw.llm.and_then(|l| llm(&mut c, l));
+    let network = raw.network.map(|n| network(&mut c, n));
+    if network.is_some() && !sandbox.tcp_connect.is_empty() {
+        c.invalid(
+            "sandbox.tcp_connect",
+            "a workflow with [network] reaches the network only through the broker's proxy: remove \
+             sandbox.tcp_connect and name the hosts in [network].allow instead",
+        );
+    }
     match (name, tenant) {
         (Some(name), Some(tenant)) if c.errors.is_empty() => Ok(Workflow {
             name,
@@ -201,6 +210,7 @@ pub(crate) fn validate(file: &Path, lines: &Lines, raw: RawFile) -> Result<Workf
             pool,
             env,
             llm,
+            network,
             source: file.to_path_buf(),
         }),
         _ => {
@@ -459,4 +469,20 @@ fn llm(c: &mut Check<'_>, raw: RawLlm) -> Option<Llm> {
         timeout,
         spike_factor,
     })
+}
+
+fn network(c: &mut Check<'_>, raw: RawNetwork) -> Network {
+    let allow = raw
+        .allow
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, entry)| c.parse::<AllowRule>(&format!("network.allow[{i}]"), entry))
+        .collect();
+    Network {
+        allow,
+        private: raw.private.unwrap_or(false),
+        connections_max: c.int("network.connections_max", raw.connections_max, DEFAULT_CONNECTIONS_MAX, 1..=100_000),
+        bytes_max: c.size("network.bytes_max", raw.bytes_max.as_ref(), DEFAULT_BYTES_MAX, ByteSize::kib(1), None),
+    }
 }

@@ -33,6 +33,7 @@ pub mod creds;
 pub mod landlock;
 pub mod memory;
 pub mod namespace;
+pub mod net;
 pub mod process;
 pub mod refusal;
 pub mod seccomp;
@@ -95,6 +96,11 @@ pub enum SandboxError {
          CapabilityBoundingSet=, mount mount_setattr in SystemCallFilter= (see units/corral.service)"
     )]
     Namespace(&'static str, #[source] std::io::Error),
+    #[error(
+        "the workflow has [network], but the worker's network namespace has interfaces {0:?}, not only \
+         \"lo\": refusing to run tools that could go around the egress proxy"
+    )]
+    NetworkNotIsolated(Vec<String>),
     #[error("failed to mount {0} noexec for the worker: {1}")]
     NoExec(std::path::PathBuf, #[source] std::io::Error),
 }
@@ -110,9 +116,41 @@ pub fn probe() -> KernelSupport {
     KernelSupport { landlock_abi: sys::landlock_abi(), seccomp: sys::seccomp_available() }
 }
 
-/// Whether TCP is allowed at all for this spec on a kernel of `abi`.
+/// Whether TCP is allowed at all for this spec on a kernel of `abi`. With
+/// an egress proxy it always is: the worker's network namespace is the
+/// boundary, and Landlock only narrows it further.
 fn tcp_allowed(spec: &SandboxSpec, abi: u32) -> bool {
-    (!spec.tcp_connect.is_empty() || !spec.tcp_bind.is_empty()) && abi >= landlock::ABI_TCP
+    spec.egress_proxy.is_some()
+        || ((!spec.tcp_connect.is_empty() || !spec.tcp_bind.is_empty()) && abi >= landlock::ABI_TCP)
+}
+
+/// The ports a Landlock layer lets tools connect to: the proxy's alone
+/// with an egress proxy (from ABI 4; below it the namespace holds alone).
+fn connect_ports(spec: &SandboxSpec, abi: u32) -> Vec<u16> {
+    match spec.egress_proxy {
+        Some(port) if abi >= landlock::ABI_TCP => vec![port],
+        Some(_) => Vec::new(),
+        None => spec.tcp_connect.clone(),
+    }
+}
+
+/// With an egress proxy: checks that the worker's namespace has nothing but
+/// loopback, and says what holds its network.
+fn check_egress(spec: &SandboxSpec, abi: u32) -> Result<Option<String>, SandboxError> {
+    let Some(port) = spec.egress_proxy else { return Ok(None) };
+    let ifaces = net::interfaces().map_err(|e| SandboxError::Syscall("list the worker's network interfaces", e))?;
+    if ifaces != ["lo"] {
+        return Err(SandboxError::NetworkNotIsolated(ifaces));
+    }
+    let ports = if abi >= landlock::ABI_TCP {
+        format!("Landlock ABI {abi} allows TCP connect to port {port} only")
+    } else {
+        format!("Landlock ABI {abi} cannot restrict ports: the namespace alone holds")
+    };
+    Ok(Some(format!(
+        "own network namespace with loopback only; the broker's proxy at 127.0.0.1:{port} is the only way out; \
+         {ports}; seccomp refuses UDP, raw and other families"
+    )))
 }
 
 fn thread_count() -> usize {
@@ -155,23 +193,25 @@ pub fn confine_worker(spec: &SandboxSpec, sock: std::os::fd::BorrowedFd<'_>) -> 
     // Namespaces first: they need root, and Landlock's rules must name the
     // new mounts (/proc above all), not the ones they replace.
     let ns = namespace::enter(spec)?;
+    let abi = sys::landlock_abi();
+    let egress = check_egress(spec, abi)?;
     // Raising it needs no privilege, and tools inherit it.
     let oom = std::fs::write("/proc/self/oom_score_adj", TOOL_OOM_SCORE_ADJ.to_string())
         .map(|()| TOOL_OOM_SCORE_ADJ)
         .map_err(|e| SandboxError::Syscall("raise oom_score_adj", e))?;
 
-    let abi = sys::landlock_abi();
     // Open the Landlock path descriptors while we may still read everything.
     let mut extra: Vec<&Path> = vec![Path::new("/proc")];
     if let Some(mq) = &ns.mqueue {
         extra.push(mq);
     }
+    let ports = connect_ports(spec, abi);
     let layer = landlock::Layer {
         read: &spec.read,
         write: &spec.write,
         exec: &spec.exec,
         extra_read: &extra,
-        tcp_connect: &spec.tcp_connect,
+        tcp_connect: &ports,
         tcp_bind: &spec.tcp_bind,
     };
     let prepared = landlock::prepare(&layer, abi, spec.landlock)?;
@@ -201,6 +241,7 @@ pub fn confine_worker(spec: &SandboxSpec, sock: std::os::fd::BorrowedFd<'_>) -> 
         landlock_scopes: ll.scopes,
         seccomp: true,
         network_blocked: !allow_tcp,
+        egress,
         namespaces: ns.namespaces,
         noexec: ns.noexec,
         cpu_idle: lowest_priority(spec),
@@ -220,12 +261,13 @@ pub fn lowest_priority(spec: &SandboxSpec) -> bool {
 /// [`process::install_tool_hook`]).
 pub fn tool_layer(spec: &SandboxSpec) -> Result<landlock::Prepared, SandboxError> {
     let abi = sys::landlock_abi();
+    let ports = connect_ports(spec, abi);
     let layer = landlock::Layer {
         read: &spec.read,
         write: &spec.write,
         exec: &spec.exec,
         extra_read: &[],
-        tcp_connect: &spec.tcp_connect,
+        tcp_connect: &ports,
         tcp_bind: &spec.tcp_bind,
     };
     let mut prepared = landlock::prepare(&layer, abi, spec.landlock)?;

@@ -184,7 +184,8 @@ fn cstr(bytes: &[u8]) -> io::Result<std::ffi::CString> {
 /// descriptor [`WORKER_FD`], stdin and stdout on `/dev/null`, stderr
 /// inherited, its own process group, a parent-death signal, an environment
 /// of `RUST_LOG` only, and — when `namespaces` — as PID 1 of new PID, mount
-/// and IPC namespaces ([`WORKER_NAMESPACES`]).
+/// and IPC namespaces ([`WORKER_NAMESPACES`]). (A worker's own network
+/// namespace comes from the thread that clones it: [`super::net`].)
 ///
 /// Everything is prepared before the `clone`; the child makes only
 /// async-signal-safe system calls (`dup2`, `fcntl`, `setpgid`, `prctl`,

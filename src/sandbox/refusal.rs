@@ -160,6 +160,7 @@ mod tests {
             exec: vec!["/usr/bin".into()],
             tcp_connect: vec![],
             tcp_bind: vec![],
+            egress_proxy: None,
             workspace: "/ws".into(),
             scope: None,
             tool: ToolLimits {

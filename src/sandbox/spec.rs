@@ -38,6 +38,11 @@ pub struct SandboxSpec {
     pub exec: Vec<PathBuf>,
     pub tcp_connect: Vec<u16>,
     pub tcp_bind: Vec<u16>,
+    /// `Some(port)`: the worker is in a network namespace of its own whose
+    /// only way out is the broker's egress proxy at `127.0.0.1:port`
+    /// ([`super::net`]). Tools may open TCP sockets (Landlock, from ABI 4,
+    /// lets them connect to that port only); `tcp_connect` is then empty.
+    pub egress_proxy: Option<u16>,
     pub workspace: PathBuf,
     /// The systemd scope the broker put the worker in; the worker checks
     /// that it is there before it confines itself.
@@ -88,6 +93,11 @@ pub struct EffectiveSandbox {
     pub seccomp: bool,
     /// Inet sockets are refused outright by seccomp.
     pub network_blocked: bool,
+    /// With an egress proxy: what confines the worker's network, in words
+    /// (its namespace's interfaces as the worker saw them, and whether
+    /// Landlock holds the proxy's port).
+    #[serde(default)]
+    pub egress: Option<String>,
     /// Kernel namespaces of its own the worker and its calls live in
     /// (`pid`, `mount`, `ipc`): empty when the broker is not root.
     #[serde(default)]

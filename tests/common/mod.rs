@@ -76,6 +76,10 @@ fn feature_present(feature: &str) -> Result<(), String> {
             None => Err("no namespaced systemd: set CORRAL_TEST_SYSTEMD_PID (scripts/sd-ns/ns.sh start)".into()),
         },
         "python3" => which("python3"),
+        "curl" => which("curl"),
+        // ip(8), to build the network namespaces tests/egress.rs uses as
+        // its internet.
+        "iproute2" => which("ip"),
         // What tests/toolchain.rs runs inside the sandbox, from the paths the
         // policies' PATH (/usr/bin:/bin) finds: git, make, C and C++
         // compilers, python3 with venv and ensurepip (python3-venv).
@@ -202,14 +206,38 @@ pub struct Broker {
     pub log: PathBuf,
     /// The broker's extra environment (rlimit mode: for a restart).
     env: Vec<(String, String)>,
+    netns: Option<Netns>,
+}
+
+/// A network namespace a test made, for a broker to run in: its path as
+/// seen from the test, and as seen by the namespaced systemd (for
+/// `NetworkNamespacePath=` of a unit).
+#[derive(Clone, Debug)]
+pub struct Netns {
+    pub host_path: PathBuf,
+    pub unit_path: PathBuf,
 }
 
 type PreExec = Box<dyn FnMut() -> std::io::Result<()> + Send + Sync>;
 
 /// Starts `corral broker` on `dir`'s policies, socket and state, as a child
 /// of the test (rlimit mode), logging to `log`.
-fn spawn_broker(dir: &Path, log: &std::fs::File, env: &[(String, String)], pre_exec: Option<PreExec>) -> Child {
-    let mut cmd = Command::new(BIN);
+fn spawn_broker(
+    dir: &Path,
+    log: &std::fs::File,
+    env: &[(String, String)],
+    pre_exec: Option<PreExec>,
+    netns: Option<&Netns>,
+) -> Child {
+    let mut cmd = match netns {
+        // nsenter enters the namespace and execs the broker: same process.
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.host_path.display())).arg("--").arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
     cmd.arg("broker")
         .arg("--policies")
         .arg(dir.join("policies"))
@@ -241,11 +269,13 @@ pub struct BrokerOptions {
     /// Hook run in the broker's process before exec (e.g. a seccomp filter
     /// that hides Landlock). Must be async-signal-safe.
     pub pre_exec: Option<PreExec>,
+    /// Run the broker in this network namespace (both modes).
+    pub netns: Option<Netns>,
 }
 
 impl Default for BrokerOptions {
     fn default() -> Self {
-        BrokerOptions { env: Vec::new(), wait_ready: true, pre_exec: None }
+        BrokerOptions { env: Vec::new(), wait_ready: true, pre_exec: None, netns: None }
     }
 }
 
@@ -278,12 +308,27 @@ impl Broker {
                     opts.pre_exec.is_none(),
                     "a broker with a pre_exec hook cannot run as a unit: skip the test with skip_under_systemd()"
                 );
-                let unit = start_unit(sd, name, &dir, &opts.env);
-                Broker { dir, socket, state, child: None, unit: Some((unit, sd)), log, env: opts.env }
+                let unit = start_unit(sd, name, &dir, &opts.env, opts.netns.as_ref());
+                Broker {
+                    dir,
+                    socket,
+                    state,
+                    child: None,
+                    unit: Some((unit, sd)),
+                    log,
+                    env: opts.env,
+                    netns: opts.netns,
+                }
             }
             None => {
-                let child = spawn_broker(&dir, &std::fs::File::create(&log).unwrap(), &opts.env, opts.pre_exec);
-                Broker { dir, socket, state, child: Some(child), unit: None, log, env: opts.env }
+                let child = spawn_broker(
+                    &dir,
+                    &std::fs::File::create(&log).unwrap(),
+                    &opts.env,
+                    opts.pre_exec,
+                    opts.netns.as_ref(),
+                );
+                Broker { dir, socket, state, child: Some(child), unit: None, log, env: opts.env, netns: opts.netns }
             }
         };
         broker.wait_socket();
@@ -514,7 +559,7 @@ impl Broker {
             }
             None => {
                 let log = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
-                self.child = Some(spawn_broker(&self.dir, &log, &self.env, None));
+                self.child = Some(spawn_broker(&self.dir, &log, &self.env, None, self.netns.as_ref()));
             }
         }
         self.wait_socket();
@@ -676,7 +721,13 @@ fn unit_quote(s: &str) -> String {
 /// Left out: LoadCredential= (no provider keys in tests) and the
 /// Runtime/State/ConfigurationDirectory= of the real service (a test broker
 /// keeps everything in its scratch directory).
-pub fn test_unit_text(name: &str, dir: &Path, instance: &str, env: &[(String, String)]) -> String {
+pub fn test_unit_text(
+    name: &str,
+    dir: &Path,
+    instance: &str,
+    env: &[(String, String)],
+    netns: Option<&Netns>,
+) -> String {
     let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("units/corral.service")).unwrap();
     let q = |p: &Path| unit_quote(&p.display().to_string());
     let mut out = String::new();
@@ -726,6 +777,11 @@ pub fn test_unit_text(name: &str, dir: &Path, instance: &str, env: &[(String, St
                 for (k, v) in env {
                     out.push_str(&format!("Environment={}\n", unit_quote(&format!("{k}={v}"))));
                 }
+                if let Some(ns) = netns {
+                    // A single path: systemd takes it unquoted (a quoted
+                    // one is ignored with a warning).
+                    out.push_str(&format!("NetworkNamespacePath={}\n", ns.unit_path.display()));
+                }
                 // A crashed test broker fails its test; it is not restarted.
                 out.push_str("Restart=no\n");
                 continue;
@@ -743,11 +799,11 @@ pub fn test_unit_text(name: &str, dir: &Path, instance: &str, env: &[(String, St
 static UNIT_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Writes and starts `corral-test-<name>-<pid>x<n>.service`; returns its name.
-fn start_unit(sd: u32, name: &str, dir: &Path, env: &[(String, String)]) -> String {
+fn start_unit(sd: u32, name: &str, dir: &Path, env: &[(String, String)], netns: Option<&Netns>) -> String {
     let n = UNIT_SEQ.fetch_add(1, Ordering::Relaxed);
     let instance = format!("t{}x{n}", std::process::id());
     let unit = format!("corral-test-{name}-{instance}.service");
-    let text = test_unit_text(name, dir, &instance, env);
+    let text = test_unit_text(name, dir, &instance, env, netns);
     std::fs::write(unit_path(sd, &unit), text).unwrap();
     // A unit never loaded before is found on disk without a daemon-reload.
     let out = nsenter(sd, &["systemctl", "start", &unit]);

@@ -22,7 +22,7 @@ cd "$repo" || exit 1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Landlock ABI 2: no TCP rules (landlock-tcp), no scopes (landlock-scopes);
 # no npm (see debian-guest.sh: packages).
-export CORRAL_TEST_REQUIRE=${CORRAL_GUEST_REQUIRE:-root,landlock,seccomp,users,python3,bwrap,toolchain,node,systemd}
+export CORRAL_TEST_REQUIRE=${CORRAL_GUEST_REQUIRE:-root,landlock,seccomp,users,python3,curl,iproute2,bwrap,toolchain,node,systemd}
 section() { printf '\n===== %s =====\n' "$*"; }
 failed=0 summary=()
 

@@ -100,6 +100,7 @@ pub(super) async fn ask(
             total_tokens: r.usage.total_tokens,
             model_calls: r.model_calls,
         },
+        egress: r.egress.clone(),
     };
     Ok(json(StatusCode::OK, &reply))
 }

@@ -19,9 +19,11 @@ use super::error::ApiError;
 use super::error::{call_error, dropped, submit_error};
 use super::{AppState, Caller};
 use crate::api::{self, ExecBody, ExecReply};
+use crate::broker::egress::EgressReceipt;
 use crate::broker::launcher::{signal_name, Answer, Call};
 use crate::broker::ledger::{ExecCall, ExecLog};
 use crate::broker::log::Escaped;
+use crate::broker::pool::Served;
 use crate::broker::pool::QUEUE_WAIT_MAX;
 use crate::broker::InFlight;
 use crate::broker::Workflow;
@@ -106,15 +108,17 @@ pub(super) async fn exec(
             stderr_bytes: 0,
             timed_out: false,
             limit: None,
+            egress: None,
         }),
     };
-    let (worker, outcome, limit) = match run(&front, &wf, call, timeout_ms, Arc::clone(&registered.cancel)).await {
-        Ok(done) => done,
-        Err(e) => {
-            row.finish(e.code, None, None);
-            return Err(e);
-        }
-    };
+    let (worker, outcome, limit, egress) =
+        match run(&front, &wf, call, timeout_ms, Arc::clone(&registered.cancel)).await {
+            Ok(done) => done,
+            Err(e) => {
+                row.finish(e.code, None, None, None);
+                return Err(e);
+            }
+        };
     drop(registered);
     let recorded = match (&limit, outcome.timed_out, outcome.cancelled, outcome.termination) {
         (Some(_), _, _, _) => "limit",
@@ -123,7 +127,8 @@ pub(super) async fn exec(
         (None, false, false, Termination::Exited(0)) => "ok",
         _ => "failed",
     };
-    row.finish(recorded, Some(&outcome), limit.as_ref());
+    let egress = egress.as_ref().map(super::proxy::report);
+    row.finish(recorded, Some(&outcome), limit.as_ref(), egress.as_ref());
     let (exit_code, signal) = match outcome.termination {
         Termination::Exited(c) => (Some(c), None),
         Termination::Signaled(s) => (None, Some(s)),
@@ -152,6 +157,7 @@ pub(super) async fn exec(
         cancelled: outcome.cancelled,
         limit,
         sandbox_hint,
+        egress,
         wall_ms: ms(outcome.wall_us),
         cpu_user_ms: ms(outcome.cpu_user_us),
         cpu_system_ms: ms(outcome.cpu_system_us),
@@ -168,7 +174,7 @@ async fn run(
     call: ExecRequest,
     timeout_ms: u64,
     cancel: Arc<Notify>,
-) -> Result<(u64, ExecOutcome, Option<String>), ApiError> {
+) -> Result<(u64, ExecOutcome, Option<String>, Option<EgressReceipt>), ApiError> {
     let broker = &front.broker;
     let rx = wf.pool.submit(Call::Exec(call), None, Some(cancel)).map_err(|e| submit_error(broker, e))?;
     let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
@@ -185,8 +191,8 @@ async fn run(
     match result {
         Err(_) => Err(dropped(broker, "call")),
         Ok(Err(e)) => Err(call_error(broker, wf, e)),
-        Ok(Ok((worker, Answer::Done(outcome), limit))) => Ok((worker, outcome, limit)),
-        Ok(Ok((_, Answer::Answered(_), _))) => Err(ApiError::new(
+        Ok(Ok(Served { worker, answer: Answer::Done(outcome), limit, egress })) => Ok((worker, outcome, limit, egress)),
+        Ok(Ok(Served { answer: Answer::Answered(_), .. })) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "the worker answered an exec with an ask result; retry it",
@@ -203,7 +209,13 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
-    fn finish(&mut self, outcome: &str, done: Option<&ExecOutcome>, limit: Option<&String>) {
+    fn finish(
+        &mut self,
+        outcome: &str,
+        done: Option<&ExecOutcome>,
+        limit: Option<&String>,
+        egress: Option<&api::EgressReport>,
+    ) {
         let Some(mut call) = self.call.take() else { return };
         call.outcome = outcome.to_string();
         if let Some(o) = done {
@@ -217,6 +229,7 @@ impl Row<'_> {
             call.timed_out = o.timed_out;
         }
         call.limit = limit.cloned();
+        call.egress = egress.cloned();
         call.duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.log.record(call);
     }
@@ -225,7 +238,7 @@ impl Row<'_> {
 impl Drop for Row<'_> {
     fn drop(&mut self) {
         if self.call.is_some() {
-            self.finish("cancelled", None, None);
+            self.finish("cancelled", None, None, None);
         }
     }
 }

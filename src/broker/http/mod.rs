@@ -28,6 +28,7 @@ pub mod limits;
 pub mod listener;
 mod models;
 mod ops;
+pub mod proxy;
 mod routes;
 mod status;
 

@@ -74,6 +74,9 @@ pub struct PoolConfig {
     pub enforcement: Vec<crate::sandbox::Enforcement>,
     /// The workspace's `disk_max`, when the policy sets one.
     pub quota: Option<Arc<super::quota::Quota>>,
+    /// `[network]`: each worker gets a network namespace and an egress
+    /// proxy checking these rules.
+    pub egress: Option<Arc<super::egress::Egress>>,
 }
 
 /// Why a queued call got no answer from a worker.
@@ -95,9 +98,20 @@ pub enum Failure {
     Unavailable { workflow: String, reason: String },
 }
 
-/// What a caller gets back: the worker id, the answer, and the limit the
-/// kernel enforced during the call, if any.
-pub type CallResult = Result<(u64, Answer, Option<String>), Failure>;
+/// What a worker did with a call.
+#[derive(Debug)]
+pub struct Served {
+    /// The worker's id in its pool.
+    pub worker: u64,
+    pub answer: Answer,
+    /// The limit the kernel enforced during the call, if any.
+    pub limit: Option<String>,
+    /// With `[network]`: what the call reached and was refused.
+    pub egress: Option<super::egress::EgressReceipt>,
+}
+
+/// What a caller gets back.
+pub type CallResult = Result<Served, Failure>;
 
 struct Job {
     call: Call,
@@ -596,7 +610,10 @@ impl Pool {
 
     async fn launch(&self, id: u64) -> (Result<Worker, StartError>, Option<String>) {
         let Some(setup) = &self.cfg.scope else {
-            return (launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, None).await, None);
+            return (
+                launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, None, self.cfg.egress.as_ref()).await,
+                None,
+            );
         };
         let unit = scope_name(&setup.prefix, &self.cfg.workflow, self.next_scope.fetch_add(1, Ordering::Relaxed));
         let line = self.systemd_run_line(&unit, setup);
@@ -611,7 +628,10 @@ impl Pool {
             limits: &setup.limits,
             description: format!("corral worker {id} of {} (tenant {})", self.cfg.workflow, self.cfg.tenant),
         };
-        (launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, Some(plan)).await, Some(unit))
+        (
+            launcher::start(&self.exe, &self.cfg.spec, &self.log_filter, Some(plan), self.cfg.egress.as_ref()).await,
+            Some(unit),
+        )
     }
 
     /// How long the quarantine in force has left, if one is.
@@ -909,6 +929,7 @@ impl Pool {
                     () = asked => {}
                 }
             };
+            worker.begin_egress();
             let result = tokio::select! {
                 r = worker.call(call, BACKSTOP, completions.as_ref(), cancelled) => r,
                 () = stopped(pid) => {
@@ -928,6 +949,7 @@ impl Pool {
                     return SlotEnd::Shutdown;
                 }
             };
+            let egress = worker.end_egress();
             let timed_out = matches!(&result, Ok(Answer::Done(o)) if o.timed_out);
             let mut limit = self.limit_hit(&before, &Self::counters(&loc), timed_out);
             let killed = result.as_ref().is_ok_and(|a| match a {
@@ -975,7 +997,7 @@ impl Pool {
             };
             let limit_text = limit.clone();
             let answer = match result {
-                Ok(outcome) => Ok((id, outcome, limit.clone())),
+                Ok(answer) => Ok(Served { worker: id, answer, limit: limit.clone(), egress }),
                 Err(CallError::Died(why)) => Err(Failure::Call(CallError::Died(match &limit {
                     Some(l) => format!("{why}; {l}"),
                     None => why,
