@@ -10,11 +10,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::auth::Peer;
-use super::launcher::{Answer, Call, CompletionJob};
-use super::llm::{CallContext, GatewayError, ModelParams};
+use super::launcher::{Answer, Call, CallEvent, CompletionJob};
+use super::llm::{CallContext, Deltas, GatewayError, ModelParams};
 use super::pool::{Failure, SubmitError, QUEUE_WAIT_MAX};
 use super::{Broker, Workflow};
-use crate::api::ToolCallReport;
+use crate::api::{AskEvent, ToolCallEvent, ToolCallReport, ToolResultEvent};
 use crate::protocol::{AskOutcome, AskRequest, AskStop, ChatMessage, Usage, MAX_TOOL_CALLS_PER_STEP};
 use crate::utc;
 
@@ -29,6 +29,9 @@ pub struct AskInput {
     pub params: ModelParams,
     /// Notified to cancel the ask (`DELETE /v1/calls/{id}`).
     pub cancel: Option<Arc<tokio::sync::Notify>>,
+    /// Set for a streamed ask: the model's text as the provider streams it,
+    /// each tool call and each tool result go here while the loop runs.
+    pub events: Option<mpsc::UnboundedSender<AskEvent>>,
 }
 
 /// An ask that ran.
@@ -120,10 +123,24 @@ pub async fn run(
         model: llm.model.clone(),
         tool_timeout_ms: u64::try_from(wf.call_timeout.as_millis()).unwrap_or(u64::MAX),
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        stream: input.events.is_some(),
     };
     tracing::info!(workflow = %wf.name, model = %llm.model, max_steps = llm.max_steps, "ask");
     let (tx, mut rx) = mpsc::channel::<CompletionJob>(1);
-    let mut done = wf.pool.submit(Call::Ask(call), Some(tx), input.cancel).map_err(AskError::Submit)?;
+    let events = input.events;
+    let (tools_tx, mut tools_rx) = match &events {
+        Some(_) => {
+            let (t, r) = mpsc::unbounded_channel();
+            (Some(t), Some(r))
+        }
+        None => (None, None),
+    };
+    let mut done = wf.pool.submit(Call::Ask(call), Some(tx), tools_tx, input.cancel).map_err(AskError::Submit)?;
+    let send = |e: AskEvent| {
+        if let Some(tx) = &events {
+            let _ = tx.send(e);
+        }
+    };
     let deadline = tokio::time::Instant::now() + timeout + QUEUE_WAIT_MAX;
     let mut usage = Usage::default();
     let mut model_calls = 0u32;
@@ -131,16 +148,49 @@ pub async fn run(
     let mut asking = true;
     let result = loop {
         tokio::select! {
+            // A tool's result was sent before the next step's request.
+            biased;
+            Some(event) = async { tools_rx.as_mut()?.recv().await } => {
+                if let CallEvent::Tool(t) = event {
+                    let r = &t.record;
+                    send(AskEvent::ToolResult(ToolResultEvent {
+                        step: t.step,
+                        id: t.call_id,
+                        report: ToolCallReport {
+                            tool: r.tool.clone(),
+                            argv: r.argv.clone(),
+                            exit_code: r.exit_code,
+                            signal: r.signal,
+                            duration_ms: r.duration_ms,
+                            truncated: r.truncated,
+                            timed_out: r.timed_out,
+                            error: r.error.clone(),
+                        },
+                        result: t.result,
+                    }));
+                }
+            }
             job = rx.recv(), if asking => {
                 let Some(job) = job else {
                     asking = false; // the call is over; its answer follows
                     continue;
                 };
-                let answer = gateway.complete(&ctx, &job.request).await;
+                let step = job.request.step;
+                let on_delta = |text: &str| send(AskEvent::Delta { step, content: text.to_string() });
+                let deltas: Option<&Deltas<'_>> = if events.is_some() { Some(&on_delta) } else { None };
+                let answer = gateway.complete(&ctx, &job.request, deltas).await;
                 model_calls += 1;
                 let reply = match answer {
                     Ok(c) => {
                         usage.add(c.usage);
+                        for call in &c.message.tool_calls {
+                            send(AskEvent::ToolCall(ToolCallEvent {
+                                step,
+                                id: call.id.clone(),
+                                name: call.name.clone(),
+                                arguments: call.arguments.clone(),
+                            }));
+                        }
                         Ok(c)
                     }
                     Err(e) => {

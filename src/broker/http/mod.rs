@@ -30,6 +30,7 @@ mod models;
 mod ops;
 mod routes;
 mod status;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
