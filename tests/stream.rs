@@ -177,6 +177,9 @@ fn streamed_exec_sends_output_while_the_command_runs_and_keeps_its_caps() {
     // Errors before the call starts keep their status; a plain call is unchanged.
     let (code, _) = b.exec_body(&json!({"workflow": "w", "argv": [], "stream": true}));
     assert_eq!(code, 400);
+    let chat = json!({"model": "w", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let (code, reply) = b.http("POST", "/v1/chat/completions", Some(chat.to_string().as_bytes()));
+    assert_eq!((code, reply["error"]["code"].as_str()), (400, Some("no_llm")), "{reply}");
     assert_eq!(stdout(&b.exec("w", &["echo", "plain"])), "plain\n");
 }
 

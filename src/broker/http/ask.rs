@@ -87,7 +87,9 @@ pub(super) async fn ask(
     let (events, streamed) = channel(body.stream);
     let input = AskInput { prompt: body.prompt, conversation, params: Default::default(), cancel, events };
     let request_id = caller.request_id.to_string();
-    let done = run(Arc::clone(&front), caller, wf, input, registered);
+    let submitted =
+        ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
+    let done = run(Arc::clone(&front), wf, submitted, registered);
     let Some(streamed) = streamed else {
         return Ok(json(StatusCode::OK, &reply(&request_id, &done.await?)));
     };
@@ -110,18 +112,18 @@ pub(super) fn channel(stream: bool) -> (Option<UnboundedSender<AskEvent>>, Optio
     (Some(tx), Some(rx))
 }
 
-/// Runs the ask until its answer, or until the broker stops. Owns what it
-/// needs: a streamed answer runs it after the handler has returned.
+/// Waits for a submitted ask's answer, or until the broker stops. Owns
+/// what it needs: a streamed answer runs it after the handler has
+/// returned (errors before the ask was queued kept their status).
 pub(super) async fn run(
     front: AppState,
-    caller: Caller,
     wf: Arc<Workflow>,
-    input: AskInput,
+    submitted: ask::Submitted,
     _registered: Detached,
 ) -> Result<AskResult, ApiError> {
     let broker = &front.broker;
     tokio::select! {
-        r = ask::run(broker, &caller.peer, wf.clone(), input, &caller.request_id) => r.map_err(|e| ask_error(broker, &wf, e)),
+        r = submitted.wait(broker) => r.map_err(|e| ask_error(broker, &wf, e)),
         () = front.stopped() => Err(ApiError::stopping()),
     }
 }

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 
-use super::ask::role;
+use super::ask::{ask_error, role};
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
@@ -25,7 +25,7 @@ use crate::api::{
     AskEvent, ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply, ChatReplyMessage,
     ChatUsage,
 };
-use crate::broker::ask::{AskInput, AskResult};
+use crate::broker::ask::{self, AskInput, AskResult};
 use crate::broker::llm::ModelParams;
 use crate::protocol::{AskStop, ChatMessage, Role};
 use crate::utc;
@@ -81,7 +81,9 @@ pub(super) async fn chat(
     let (events, streamed) = super::ask::channel(body.stream);
     let input = AskInput { prompt, conversation: messages, params, cancel, events };
     let request_id = request_id.to_string();
-    let done = super::ask::run(Arc::clone(&front), caller, wf, input, registered);
+    let submitted =
+        ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
+    let done = super::ask::run(Arc::clone(&front), wf, submitted, registered);
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
     let finish = |r: &AskResult| match r.outcome.stop {
