@@ -7,7 +7,7 @@
 #
 #   --no-build  this host only runs prebuilt binaries and tests (the qemu
 #               guest of tests/guest/): no npm (its toolchain tests are not
-#               required there)
+#               required there), no openai venv (nor its test)
 #
 # apt-get runs only when something is missing; without a reachable mirror it
 # stops and names what to install.
@@ -44,6 +44,17 @@ if [ -n "$need" ]; then
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null \
     || { echo "apt-get could not install:$need (no network? see above)" >&2; exit 1; }
+fi
+
+# The official OpenAI Python client, for tests/stream.rs (a real client
+# that lists models and streams a chat through the broker's socket): in a
+# venv of its own, from PyPI. Set CORRAL_TEST_OPENAI_VENV to put it elsewhere.
+venv="${CORRAL_TEST_OPENAI_VENV:-/opt/corral-test/openai}"
+if [ $build = 1 ] && ! "$venv/bin/python3" -c 'import openai' >/dev/null 2>&1; then
+  echo "installing the openai Python package into $venv" >&2
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check openai \
+    || { echo "pip could not install openai into $venv (no network? PyPI must be reachable)" >&2; exit 1; }
 fi
 
 # Service users the workers run as (no login, no home): the default one,

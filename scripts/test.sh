@@ -29,7 +29,7 @@ export CARGO_PROFILE_RELEASE_LTO="${CARGO_PROFILE_RELEASE_LTO:-false}"
 export CARGO_PROFILE_RELEASE_CODEGEN_UNITS="${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-16}"
 export CARGO_PROFILE_RELEASE_OPT_LEVEL="${CARGO_PROFILE_RELEASE_OPT_LEVEL:-3}"
 ./scripts/setup-test-host.sh
-export CORRAL_TEST_REQUIRE="${CORRAL_TEST_REQUIRE:-root,landlock,landlock-tcp,landlock-scopes,seccomp,users,python3,curl,iproute2,bwrap,toolchain,node,npm,systemd,guest}"
+export CORRAL_TEST_REQUIRE="${CORRAL_TEST_REQUIRE:-root,landlock,landlock-tcp,landlock-scopes,seccomp,users,python3,curl,iproute2,bwrap,toolchain,node,npm,openai-client,systemd,guest}"
 echo "required test features: $CORRAL_TEST_REQUIRE"
 
 # Build first, so the systemd is not kept waiting on the compiler.
@@ -44,7 +44,7 @@ echo "namespaced systemd: PID $CORRAL_TEST_SYSTEMD_PID"
 
 cargo test --release --locked
 CORRAL_TEST_UNDER_SYSTEMD=1 cargo test --release --locked --test escape --test escape_ipc --test isolation --test limits --test api \
-  --test cancel --test front_door --test faults --test llm --test operations --test pool --test workspace --test toolchain --test egress
+  --test cancel --test front_door --test faults --test llm --test operations --test pool --test stream --test workspace --test toolchain --test egress
 
 case ",$CORRAL_TEST_REQUIRE," in
   *,guest,* | *,all,*)

@@ -63,6 +63,51 @@ pub struct ExecBody {
     pub stdin_base64: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Answer `application/x-ndjson`: one [`ExecEvent`] a line, the
+    /// output as the command writes it, the result last.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+/// One line of a streamed exec (`"stream": true`), tagged by `type`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecEvent {
+    /// Bytes the command wrote to its stdout, as it wrote them.
+    Stdout(Chunk),
+    Stderr(Chunk),
+    /// Last: the fields of the plain reply.
+    Result(Box<ExecReply>),
+    /// Last, instead of a result: the call failed after its answer began.
+    Error(ErrorReply),
+}
+
+/// Streamed bytes: `data` when they are UTF-8 text, else `data_base64`.
+/// A character split between two reads is held back and sent whole.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Chunk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+}
+
+impl Chunk {
+    pub fn new(bytes: &[u8]) -> Chunk {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Chunk { data: Some(s.to_owned()), data_base64: None },
+            Err(_) => Chunk { data: None, data_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)) },
+        }
+    }
+
+    /// The exact bytes.
+    pub fn bytes(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        match (&self.data, &self.data_base64) {
+            (_, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b),
+            (Some(t), None) => Ok(t.as_bytes().to_vec()),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -299,6 +344,46 @@ pub struct AskBody {
     /// Earlier turns, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conversation: Vec<ConversationMessage>,
+    /// Answer `application/x-ndjson`: one [`AskEvent`] a line while the
+    /// loop runs, the reply last.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+/// One line of a streamed ask (`"stream": true`), tagged by `type`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AskEvent {
+    /// Text of the model's message of step `step`, as the provider
+    /// streams it (a step that calls tools may say something first).
+    Delta { step: u32, content: String },
+    /// The model asked for a tool (before it runs).
+    ToolCall(ToolCallEvent),
+    /// A tool call ended; `result` is what the model is told.
+    ToolResult(ToolResultEvent),
+    /// Last: the fields of the plain reply.
+    Result(Box<AskReply>),
+    /// Last, instead of a result.
+    Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolCallEvent {
+    pub step: u32,
+    /// The model's id of the call.
+    pub id: String,
+    pub name: String,
+    /// JSON text, as the model wrote it.
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolResultEvent {
+    pub step: u32,
+    pub id: String,
+    #[serde(flatten)]
+    pub report: ToolCallReport,
+    pub result: String,
 }
 
 /// One earlier turn of a conversation.
@@ -422,6 +507,12 @@ pub struct ChatChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<ChatUsage>,
+    /// corral's extra on a chunk that carries no text: a tool call of the
+    /// agent loop, or its result (an [`AskEvent`] `tool_call` or
+    /// `tool_result`). OpenAI clients ignore it; the tools are the
+    /// workflow's, not the client's, so they are never `delta.tool_calls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corral: Option<AskEvent>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
@@ -41,6 +41,20 @@ pub async fn request_for(
     workflow: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Bytes), ClientError> {
+    let (status, body) = request_streamed(socket, method, path, workflow, body).await?;
+    let bytes = body.collect().await?.to_bytes();
+    Ok((status, bytes))
+}
+
+/// Like [`request_for`], but returns the body as it arrives: for answers
+/// the broker streams.
+pub async fn request_streamed(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    workflow: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Incoming), ClientError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| ClientError::Connect { path: socket.to_path_buf(), source })?;
@@ -58,7 +72,5 @@ pub async fn request_for(
     }
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
     let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    Ok((status, bytes))
+    Ok((resp.status(), resp.into_body()))
 }

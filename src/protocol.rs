@@ -14,6 +14,12 @@
 //! to the model provider: the worker never sees a key, a URL or a budget.
 //! These types are the worker's only view of a policy: it never reads policy
 //! files itself.
+//!
+//! Streaming is asked for per call, so a plain call costs no extra frame:
+//! an [`ExecRequest`] with `stream` set gets [`FromWorker::Output`] frames
+//! with the bytes its command writes (within its caps), as they come, before
+//! its `Done`; an [`AskRequest`] with `stream` set gets a
+//! [`FromWorker::ToolDone`] after each tool call, before the loop goes on.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +57,39 @@ pub enum FromWorker {
     Complete(CompleteRequest),
     /// The result of an [`AskRequest`].
     Answered(AskOutcome),
+    /// During a streamed [`ExecRequest`]: bytes its command wrote.
+    Output(OutputChunk),
+    /// During a streamed [`AskRequest`]: one tool call has ended.
+    ToolDone(ToolDone),
+}
+
+/// Which output stream of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutStream {
+    Stdout,
+    Stderr,
+}
+
+/// Bytes a command wrote, in order; only bytes within the call's cap are
+/// sent, so the chunks of a stream add up to its `Done` output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    pub id: u64,
+    pub stream: OutStream,
+    pub data: Vec<u8>,
+}
+
+/// One tool call of a streamed ask, as soon as it has ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolDone {
+    /// The ask.
+    pub id: u64,
+    pub step: u32,
+    /// The model's id of the tool call.
+    pub call_id: String,
+    pub record: ToolRecord,
+    /// What the model is told about it (capped as the loop caps it).
+    pub result: String,
 }
 
 /// One tool call.
@@ -62,6 +101,8 @@ pub struct ExecRequest {
     pub argv: Vec<String>,
     pub stdin: Vec<u8>,
     pub timeout_ms: u64,
+    /// Send [`FromWorker::Output`] frames as the command writes.
+    pub stream: bool,
 }
 
 /// How a tool call ended.
@@ -176,6 +217,8 @@ pub struct AskRequest {
     pub tool_timeout_ms: u64,
     /// Limit of the whole ask, enforced by the broker.
     pub timeout_ms: u64,
+    /// Send a [`FromWorker::ToolDone`] after each tool call.
+    pub stream: bool,
 }
 
 /// Worker → broker during an ask: the conversation so far and the tools.

@@ -2,7 +2,8 @@
 //! the agent loop; every completion it asks for on the way is served here
 //! by the gateway, with this request's budget, key and request id. The
 //! HTTP routes (`POST /v1/ask`, `/v1/chat/completions`) authorize the
-//! caller, call [`run`] and map its [`AskError`] to their answer.
+//! caller, call [`submit`] (which fails at once when the ask cannot run)
+//! and [`Submitted::wait`], and map an [`AskError`] to their answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +11,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::auth::Peer;
-use super::launcher::{Answer, Call, CompletionJob};
-use super::llm::{CallContext, GatewayError, ModelParams};
+use super::launcher::{Answer, Call, CallEvent, CompletionJob};
+use super::llm::{CallContext, Deltas, GatewayError, ModelParams};
 use super::pool::{Failure, Served, SubmitError, QUEUE_WAIT_MAX};
 use super::{Broker, Workflow};
-use crate::api::ToolCallReport;
+use crate::api::{AskEvent, ToolCallEvent, ToolCallReport, ToolResultEvent};
 use crate::protocol::{AskOutcome, AskRequest, AskStop, ChatMessage, Usage, MAX_TOOL_CALLS_PER_STEP};
 use crate::utc;
 
@@ -29,6 +30,9 @@ pub struct AskInput {
     pub params: ModelParams,
     /// Notified to cancel the ask (`DELETE /v1/calls/{id}`).
     pub cancel: Option<Arc<tokio::sync::Notify>>,
+    /// Set for a streamed ask: the model's text as the provider streams it,
+    /// each tool call and each tool result go here while the loop runs.
+    pub events: Option<mpsc::UnboundedSender<AskEvent>>,
 }
 
 /// An ask that ran.
@@ -85,16 +89,31 @@ pub enum AskError {
     Cancelled,
 }
 
-/// Runs `input` on a worker of `wf`, for `peer` (whom the caller has
-/// authorized).
-pub async fn run(
+/// An ask queued on its workflow's pool: what [`Submitted::wait`] needs to
+/// serve its completions and collect its answer. Owns all of it, so a
+/// streamed answer can run it after its handler has returned.
+pub struct Submitted {
+    wf: Arc<Workflow>,
+    uid: u32,
+    request_id: String,
+    params: ModelParams,
+    timeout: Duration,
+    completions: mpsc::Receiver<CompletionJob>,
+    tools: Option<mpsc::UnboundedReceiver<CallEvent>>,
+    events: Option<mpsc::UnboundedSender<AskEvent>>,
+    done: tokio::sync::oneshot::Receiver<super::pool::CallResult>,
+}
+
+/// Checks `input` (a model, the budget) and queues it on a worker of `wf`,
+/// for `peer` (whom the caller has authorized). Fails at once, before any
+/// answer begins, when it cannot run.
+pub fn submit(
     broker: &Broker,
     peer: &Peer,
     wf: Arc<Workflow>,
     input: AskInput,
     request_id: &str,
-) -> Result<AskResult, AskError> {
-    let _in_flight = super::InFlight::new(&broker.in_flight);
+) -> Result<Submitted, AskError> {
     let llm = wf.policy.llm.as_ref().ok_or_else(|| GatewayError::NoLlm { workflow: wf.name.clone() })?;
     if input.prompt.contains('\0') {
         return Err(AskError::NulInPrompt);
@@ -122,10 +141,71 @@ pub async fn run(
         model: llm.model.clone(),
         tool_timeout_ms: u64::try_from(wf.call_timeout.as_millis()).unwrap_or(u64::MAX),
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        stream: input.events.is_some(),
     };
     tracing::info!(workflow = %wf.name, model = %llm.model, max_steps = llm.max_steps, "ask");
-    let (tx, mut rx) = mpsc::channel::<CompletionJob>(1);
-    let mut done = wf.pool.submit(Call::Ask(call), Some(tx), input.cancel).map_err(AskError::Submit)?;
+    let (tx, completions) = mpsc::channel::<CompletionJob>(1);
+    let events = input.events;
+    let (tools_tx, tools) = match &events {
+        Some(_) => {
+            let (t, r) = mpsc::unbounded_channel();
+            (Some(t), Some(r))
+        }
+        None => (None, None),
+    };
+    let done = wf.pool.submit(Call::Ask(call), Some(tx), tools_tx, input.cancel).map_err(AskError::Submit)?;
+    Ok(Submitted {
+        wf,
+        uid: peer.uid,
+        request_id: request_id.to_string(),
+        params: input.params,
+        timeout,
+        completions,
+        tools,
+        events,
+        done,
+    })
+}
+
+impl Submitted {
+    /// Serves the ask's completions until its worker answers.
+    pub async fn wait(self, broker: &Broker) -> Result<AskResult, AskError> {
+        let _in_flight = super::InFlight::new(&broker.in_flight);
+        let Submitted { wf, uid, request_id, params, timeout, completions, tools, events, done } = self;
+        let llm = wf.policy.llm.as_ref().ok_or_else(|| GatewayError::NoLlm { workflow: wf.name.clone() })?;
+        let request_id = request_id.as_str();
+        let ctx = CallContext {
+            request_id,
+            workflow: &wf.name,
+            tenant: wf.policy.tenant.as_str(),
+            llm: Some(llm),
+            uid: Some(uid),
+            params: &params,
+        };
+        collect(broker, &wf, llm, &ctx, timeout, completions, tools, events, done).await
+    }
+}
+
+/// The loop of [`Submitted::wait`].
+#[allow(clippy::too_many_arguments)]
+async fn collect(
+    broker: &Broker,
+    wf: &Workflow,
+    llm: &crate::policy::Llm,
+    ctx: &CallContext<'_>,
+    timeout: Duration,
+    mut rx: mpsc::Receiver<CompletionJob>,
+    mut tools_rx: Option<mpsc::UnboundedReceiver<CallEvent>>,
+    events: Option<mpsc::UnboundedSender<AskEvent>>,
+    mut done: tokio::sync::oneshot::Receiver<super::pool::CallResult>,
+) -> Result<AskResult, AskError> {
+    let gateway = &broker.gateway;
+    let request_id = ctx.request_id;
+    let send = |e: AskEvent| {
+        if let Some(tx) = &events {
+            let _ = tx.send(e);
+        }
+    };
     let deadline = tokio::time::Instant::now() + timeout + QUEUE_WAIT_MAX;
     let mut usage = Usage::default();
     let mut model_calls = 0u32;
@@ -133,16 +213,49 @@ pub async fn run(
     let mut asking = true;
     let result = loop {
         tokio::select! {
+            // A tool's result was sent before the next step's request.
+            biased;
+            Some(event) = async { tools_rx.as_mut()?.recv().await } => {
+                if let CallEvent::Tool(t) = event {
+                    let r = &t.record;
+                    send(AskEvent::ToolResult(ToolResultEvent {
+                        step: t.step,
+                        id: t.call_id,
+                        report: ToolCallReport {
+                            tool: r.tool.clone(),
+                            argv: r.argv.clone(),
+                            exit_code: r.exit_code,
+                            signal: r.signal,
+                            duration_ms: r.duration_ms,
+                            truncated: r.truncated,
+                            timed_out: r.timed_out,
+                            error: r.error.clone(),
+                        },
+                        result: t.result,
+                    }));
+                }
+            }
             job = rx.recv(), if asking => {
                 let Some(job) = job else {
                     asking = false; // the call is over; its answer follows
                     continue;
                 };
-                let answer = gateway.complete(&ctx, &job.request).await;
+                let step = job.request.step;
+                let on_delta = |text: &str| send(AskEvent::Delta { step, content: text.to_string() });
+                let deltas: Option<&Deltas<'_>> = if events.is_some() { Some(&on_delta) } else { None };
+                let answer = gateway.complete(ctx, &job.request, deltas).await;
                 model_calls += 1;
                 let reply = match answer {
                     Ok(c) => {
                         usage.add(c.usage);
+                        for call in &c.message.tool_calls {
+                            send(AskEvent::ToolCall(ToolCallEvent {
+                                step,
+                                id: call.id.clone(),
+                                name: call.name.clone(),
+                                arguments: call.arguments.clone(),
+                            }));
+                        }
                         Ok(c)
                     }
                     Err(e) => {

@@ -16,7 +16,7 @@ use super::scope::{Systemd, UnitLimits};
 use crate::frame::{read_frame_async, write_frame_async, FrameError};
 use crate::protocol::{
     AskOutcome, AskRequest, CompleteRequest, Completion, CompletionReply, EffectiveSandbox, ExecOutcome, ExecRequest,
-    FromWorker, SandboxSpec, ToWorker,
+    FromWorker, OutputChunk, SandboxSpec, ToWorker, ToolDone,
 };
 use crate::sandbox::process::{spawn_worker, try_reap, watch_pidfd};
 
@@ -143,6 +143,20 @@ pub struct CompletionJob {
 
 /// Where a call's completion requests go.
 pub type Completions = mpsc::Sender<CompletionJob>;
+
+/// What a streamed call reports while it runs.
+#[derive(Debug)]
+pub enum CallEvent {
+    /// Bytes an exec's command wrote (within its caps).
+    Output(OutputChunk),
+    /// A tool call of an ask has ended.
+    Tool(ToolDone),
+}
+
+/// Where a streamed call's events go. Unbounded, yet bounded by the call:
+/// an exec's chunks add up to at most its two capped streams, an ask's
+/// tool events to its steps × tool calls per step.
+pub type Events = mpsc::UnboundedSender<CallEvent>;
 
 /// A ready, sandboxed worker.
 pub struct Worker {
@@ -338,9 +352,13 @@ pub async fn start(
             let _ = child.wait().await;
             Err(StartError::Refused(why))
         }
-        Ok(Ok(Some(FromWorker::Done(_) | FromWorker::Answered(_) | FromWorker::Complete(_)))) => {
-            Err(StartError::Died("answered before it was asked".into()))
-        }
+        Ok(Ok(Some(
+            FromWorker::Done(_)
+            | FromWorker::Answered(_)
+            | FromWorker::Complete(_)
+            | FromWorker::Output(_)
+            | FromWorker::ToolDone(_),
+        ))) => Err(StartError::Died("answered before it was asked".into())),
         Ok(Ok(None)) => {
             let status = child.wait().await.map(describe_exit).unwrap_or_else(|e| e.to_string());
             Err(StartError::Died(status))
@@ -367,7 +385,8 @@ impl Worker {
     /// wait before declaring the worker stuck. During an ask, every
     /// completion the worker asks for goes to `completions` and its answer
     /// back to the worker; a worker that asks without an ask in flight
-    /// breaks the protocol and is killed. When `cancel` completes (the
+    /// breaks the protocol and is killed. A streamed call's output and tool
+    /// events go to `events` as they come. When `cancel` completes (the
     /// client went away, or cancelled), the worker is told to end the call
     /// and gets [`CANCEL_GRACE`] to answer.
     pub async fn call(
@@ -375,6 +394,7 @@ impl Worker {
         call: Call,
         backstop: Duration,
         completions: Option<&Completions>,
+        events: Option<&Events>,
         cancel: impl std::future::Future<Output = ()>,
     ) -> Result<Answer, CallError> {
         let id = call.id();
@@ -430,6 +450,17 @@ impl Worker {
             match msg {
                 FromWorker::Done(outcome) if !is_ask && outcome.id == id => return Ok(Answer::Done(outcome)),
                 FromWorker::Answered(outcome) if is_ask && outcome.id == id => return Ok(Answer::Answered(outcome)),
+                // A client that went away no longer reads: dropped.
+                FromWorker::Output(chunk) if !is_ask && chunk.id == id => {
+                    if let Some(tx) = events {
+                        let _ = tx.send(CallEvent::Output(chunk));
+                    }
+                }
+                FromWorker::ToolDone(done) if is_ask && done.id == id => {
+                    if let Some(tx) = events {
+                        let _ = tx.send(CallEvent::Tool(done));
+                    }
+                }
                 FromWorker::Complete(request) if is_ask && request.id == id => {
                     let step = request.step;
                     let result = match completions {

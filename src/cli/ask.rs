@@ -15,7 +15,8 @@ pub const EXIT_NO_ANSWER: u8 = 1;
 
 /// Sends one ask. `Err` is a one-line reason (connection, broker error).
 pub async fn ask(socket: &Path, workflow: &str, prompt: &str) -> Result<(AskReply, Duration), String> {
-    let body = AskBody { workflow: workflow.to_string(), prompt: prompt.to_string(), conversation: Vec::new() };
+    let body =
+        AskBody { workflow: workflow.to_string(), prompt: prompt.to_string(), conversation: Vec::new(), stream: false };
     let started = Instant::now();
     let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
     let (status, reply) = client::request_for(socket, Method::POST, ASK_PATH, Some(workflow), Some(bytes))

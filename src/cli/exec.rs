@@ -1,5 +1,6 @@
 //! `corral exec WORKFLOW -- CMD ARGS…`: run one command in a workflow's
-//! sandbox and behave like that command (its output, its exit code).
+//! sandbox and behave like that command (its output as it writes it, its
+//! exit code). `--json` waits for the whole result instead.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -7,7 +8,9 @@ use std::path::Path;
 use hyper::Method;
 
 use super::{describe_error, EXIT_CORRAL};
-use crate::api::{decode_bytes, ExecBody, ExecReply, EXEC_PATH};
+use http_body_util::BodyExt;
+
+use crate::api::{ExecBody, ExecEvent, ExecReply, EXEC_PATH};
 use crate::client;
 
 /// Exit code of a timed-out command (as `timeout(1)`).
@@ -47,6 +50,7 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
         stdin: None,
         stdin_base64: None,
         timeout_ms: args.timeout_ms,
+        stream: false,
     };
     if args.send_stdin {
         let mut input = Vec::new();
@@ -59,7 +63,26 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
             }
         }
     }
-    let (status, bytes) = client::request_for(
+    if args.json {
+        let (status, bytes) = client::request_for(
+            args.socket,
+            Method::POST,
+            EXEC_PATH,
+            Some(&body.workflow),
+            Some(serde_json::to_vec(&body)?),
+        )
+        .await?;
+        if !status.is_success() {
+            eprintln!("corral: {}", describe_error(status, &bytes));
+            return Ok(EXIT_CORRAL);
+        }
+        let reply: ExecReply = serde_json::from_slice(&bytes)?;
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(exit_code(&reply));
+    }
+    // Live: the output as the command writes it, the result last.
+    body.stream = true;
+    let (status, mut answer) = client::request_streamed(
         args.socket,
         Method::POST,
         EXEC_PATH,
@@ -68,17 +91,40 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
     )
     .await?;
     if !status.is_success() {
+        let bytes = answer.collect().await?.to_bytes();
         eprintln!("corral: {}", describe_error(status, &bytes));
         return Ok(EXIT_CORRAL);
     }
-    let reply: ExecReply = serde_json::from_slice(&bytes)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
-        return Ok(exit_code(&reply));
+    let mut pending: Vec<u8> = Vec::new();
+    let mut result = None;
+    while let Some(frame) = answer.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            match serde_json::from_slice::<ExecEvent>(&line)? {
+                ExecEvent::Stdout(c) => {
+                    std::io::stdout().write_all(&c.bytes()?)?;
+                    std::io::stdout().flush()?;
+                }
+                ExecEvent::Stderr(c) => std::io::stderr().write_all(&c.bytes()?)?,
+                ExecEvent::Result(reply) => result = Some(reply),
+                ExecEvent::Error(e) => {
+                    eprintln!("corral: {}", e.error.message);
+                    return Ok(EXIT_CORRAL);
+                }
+            }
+        }
     }
-    std::io::stdout().write_all(&decode_bytes(&reply.stdout, reply.stdout_base64.as_deref())?)?;
-    std::io::stdout().flush()?;
-    std::io::stderr().write_all(&decode_bytes(&reply.stderr, reply.stderr_base64.as_deref())?)?;
+    let Some(reply) = result else {
+        eprintln!("corral: the broker ended the answer before the call's result; see its log");
+        return Ok(EXIT_CORRAL);
+    };
+    Ok(report(&reply))
+}
+
+/// What the CLI says about a call after its output; the exit code.
+fn report(reply: &ExecReply) -> u8 {
     if let Some(err) = &reply.error {
         eprintln!("corral: {err}");
     }
@@ -91,5 +137,5 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
     if reply.timed_out {
         eprintln!("corral: timed out after {:.0} ms; the command and everything it started were killed", reply.wall_ms);
     }
-    Ok(exit_code(&reply))
+    exit_code(reply)
 }

@@ -14,7 +14,7 @@ use super::{tool, WorkerError};
 use crate::frame::{read_frame, write_frame};
 use crate::protocol::{
     AskOutcome, AskRequest, AskStop, ChatMessage, CompleteRequest, ExecOutcome, ExecRequest, FromWorker, Role,
-    Termination, ToWorker, ToolCall, ToolRecord, ToolSpec, Usage, MAX_TOOL_CALLS_PER_STEP,
+    Termination, ToWorker, ToolCall, ToolDone, ToolRecord, ToolSpec, Usage, MAX_TOOL_CALLS_PER_STEP,
 };
 
 /// Bytes of each output stream fed back to the model (the transcript
@@ -165,6 +165,7 @@ fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall, sock: &Uni
         argv: argv.clone(),
         stdin,
         timeout_ms: req.tool_timeout_ms,
+        stream: false,
     };
     let o = tool::run(ctx, &exec, sock);
     let (exit_code, signal) = match o.termination {
@@ -240,6 +241,16 @@ pub fn run(sock: &mut UnixStream, ctx: &tool::Tools<'_>, req: &AskRequest) -> Re
             }
             tracing::info!(step, tool = %record.tool, argv = ?record.argv, exit_code = ?record.exit_code,
                 duration_ms = record.duration_ms, timed_out = record.timed_out, "tool call");
+            if req.stream {
+                let done = ToolDone {
+                    id: req.id,
+                    step,
+                    call_id: call.id.clone(),
+                    record: record.clone(),
+                    result: text.clone(),
+                };
+                write_frame(sock, &FromWorker::ToolDone(done))?;
+            }
             transcript.push(record);
             messages.push(ChatMessage {
                 role: Role::Tool,

@@ -18,8 +18,10 @@ use nix::sys::resource::{getrusage, UsageWho};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::frame::read_frame;
-use crate::protocol::{ExecOutcome, ExecRequest, SandboxSpec, Termination, ToWorker};
+use crate::frame::{read_frame, write_frame};
+use crate::protocol::{
+    ExecOutcome, ExecRequest, FromWorker, OutStream, OutputChunk, SandboxSpec, Termination, ToWorker,
+};
 use crate::sandbox::landlock::Prepared;
 use crate::sandbox::{namespace, process, sys};
 
@@ -33,12 +35,25 @@ struct Capture {
     data: Vec<u8>,
     cap: usize,
     truncated: bool,
+    /// Bytes of `data` already sent to the broker (streamed calls).
+    sent: usize,
 }
 
 impl Capture {
     fn new(pipe: Option<OwnedFd>, cap: u64) -> Self {
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        Capture { pipe, data: Vec::new(), cap, truncated: false }
+        Capture { pipe, data: Vec::new(), cap, truncated: false, sent: 0 }
+    }
+
+    /// Sends what was kept since the last call, when the call streams. A
+    /// broker that cannot take it is gone: the next poll sees that.
+    fn forward(&mut self, req: &ExecRequest, stream: OutStream, broker: &UnixStream) {
+        if !req.stream || self.sent == self.data.len() {
+            return;
+        }
+        let chunk = OutputChunk { id: req.id, stream, data: self.data[self.sent..].to_vec() };
+        self.sent = self.data.len();
+        let _ = write_frame(&mut &*broker, &FromWorker::Output(chunk));
     }
 
     /// Reads what is available; closes the pipe at end of file. Bytes past
@@ -249,9 +264,11 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
         }
         if o {
             out.pump();
+            out.forward(req, OutStream::Stdout, broker);
         }
         if e {
             err.pump();
+            err.forward(req, OutStream::Stderr, broker);
         }
         if i {
             if let Some(s) = stdin.as_mut() {
@@ -281,6 +298,8 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
     // Every writer is gone now: read the pipes to their end.
     out.pump_to_end();
     err.pump_to_end();
+    out.forward(req, OutStream::Stdout, broker);
+    err.forward(req, OutStream::Stderr, broker);
 
     let (cpu_user1, cpu_sys1) = children_cpu_us();
     let termination = if libc::WIFEXITED(status) {

@@ -97,11 +97,28 @@ fn feature_present(feature: &str) -> Result<(), String> {
                 _ => Err("python3 has no venv/ensurepip: install python3-venv".into()),
             }
         }
+        // The official OpenAI Python client, in the venv that
+        // scripts/setup-test-host.sh makes (tests/stream.rs).
+        "openai-client" => {
+            let python = openai_python();
+            match Command::new(&python).args(["-c", "import openai"]).output() {
+                Ok(o) if o.status.success() => Ok(()),
+                _ => Err(format!("{} cannot import openai: run scripts/setup-test-host.sh", python.display())),
+            }
+        }
         "node" => usr_bin("node"),
         "npm" => usr_bin("npm"),
         "bwrap" => which("bwrap"),
         other => Err(format!("unknown feature {other}")),
     }
+}
+
+/// The Python of the venv holding the `openai` package:
+/// `$CORRAL_TEST_OPENAI_VENV/bin/python3`, by default under
+/// /opt/corral-test/openai.
+pub fn openai_python() -> PathBuf {
+    let venv = std::env::var_os("CORRAL_TEST_OPENAI_VENV").unwrap_or_else(|| "/opt/corral-test/openai".into());
+    Path::new(&venv).join("bin/python3")
 }
 
 fn usr_bin(prog: &str) -> Result<(), String> {
@@ -880,11 +897,20 @@ pub struct Scripted {
     pub body: String,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// A streamed answer stops after its first piece of text until this
+    /// turns true.
+    pub hold: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Scripted {
     pub fn json(status: u16, body: &Value) -> Scripted {
-        Scripted { status, headers: Vec::new(), body: body.to_string(), delay: Duration::ZERO }
+        Scripted { status, headers: Vec::new(), body: body.to_string(), delay: Duration::ZERO, hold: None }
+    }
+
+    /// When streamed: the rest of the text waits for `gate`.
+    pub fn held(mut self, gate: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Scripted {
+        self.hold = Some(std::sync::Arc::clone(gate));
+        self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Scripted {
@@ -1003,16 +1029,67 @@ impl Stub {
     }
 }
 
+type StubBody = http_body_util::combinators::BoxBody<hyper::body::Bytes, std::convert::Infallible>;
+
+/// A body written piece by piece from a channel.
+struct ChanBody(tokio::sync::mpsc::Receiver<hyper::body::Bytes>);
+
+impl hyper::body::Body for ChanBody {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// The server-sent events of a scripted `chat.completion`, as a provider
+/// streams it: the text a word at a time, each tool call's arguments in
+/// two halves, the finish reason, then the usage and `[DONE]`.
+fn sse_events(answer: &Value) -> Vec<String> {
+    let chunk = |delta: Value, finish: Value| {
+        serde_json::json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 1,
+            "model": "stub-model", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let msg = &answer["choices"][0]["message"];
+    let mut events = vec![chunk(serde_json::json!({"role": "assistant", "content": ""}), Value::Null)];
+    if let Some(text) = msg["content"].as_str() {
+        for word in text.split_inclusive(' ') {
+            events.push(chunk(serde_json::json!({"content": word}), Value::Null));
+        }
+    }
+    for (i, call) in msg["tool_calls"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+        let args = call["function"]["arguments"].as_str().unwrap_or("");
+        let (a, b) = args.split_at(args.len() / 2);
+        events.push(chunk(
+            serde_json::json!({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": a}}]}),
+            Value::Null,
+        ));
+        events
+            .push(chunk(serde_json::json!({"tool_calls": [{"index": i, "function": {"arguments": b}}]}), Value::Null));
+    }
+    events.push(chunk(serde_json::json!({}), answer["choices"][0]["finish_reason"].clone()));
+    let mut usage = chunk(Value::Null, Value::Null);
+    usage["choices"] = serde_json::json!([]);
+    usage["usage"] = answer["usage"].clone();
+    events.push(usage);
+    events.into_iter().map(|e| format!("data: {e}\n\n")).chain(["data: [DONE]\n\n".to_string()]).collect()
+}
+
 async fn stub_answer(
     state: std::sync::Arc<std::sync::Mutex<StubState>>,
     req: hyper::Request<hyper::body::Incoming>,
-) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+) -> hyper::Response<StubBody> {
     use http_body_util::BodyExt;
     let path = req.uri().path().to_string();
     let headers =
         req.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect();
     let bytes = req.into_body().collect().await.unwrap().to_bytes();
-    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let streamed = body["stream"] == Value::Bool(true);
     let next = {
         let mut s = state.lock().unwrap();
         s.received.push(Received { path, headers, body, at: Instant::now() });
@@ -1022,7 +1099,29 @@ async fn stub_answer(
     if !next.delay.is_zero() {
         tokio::time::sleep(next.delay).await;
     }
-    let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(next.body)));
+    let answer: Value = serde_json::from_str(&next.body).unwrap_or(Value::Null);
+    if streamed && next.status == 200 && answer["object"] == "chat.completion" {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let hold = next.hold.clone();
+        tokio::spawn(async move {
+            for (i, event) in sse_events(&answer).into_iter().enumerate() {
+                if tx.send(hyper::body::Bytes::from(event)).await.is_err() {
+                    return;
+                }
+                // The first text piece is event 1 (after the role).
+                if let (1, Some(gate)) = (i, &hold) {
+                    while !gate.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+        let mut resp = hyper::Response::new(ChanBody(rx).boxed());
+        resp.headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/event-stream"));
+        return resp;
+    }
+    let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(next.body)).boxed());
     *resp.status_mut() = hyper::StatusCode::from_u16(next.status).unwrap();
     resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     for (k, v) in next.headers {

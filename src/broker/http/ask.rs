@@ -1,5 +1,6 @@
-//! `POST /v1/ask`, and what it shares with `/v1/chat/completions`: the
-//! mapping of an [`AskError`] to the API's error.
+//! `POST /v1/ask` (with `"stream": true`, NDJSON [`AskEvent`] lines while
+//! the loop runs), and what it shares with `/v1/chat/completions`: running
+//! the ask, and the mapping of an [`AskError`] to the API's error.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -9,12 +10,17 @@ use axum::Extension;
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
-use super::calls::call_id;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use super::calls::{call_id, Detached};
 use super::error::ApiError;
 use super::error::{call_error, dropped, submit_error};
+use super::stream::{self, Render};
 use super::{AppState, Caller};
-use crate::api::{AskBody, AskReply, UsageReport};
-use crate::broker::ask::{self, AskError, AskInput};
+use crate::api::{AskBody, AskEvent, AskReply, UsageReport};
+use crate::broker::ask::{self, AskError, AskInput, AskResult};
 use crate::broker::llm::GatewayError;
 use crate::broker::{Broker, Workflow};
 use crate::protocol::{AskStop, ChatMessage, Role};
@@ -76,14 +82,55 @@ pub(super) async fn ask(
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
     let registered = broker.calls.register(&caller.request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
-    let cancel = Some(std::sync::Arc::clone(&registered.cancel));
-    let input = AskInput { prompt: body.prompt, conversation, params: Default::default(), cancel };
-    let r = tokio::select! {
-        r = ask::run(broker, &caller.peer, wf.clone(), input, &caller.request_id) => r.map_err(|e| ask_error(broker, &wf, e))?,
-        () = front.stopped() => return Err(ApiError::stopping()),
+    let cancel = Some(Arc::clone(&registered.cancel));
+    let registered = registered.detach(Arc::clone(broker));
+    let (events, streamed) = channel(body.stream);
+    let input = AskInput { prompt: body.prompt, conversation, params: Default::default(), cancel, events };
+    let request_id = caller.request_id.to_string();
+    let submitted =
+        ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
+    let done = run(Arc::clone(&front), wf, submitted, registered);
+    let Some(streamed) = streamed else {
+        return Ok(json(StatusCode::OK, &reply(&request_id, &done.await?)));
     };
-    let reply = AskReply {
-        request_id: caller.request_id.to_string(),
+    let render: Render<AskEvent> = Box::new(|event| event.map(|e| stream::line(&e)).unwrap_or_default());
+    let last = async move {
+        match done.await {
+            Ok(r) => stream::line(&AskEvent::Result(Box::new(reply(&request_id, &r)))),
+            Err(e) => stream::line(&AskEvent::Error(e.reply(&request_id))),
+        }
+    };
+    Ok(stream::response(stream::NDJSON, Vec::new(), streamed, render, last))
+}
+
+/// The events channel of an ask that streams.
+pub(super) fn channel(stream: bool) -> (Option<UnboundedSender<AskEvent>>, Option<UnboundedReceiver<AskEvent>>) {
+    if !stream {
+        return (None, None);
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (Some(tx), Some(rx))
+}
+
+/// Waits for a submitted ask's answer, or until the broker stops. Owns
+/// what it needs: a streamed answer runs it after the handler has
+/// returned (errors before the ask was queued kept their status).
+pub(super) async fn run(
+    front: AppState,
+    wf: Arc<Workflow>,
+    submitted: ask::Submitted,
+    _registered: Detached,
+) -> Result<AskResult, ApiError> {
+    let broker = &front.broker;
+    tokio::select! {
+        r = submitted.wait(broker) => r.map_err(|e| ask_error(broker, &wf, e)),
+        () = front.stopped() => Err(ApiError::stopping()),
+    }
+}
+
+fn reply(request_id: &str, r: &AskResult) -> AskReply {
+    AskReply {
+        request_id: request_id.to_string(),
         workflow: r.workflow.clone(),
         model: r.model.clone(),
         answer: r.outcome.answer.clone(),
@@ -101,6 +148,5 @@ pub(super) async fn ask(
             model_calls: r.model_calls,
         },
         egress: r.egress.clone(),
-    };
-    Ok(json(StatusCode::OK, &reply))
+    }
 }

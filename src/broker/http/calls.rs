@@ -16,6 +16,7 @@ use super::authorize::sees_all;
 use super::body::json;
 use super::error::ApiError;
 use super::{AppState, Caller};
+use crate::broker::Broker;
 
 /// The header a client may send with a call to name it, so that it can
 /// cancel it before the answer (and its request id) arrives.
@@ -79,6 +80,30 @@ impl InFlightCalls {
                 true
             }
             None => false,
+        }
+    }
+}
+
+impl Registered<'_> {
+    /// The same entries, held by a guard that owns the broker: for a call
+    /// whose answer is streamed, which outlives its handler.
+    pub fn detach(mut self, broker: Arc<Broker>) -> Detached {
+        let keys = std::mem::take(&mut self.keys);
+        Detached { broker, keys }
+    }
+}
+
+/// A call's entries in [`InFlightCalls`], held by its streamed answer.
+pub struct Detached {
+    broker: Arc<Broker>,
+    keys: Vec<String>,
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        let mut calls = self.broker.calls.0.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &self.keys {
+            calls.remove(k);
         }
     }
 }

@@ -1,13 +1,16 @@
 //! `POST /v1/chat/completions`: the OpenAI Chat Completions front. `model`
 //! names a workflow; the last user message is the prompt and the messages
 //! before it the conversation; the answer comes back as a chat completion,
-//! or with `stream: true` as server-sent events. The agent loop runs to its
-//! end before the first event: the stream carries the whole answer in one
-//! content chunk, then the finish chunk and `data: [DONE]`.
+//! or with `stream: true` as server-sent events written while the agent
+//! loop runs: each step's text as the provider streams it, the loop's tool
+//! calls and results as corral's extra (`corral`) on chunks without text,
+//! then the finish chunk with the usage and `data: [DONE]`.
+
+use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Extension;
 
 use super::ask::{ask_error, role};
@@ -16,11 +19,13 @@ use super::body::json;
 use super::body::JsonBody;
 use super::calls::call_id;
 use super::error::ApiError;
+use super::stream::{self, Render};
 use super::{AppState, Caller};
 use crate::api::{
-    ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply, ChatReplyMessage, ChatUsage,
+    AskEvent, ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply, ChatReplyMessage,
+    ChatUsage,
 };
-use crate::broker::ask::{self, AskInput};
+use crate::broker::ask::{self, AskInput, AskResult};
 use crate::broker::llm::ModelParams;
 use crate::protocol::{AskStop, ChatMessage, Role};
 use crate::utc;
@@ -71,25 +76,27 @@ pub(super) async fn chat(
     let params = ModelParams::from_request(&body.params)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
     let registered = broker.calls.register(request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
-    let cancel = Some(std::sync::Arc::clone(&registered.cancel));
-    let input = AskInput { prompt, conversation: messages, params, cancel };
-    let r = tokio::select! {
-        r = ask::run(broker, &caller.peer, wf.clone(), input, request_id) => r.map_err(|e| ask_error(broker, &wf, e))?,
-        () = front.stopped() => return Err(ApiError::stopping()),
-    };
+    let cancel = Some(Arc::clone(&registered.cancel));
+    let registered = registered.detach(Arc::clone(broker));
+    let (events, streamed) = super::ask::channel(body.stream);
+    let input = AskInput { prompt, conversation: messages, params, cancel, events };
+    let request_id = request_id.to_string();
+    let submitted =
+        ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
+    let done = super::ask::run(Arc::clone(&front), wf, submitted, registered);
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
-    let finish = match r.outcome.stop {
+    let finish = |r: &AskResult| match r.outcome.stop {
         AskStop::MaxSteps => "length",
         _ => "stop",
     };
-    let content = r.outcome.answer.clone().unwrap_or_default();
-    let usage = ChatUsage {
+    let usage = |r: &AskResult| ChatUsage {
         prompt_tokens: r.usage.prompt_tokens,
         completion_tokens: r.usage.completion_tokens,
         total_tokens: r.usage.total_tokens,
     };
-    if !body.stream {
+    let Some(streamed) = streamed else {
+        let r = done.await?;
         let reply = ChatReply {
             id,
             object: "chat.completion".into(),
@@ -97,37 +104,56 @@ pub(super) async fn chat(
             model: body.model,
             choices: vec![ChatChoice {
                 index: 0,
-                message: ChatReplyMessage { role: "assistant".into(), content },
-                finish_reason: finish.into(),
+                message: ChatReplyMessage {
+                    role: "assistant".into(),
+                    content: r.outcome.answer.clone().unwrap_or_default(),
+                },
+                finish_reason: finish(&r).into(),
             }],
-            usage,
+            usage: usage(&r),
             corral: ChatExtras { request_id: request_id.to_string(), transcript: r.transcript() },
         };
         return Ok(json(StatusCode::OK, &reply));
-    }
-    let chunk = |delta: ChatDelta, finish: Option<&str>, usage: Option<ChatUsage>| ChatChunk {
-        id: id.clone(),
-        object: "chat.completion.chunk".into(),
-        created,
-        model: body.model.clone(),
-        choices: vec![ChatChunkChoice { index: 0, delta, finish_reason: finish.map(str::to_string) }],
-        usage,
     };
-    let events = [
-        chunk(ChatDelta { role: Some("assistant".into()), content: Some(String::new()) }, None, None),
-        chunk(ChatDelta { role: None, content: Some(content) }, None, None),
-        chunk(ChatDelta::default(), Some(finish), Some(usage)),
-    ];
-    let mut sse = String::new();
-    for e in &events {
-        sse.push_str("data: ");
-        sse.push_str(&serde_json::to_string(e).unwrap_or_default());
-        sse.push_str("\n\n");
-    }
-    sse.push_str("data: [DONE]\n\n");
-    let mut resp = sse.into_response();
-    let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(resp)
+    // Server-sent events while the loop runs: the role first, then the text
+    // of every step as the provider streams it (steps apart by a blank
+    // line), tool calls and results as corral's extra on empty chunks, then
+    // the finish chunk with the usage, and `[DONE]`.
+    let model = body.model;
+    let chunk = move |delta: ChatDelta, finish: Option<&str>, usage: Option<ChatUsage>, corral: Option<AskEvent>| {
+        stream::sse(&ChatChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: model.clone(),
+            choices: vec![ChatChunkChoice { index: 0, delta, finish_reason: finish.map(str::to_string) }],
+            usage,
+            corral,
+        })
+    };
+    let head = chunk(ChatDelta { role: Some("assistant".into()), content: Some(String::new()) }, None, None, None);
+    let render_chunk = chunk.clone();
+    let mut last_step = None;
+    let render: Render<AskEvent> = Box::new(move |event| match event {
+        Some(AskEvent::Delta { step, content }) => {
+            let apart = last_step.is_some_and(|s| s != step);
+            last_step = Some(step);
+            let content = if apart { format!("\n\n{content}") } else { content };
+            render_chunk(ChatDelta { role: None, content: Some(content) }, None, None, None)
+        }
+        Some(e) => render_chunk(ChatDelta::default(), None, None, Some(e)),
+        None => Vec::new(),
+    });
+    let last = async move {
+        match done.await {
+            Ok(r) => {
+                let mut bytes = chunk(ChatDelta::default(), Some(finish(&r)), Some(usage(&r)), None);
+                bytes.extend(b"data: [DONE]\n\n");
+                bytes
+            }
+            // As OpenAI streams an error: a data line with `error`.
+            Err(e) => stream::sse(&e.reply(&request_id)),
+        }
+    };
+    Ok(stream::response(stream::SSE, head, streamed, render, last))
 }

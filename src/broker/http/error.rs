@@ -62,15 +62,19 @@ impl ApiError {
 
     /// The JSON body with `request_id`.
     pub fn body(&self, request_id: &str) -> Vec<u8> {
-        let body = ErrorReply {
+        serde_json::to_vec(&self.reply(request_id)).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    /// The error as the API shows it.
+    pub fn reply(&self, request_id: &str) -> ErrorReply {
+        ErrorReply {
             error: ErrorInfo {
                 code: self.code.to_string(),
                 message: self.message.clone(),
                 request_id: Some(request_id.to_string()),
                 resets_at: self.resets_at.clone(),
             },
-        };
-        serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec())
+        }
     }
 }
 

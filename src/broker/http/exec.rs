@@ -1,4 +1,5 @@
-//! `POST /v1/exec`: one command in a workflow's sandbox.
+//! `POST /v1/exec`: one command in a workflow's sandbox; with `"stream":
+//! true` its output as NDJSON lines while it runs, the result last.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,25 +10,25 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 use base64::Engine;
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
-use super::calls::call_id;
+use super::calls::{call_id, Detached};
 use super::error::ApiError;
 use super::error::{call_error, dropped, submit_error};
+use super::stream::{self, Render, Utf8Splitter};
 use super::{AppState, Caller};
-use crate::api::{self, ExecBody, ExecReply};
+use crate::api::{self, ExecBody, ExecEvent, ExecReply};
 use crate::broker::egress::EgressReceipt;
-use crate::broker::launcher::{signal_name, Answer, Call};
+use crate::broker::launcher::{signal_name, Answer, Call, CallEvent};
 use crate::broker::ledger::{ExecCall, ExecLog};
 use crate::broker::log::Escaped;
-use crate::broker::pool::Served;
-use crate::broker::pool::QUEUE_WAIT_MAX;
+use crate::broker::pool::{CallResult, Served, QUEUE_WAIT_MAX};
 use crate::broker::InFlight;
 use crate::broker::Workflow;
-use crate::protocol::{ExecOutcome, ExecRequest, Termination};
+use crate::protocol::{ExecOutcome, ExecRequest, OutStream, Termination};
 use crate::utc;
 
 fn bad(message: impl Into<String>) -> ApiError {
@@ -86,39 +87,108 @@ pub(super) async fn exec(
     };
     let request_id = caller.request_id.to_string();
     let id = broker.next_call_id();
-    let call = ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms };
-    tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), "exec");
-    let calls = &broker.calls;
-    let registered = calls.register(&request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
-    let mut row = Row {
-        log: &broker.exec_log,
-        started: Instant::now(),
-        call: Some(ExecCall {
-            time: utc::now(),
-            request_id: request_id.clone(),
-            workflow: wf.name.clone(),
-            tenant: wf.policy.tenant.to_string(),
-            uid: caller.peer.uid,
-            argv: body.argv.clone(),
-            outcome: "cancelled".into(),
-            exit_code: None,
-            signal: None,
-            duration_ms: 0,
-            stdout_bytes: 0,
-            stderr_bytes: 0,
-            timed_out: false,
-            limit: None,
-            egress: None,
-        }),
+    let stream = body.stream;
+    let call = ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms, stream };
+    tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), stream, "exec");
+    let registered = broker.calls.register(&request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
+    let row = ExecCall {
+        time: utc::now(),
+        request_id: request_id.clone(),
+        workflow: wf.name.clone(),
+        tenant: wf.policy.tenant.to_string(),
+        uid: caller.peer.uid,
+        argv: body.argv.clone(),
+        outcome: "cancelled".into(),
+        exit_code: None,
+        signal: None,
+        duration_ms: 0,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        timed_out: false,
+        limit: None,
+        egress: None,
     };
-    let (worker, outcome, limit, egress) =
-        match run(&front, &wf, call, timeout_ms, Arc::clone(&registered.cancel)).await {
-            Ok(done) => done,
-            Err(e) => {
-                row.finish(e.code, None, None, None);
-                return Err(e);
+    let started = Instant::now();
+    let (events, streamed) = if stream {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let cancel = Arc::clone(&registered.cancel);
+    let rx = match wf.pool.submit(Call::Exec(call), None, events, Some(cancel)) {
+        Ok(rx) => rx,
+        Err(e) => {
+            let e = submit_error(broker, e);
+            Row { log: &broker.exec_log, started, call: Some(row) }.finish(e.code, None, None, None);
+            return Err(e);
+        }
+    };
+    let registered = registered.detach(Arc::clone(broker));
+    let argv0 = body.argv[0].clone();
+    let done = answer(Arc::clone(&front), wf, argv0, request_id.clone(), timeout_ms, rx, row, started, registered);
+    let Some(streamed) = streamed else {
+        return done.await.map(|reply| json(StatusCode::OK, &reply));
+    };
+    // The output as it comes, then the result (or the error) as the last line.
+    let mut splitters = [Utf8Splitter::default(), Utf8Splitter::default()];
+    let render: Render<CallEvent> = Box::new(move |event| {
+        let mut bytes = Vec::new();
+        let mut put = |which: OutStream, chunk: Option<api::Chunk>| {
+            if let Some(c) = chunk {
+                bytes.extend(stream::line(&match which {
+                    OutStream::Stdout => ExecEvent::Stdout(c),
+                    OutStream::Stderr => ExecEvent::Stderr(c),
+                }));
             }
         };
+        match event {
+            Some(CallEvent::Output(chunk)) => {
+                let i = usize::from(chunk.stream == OutStream::Stderr);
+                put(chunk.stream, splitters[i].push(&chunk.data));
+            }
+            Some(CallEvent::Tool(_)) => {}
+            None => {
+                put(OutStream::Stdout, splitters[0].finish());
+                put(OutStream::Stderr, splitters[1].finish());
+            }
+        }
+        bytes
+    });
+    let last = async move {
+        match done.await {
+            Ok(reply) => stream::line(&ExecEvent::Result(Box::new(reply))),
+            Err(e) => stream::line(&ExecEvent::Error(e.reply(&request_id))),
+        }
+    };
+    Ok(stream::response(stream::NDJSON, Vec::new(), streamed, render, last))
+}
+
+/// Waits for the worker's answer to a submitted call and makes the reply;
+/// records the call in the ledger either way (as `cancelled` when this is
+/// dropped first: the client went away).
+#[allow(clippy::too_many_arguments)]
+async fn answer(
+    front: AppState,
+    wf: Arc<Workflow>,
+    argv0: String,
+    request_id: String,
+    timeout_ms: u64,
+    rx: oneshot::Receiver<CallResult>,
+    row: ExecCall,
+    started: Instant,
+    registered: Detached,
+) -> Result<ExecReply, ApiError> {
+    let broker = &front.broker;
+    let _in_flight = InFlight::new(&broker.in_flight);
+    let mut row = Row { log: &broker.exec_log, started, call: Some(row) };
+    let (worker, outcome, limit, egress) = match run(&front, &wf, rx, timeout_ms).await {
+        Ok(done) => done,
+        Err(e) => {
+            row.finish(e.code, None, None, None);
+            return Err(e);
+        }
+    };
     drop(registered);
     let recorded = match (&limit, outcome.timed_out, outcome.cancelled, outcome.termination) {
         (Some(_), _, _, _) => "limit",
@@ -134,7 +204,7 @@ pub(super) async fn exec(
         Termination::Signaled(s) => (None, Some(s)),
         Termination::NotStarted => (None, None),
     };
-    let sandbox_hint = sandbox_hint(&wf.pool, &body.argv[0], &outcome);
+    let sandbox_hint = sandbox_hint(&wf.pool, &argv0, &outcome);
     let (stdout, stdout_base64) = api::encode_bytes(&outcome.stdout);
     let (stderr, stderr_base64) = api::encode_bytes(&outcome.stderr);
     let ms = |us: u64| us as f64 / 1000.0;
@@ -164,19 +234,17 @@ pub(super) async fn exec(
         peak_rss_kib: outcome.peak_rss_kib,
     };
     tracing::info!(workflow = %wf.name, worker, ?exit_code, ?signal, timed_out = reply.timed_out, wall_ms = reply.wall_ms, "exec done");
-    Ok(json(StatusCode::OK, &reply))
+    Ok(reply)
 }
 
-/// Queues the call and waits for its worker's answer.
+/// Waits for the worker's answer to a queued call.
 async fn run(
     front: &AppState,
     wf: &Workflow,
-    call: ExecRequest,
+    rx: oneshot::Receiver<CallResult>,
     timeout_ms: u64,
-    cancel: Arc<Notify>,
 ) -> Result<(u64, ExecOutcome, Option<String>, Option<EgressReceipt>), ApiError> {
     let broker = &front.broker;
-    let rx = wf.pool.submit(Call::Exec(call), None, Some(cancel)).map_err(|e| submit_error(broker, e))?;
     let wait = Duration::from_millis(timeout_ms) + QUEUE_WAIT_MAX;
     let result = tokio::select! {
         r = tokio::time::timeout(wait, rx) => r.map_err(|_| {

@@ -31,6 +31,7 @@ mod ops;
 pub mod proxy;
 mod routes;
 mod status;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::credentials::CredentialStore;
 use super::error::GatewayError;
 use super::params::ModelParams;
-use super::provider::{self, Endpoint};
+use super::provider::{self, Deltas, Endpoint};
 use super::retry::RetryPolicy;
 use super::trust::{self, Distrust, PeerCheckLayer, Route};
 use crate::broker::ledger::{Ledger, ModelCall, Scope};
@@ -133,8 +133,14 @@ impl Gateway {
         Ok(())
     }
 
-    /// One completion for a worker of `ctx.workflow`.
-    pub async fn complete(&self, ctx: &CallContext<'_>, req: &CompleteRequest) -> Result<Completion, GatewayError> {
+    /// One completion for a worker of `ctx.workflow`; streamed from the
+    /// provider when `deltas` wants its text as it comes.
+    pub async fn complete(
+        &self,
+        ctx: &CallContext<'_>,
+        req: &CompleteRequest,
+        deltas: Option<&Deltas<'_>>,
+    ) -> Result<Completion, GatewayError> {
         let llm = ctx.llm.ok_or_else(|| GatewayError::NoLlm { workflow: ctx.workflow.to_string() })?;
         let now = utc::now();
         let record = |usage: Usage, latency_ms: u64, tries: u32, outcome: &str| {
@@ -193,9 +199,17 @@ impl Gateway {
         };
         let http = self.client(llm.timeout, &route)?;
         let started = Instant::now();
-        let (result, tries) =
-            provider::complete(&http, self.retry, &endpoint, &req.messages, &req.tools, ctx.params, ctx.request_id)
-                .await;
+        let (result, tries) = provider::complete(
+            &http,
+            self.retry,
+            &endpoint,
+            &req.messages,
+            &req.tools,
+            ctx.params,
+            ctx.request_id,
+            deltas,
+        )
+        .await;
         let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match &result {
             Ok(c) => {

@@ -24,6 +24,7 @@ pub use credentials::{CredentialError, CredentialStore};
 pub use error::GatewayError;
 pub use gateway::{CallContext, Gateway};
 pub use params::{ModelParams, ParamError};
+pub use provider::Deltas;
 pub use retry::RetryPolicy;
 pub use trust::{check as check_endpoint, Distrust};
 

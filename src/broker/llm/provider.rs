@@ -1,6 +1,8 @@
 //! One chat completion at an OpenAI-compatible endpoint, with async-openai's
 //! client and types: corral's messages in, a [`Completion`] or a
-//! [`GatewayError`] out.
+//! [`GatewayError`] out. A completion may be streamed: its text is then
+//! handed on piece by piece as the provider sends it, and the pieces are put
+//! together into the same [`Completion`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,8 +14,8 @@ use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
     ChatCompletionRequestSystemMessageContent, ChatCompletionRequestToolMessage,
     ChatCompletionRequestToolMessageContent, ChatCompletionRequestUserMessage, ChatCompletionRequestUserMessageContent,
-    ChatCompletionTool, ChatCompletionTools, CreateChatCompletionRequest, CreateChatCompletionResponse, FinishReason,
-    FunctionCall, FunctionObject,
+    ChatCompletionResponseStream, ChatCompletionStreamOptions, ChatCompletionTool, ChatCompletionTools,
+    CreateChatCompletionRequest, CreateChatCompletionResponse, FinishReason, FunctionCall, FunctionObject,
 };
 
 use super::credentials::Key;
@@ -117,16 +119,7 @@ pub fn completion(resp: CreateChatCompletionResponse) -> Result<Completion, Stri
             total_tokens: u64::from(u.total_tokens),
         })
         .unwrap_or_default();
-    let finish_reason = choice.finish_reason.map(|r| {
-        match r {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::ToolCalls => "tool_calls",
-            FinishReason::ContentFilter => "content_filter",
-            FinishReason::FunctionCall => "function_call",
-        }
-        .to_string()
-    });
+    let finish_reason = choice.finish_reason.map(|r| finish_name(r).to_string());
     Ok(Completion {
         message: ChatMessage { role: Role::Assistant, content: choice.message.content, tool_calls, tool_call_id: None },
         finish_reason,
@@ -136,6 +129,7 @@ pub fn completion(resp: CreateChatCompletionResponse) -> Result<Completion, Stri
 
 /// Calls the endpoint. Returns the outcome and how many HTTP attempts it
 /// took.
+#[allow(clippy::too_many_arguments)]
 pub async fn complete(
     http: &reqwest::Client,
     policy: RetryPolicy,
@@ -144,6 +138,7 @@ pub async fn complete(
     tools: &[ToolSpec],
     params: &ModelParams,
     request_id: &str,
+    deltas: Option<&Deltas<'_>>,
 ) -> (Result<Completion, GatewayError>, u32) {
     let log = Arc::new(Mutex::new(Attempts::default()));
     let transport = Transport {
@@ -161,16 +156,110 @@ pub async fn complete(
         .with_org_id("")
         .with_project_id("");
     let client = async_openai::Client::build(http.clone(), config).with_http_service(transport);
-    let result = client.chat().create(request(ep.model, messages, tools, params)).await;
+    let bad = |detail| GatewayError::BadResponse { base_url: ep.base_url.to_string(), detail };
+    let result = match deltas {
+        None => {
+            client.chat().create(request(ep.model, messages, tools, params)).await.map(|r| completion(r).map_err(bad))
+        }
+        Some(deltas) => {
+            let mut req = request(ep.model, messages, tools, params);
+            req.stream_options =
+                Some(ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None });
+            match client.chat().create_stream(req).await {
+                Ok(stream) => gather(stream, deltas).await.map(|r| r.map_err(bad)),
+                Err(e) => Err(e),
+            }
+        }
+    };
     let attempts = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tries = attempts.tries.max(1);
     let outcome = match result {
-        Ok(resp) => {
-            completion(resp).map_err(|detail| GatewayError::BadResponse { base_url: ep.base_url.to_string(), detail })
-        }
+        Ok(done) => done,
         Err(e) => Err(classify(e, ep, &attempts)),
     };
     (outcome, tries)
+}
+
+/// Told each piece of a streamed completion's text as it arrives.
+pub type Deltas<'a> = dyn Fn(&str) + Send + Sync + 'a;
+
+/// Bytes of text and arguments a streamed completion may add up to: what
+/// one frame to the worker can carry, with room to spare.
+const STREAMED_MAX: usize = crate::frame::MAX_FRAME / 2;
+/// Tool calls a streamed completion may announce.
+const STREAMED_CALLS_MAX: usize = 64;
+
+/// Reads a streamed completion to its end, telling `deltas` its text as it
+/// comes, and puts the pieces together as one [`Completion`].
+async fn gather(
+    mut stream: ChatCompletionResponseStream,
+    deltas: &Deltas<'_>,
+) -> Result<Result<Completion, String>, OpenAIError> {
+    let mut content: Option<String> = None;
+    let mut calls: Vec<ToolCall> = Vec::new();
+    let mut finish: Option<FinishReason> = None;
+    let mut usage = Usage::default();
+    let mut size = 0usize;
+    while let Some(item) = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)).await {
+        let chunk = item?;
+        if let Some(u) = chunk.usage {
+            usage = Usage {
+                prompt_tokens: u64::from(u.prompt_tokens),
+                completion_tokens: u64::from(u.completion_tokens),
+                total_tokens: u64::from(u.total_tokens),
+            };
+        }
+        for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
+            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                size += text.len();
+                deltas(&text);
+                content.get_or_insert_with(String::new).push_str(&text);
+            }
+            for piece in choice.delta.tool_calls.unwrap_or_default() {
+                let i = usize::try_from(piece.index).unwrap_or(usize::MAX);
+                if i >= STREAMED_CALLS_MAX {
+                    return Ok(Err(format!(
+                        "a streamed answer announced tool call {i}, more than {STREAMED_CALLS_MAX}"
+                    )));
+                }
+                if calls.len() <= i {
+                    calls.resize(i + 1, ToolCall { id: String::new(), name: String::new(), arguments: String::new() });
+                }
+                let call = &mut calls[i];
+                if let Some(id) = piece.id {
+                    size += id.len();
+                    call.id = id;
+                }
+                if let Some(f) = piece.function {
+                    let (name, args) = (f.name.unwrap_or_default(), f.arguments.unwrap_or_default());
+                    size += name.len() + args.len();
+                    call.name.push_str(&name);
+                    call.arguments.push_str(&args);
+                }
+            }
+            if choice.finish_reason.is_some() {
+                finish = choice.finish_reason;
+            }
+        }
+        if size > STREAMED_MAX {
+            return Ok(Err(format!("a streamed answer exceeded {STREAMED_MAX} bytes")));
+        }
+    }
+    Ok(Ok(Completion {
+        message: ChatMessage { role: Role::Assistant, content, tool_calls: calls, tool_call_id: None },
+        finish_reason: finish.map(|r| finish_name(r).to_string()),
+        usage,
+    }))
+}
+
+fn finish_name(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::ToolCalls => "tool_calls",
+        FinishReason::ContentFilter => "content_filter",
+        FinishReason::FunctionCall => "function_call",
+    }
 }
 
 fn snippet(text: &str) -> String {

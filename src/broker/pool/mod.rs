@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use self::health::{outside_kill, Health, Quarantine, QuarantineKind};
 use self::metrics::{limit_kind, Counters, Outcome};
 use self::status::{DiskInfo, PoolStatus, QuarantineInfo, WorkerInfo, WorkerState};
-use super::launcher::{self, Answer, Call, CallError, Completions, ScopePlan, StartError, Worker};
+use super::launcher::{self, Answer, Call, CallError, Completions, Events, ScopePlan, StartError, Worker};
 use super::scope::{scope_name, Systemd, UnitLimits};
 use crate::cgroup::{self, Location, Stats};
 use crate::protocol::{EffectiveSandbox, SandboxSpec};
@@ -117,6 +117,8 @@ struct Job {
     call: Call,
     /// Where an ask's completion requests go.
     completions: Option<Completions>,
+    /// Where a streamed call's output and tool events go.
+    events: Option<Events>,
     reply: oneshot::Sender<CallResult>,
     queued_at: Instant,
     /// The call's own timeout: how long it waits while no worker is up.
@@ -359,6 +361,7 @@ impl Pool {
         self: &Arc<Self>,
         call: Call,
         completions: Option<Completions>,
+        events: Option<Events>,
         cancel: Option<Arc<Notify>>,
     ) -> Result<oneshot::Receiver<CallResult>, SubmitError> {
         let own_timeout = Duration::from_millis(match &call {
@@ -386,7 +389,7 @@ impl Pool {
                 return Err(e);
             }
             let (reply, rx) = oneshot::channel();
-            s.queue.push_back(Job { call, completions, reply, queued_at: Instant::now(), own_timeout, cancel });
+            s.queue.push_back(Job { call, completions, events, reply, queued_at: Instant::now(), own_timeout, cancel });
             (s.needs_slot(self.cfg.max_workers), rx)
         };
         let (grow, rx) = grow;
@@ -916,7 +919,7 @@ impl Pool {
             let before = Self::counters(&loc);
             let pid = worker.pid;
             let mut abort = self.abort.subscribe();
-            let Job { call, completions, mut reply, queued_at, cancel, .. } = job;
+            let Job { call, completions, events, mut reply, queued_at, cancel, .. } = job;
             let cancelled = async {
                 let asked = async {
                     match &cancel {
@@ -931,7 +934,7 @@ impl Pool {
             };
             worker.begin_egress();
             let result = tokio::select! {
-                r = worker.call(call, BACKSTOP, completions.as_ref(), cancelled) => r,
+                r = worker.call(call, BACKSTOP, completions.as_ref(), events.as_ref(), cancelled) => r,
                 () = stopped(pid) => {
                     kill_descendants(pid);
                     worker.kill().await;
@@ -1064,11 +1067,13 @@ mod tests {
             argv: vec!["true".into()],
             stdin: Vec::new(),
             timeout_ms: 1000,
+            stream: false,
         });
         let (reply, _) = oneshot::channel();
         Job {
             call,
             completions: None,
+            events: None,
             reply,
             queued_at: Instant::now(),
             own_timeout: Duration::from_secs(1),
