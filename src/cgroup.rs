@@ -143,6 +143,47 @@ pub fn stats(loc: &Location) -> Stats {
     }
 }
 
+/// The peak memory of one group over a span of time: a call.
+#[derive(Debug)]
+pub enum PeakWatch {
+    /// cgroup v2 `memory.peak`, reset through this descriptor (kernel
+    /// 6.12+); reads through it see the peak since the reset.
+    V2(std::fs::File),
+    /// cgroup v1 `memory.max_usage_in_bytes`, reset to the current usage.
+    V1(PathBuf),
+}
+
+impl PeakWatch {
+    /// Resets the group's peak to its current usage and starts watching;
+    /// `None` when this kernel or these permissions allow no reset (a
+    /// peak since the group began would include earlier calls).
+    pub fn start(loc: &Location) -> Option<PeakWatch> {
+        use std::io::Write;
+        if let Some(g) = &loc.unified {
+            let mut f = std::fs::OpenOptions::new().read(true).write(true).open(g.join("memory.peak")).ok()?;
+            f.write_all(b"reset\n").ok()?;
+            return Some(PeakWatch::V2(f));
+        }
+        let path = loc.memory.as_ref()?.join("memory.max_usage_in_bytes");
+        std::fs::write(&path, "0\n").ok()?;
+        Some(PeakWatch::V1(path))
+    }
+
+    /// The peak in bytes since [`PeakWatch::start`], and the file it is from.
+    pub fn read(&self) -> Option<(u64, &'static str)> {
+        match self {
+            PeakWatch::V2(f) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = [0u8; 32];
+                let n = f.read_at(&mut buf, 0).ok()?;
+                let v = std::str::from_utf8(buf.get(..n)?).ok()?.trim().parse().ok()?;
+                Some((v, "memory.peak"))
+            }
+            PeakWatch::V1(path) => Some((read_u64(path)?, "memory.max_usage_in_bytes")),
+        }
+    }
+}
+
 /// Stats of the cgroups `pid` is in.
 pub fn stats_of(pid: u32) -> Option<Stats> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;

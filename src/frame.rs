@@ -136,6 +136,7 @@ mod tests {
             argv: vec!["echo".into(), "héllo ✓".into()],
             stdin,
             timeout_ms: 1000,
+            receipt: true,
         })
     }
 

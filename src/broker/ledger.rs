@@ -53,7 +53,12 @@ CREATE TABLE IF NOT EXISTS exec_calls (
     stdout_bytes INTEGER NOT NULL,
     stderr_bytes INTEGER NOT NULL,
     timed_out    INTEGER NOT NULL,
-    limit_hit    TEXT
+    limit_hit    TEXT,
+    ended_by     TEXT,
+    created      INTEGER,
+    modified     INTEGER,
+    deleted      INTEGER,
+    memory_peak_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS exec_calls_workflow_time ON exec_calls (workflow, time);
 CREATE TABLE IF NOT EXISTS tool_calls (
@@ -125,6 +130,14 @@ pub struct ExecCall {
     pub stderr_bytes: u64,
     pub timed_out: bool,
     pub limit: Option<String>,
+    /// The receipt's summary: the limit that ended the call
+    /// (`timeout`, `memory_max`, …), paths created, modified and deleted
+    /// (`None`: not known), and the peak memory in bytes.
+    pub ended_by: Option<String>,
+    pub created: Option<u64>,
+    pub modified: Option<u64>,
+    pub deleted: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
 }
 
 /// Whose tokens a budget counts.
@@ -158,12 +171,31 @@ pub struct Ledger {
 
 /// Ledgers written before the caller's uid was recorded lack the column.
 fn add_uid_column(conn: &Connection) -> rusqlite::Result<()> {
+    add_column(conn, "model_calls", "uid", "INTEGER")
+}
+
+/// Ledgers written before exec calls had receipts lack their columns.
+fn add_receipt_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, ty) in [
+        ("ended_by", "TEXT"),
+        ("created", "INTEGER"),
+        ("modified", "INTEGER"),
+        ("deleted", "INTEGER"),
+        ("memory_peak_bytes", "INTEGER"),
+    ] {
+        add_column(conn, "exec_calls", name, ty)?;
+    }
+    Ok(())
+}
+
+/// Adds column `name` to `table` unless it is there already.
+fn add_column(conn: &Connection, table: &str, name: &str, ty: &str) -> rusqlite::Result<()> {
     let has: bool =
-        conn.query_row("SELECT COUNT(*) FROM pragma_table_info('model_calls') WHERE name = 'uid'", [], |r| {
+        conn.query_row("SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2", params![table, name], |r| {
             r.get::<_, i64>(0).map(|n| n > 0)
         })?;
     if !has {
-        conn.execute_batch("ALTER TABLE model_calls ADD COLUMN uid INTEGER")?;
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {ty}"))?;
     }
     Ok(())
 }
@@ -188,6 +220,7 @@ impl Ledger {
             .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
             .and_then(|()| conn.execute_batch(SCHEMA))
             .and_then(|()| add_uid_column(&conn))
+            .and_then(|()| add_receipt_columns(&conn))
             .map_err(|source| LedgerError::Schema { path: path.clone(), source })?;
         Ok(Ledger { conn: Mutex::new(conn) })
     }
@@ -264,8 +297,9 @@ impl Ledger {
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO exec_calls (time, request_id, workflow, tenant, uid, argv, outcome, exit_code, \
-                     signal, duration_ms, stdout_bytes, stderr_bytes, timed_out, limit_hit) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                     signal, duration_ms, stdout_bytes, stderr_bytes, timed_out, limit_hit, ended_by, created, \
+                     modified, deleted, memory_peak_bytes) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
                 )
                 .map_err(LedgerError::Write)?;
             for c in calls {
@@ -284,7 +318,12 @@ impl Ledger {
                         to_i64(c.stdout_bytes),
                         to_i64(c.stderr_bytes),
                         c.timed_out,
-                        c.limit
+                        c.limit,
+                        c.ended_by,
+                        c.created.map(to_i64),
+                        c.modified.map(to_i64),
+                        c.deleted.map(to_i64),
+                        c.memory_peak_bytes.map(to_i64)
                     ])
                     .map_err(LedgerError::Write)?;
             }
@@ -511,6 +550,11 @@ mod tests {
                 stderr_bytes: 0,
                 timed_out: false,
                 limit: None,
+                ended_by: None,
+                created: Some(u64::from(i % 3)),
+                modified: None,
+                deleted: Some(0),
+                memory_peak_bytes: Some(4096),
             });
         }
         log.close();
@@ -522,6 +566,8 @@ mod tests {
             .unwrap();
         assert_eq!((n, uids), (1000, 2));
         assert_eq!(argv, r#"["echo","it's"]"#);
+        let created: i64 = conn.query_row("SELECT SUM(created) FROM exec_calls", [], |r| r.get(0)).unwrap();
+        assert_eq!(created, 999);
         drop(conn);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -165,6 +165,7 @@ fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall, sock: &Uni
         argv: argv.clone(),
         stdin,
         timeout_ms: req.tool_timeout_ms,
+        receipt: false,
     };
     let o = tool::run(ctx, &exec, sock);
     let (exit_code, signal) = match o.termination {

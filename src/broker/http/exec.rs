@@ -84,7 +84,8 @@ pub(super) async fn exec(
     };
     let request_id = caller.request_id.to_string();
     let id = broker.next_call_id();
-    let call = ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms };
+    let receipt = wf.policy.limits.receipts;
+    let call = ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms, receipt };
     tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), "exec");
     let calls = &broker.calls;
     let registered = calls.register(&request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
@@ -106,6 +107,11 @@ pub(super) async fn exec(
             stderr_bytes: 0,
             timed_out: false,
             limit: None,
+            ended_by: None,
+            created: None,
+            modified: None,
+            deleted: None,
+            memory_peak_bytes: None,
         }),
     };
     let (worker, outcome, limit) = match run(&front, &wf, call, timeout_ms, Arc::clone(&registered.cancel)).await {
@@ -123,6 +129,8 @@ pub(super) async fn exec(
         (None, false, false, Termination::Exited(0)) => "ok",
         _ => "failed",
     };
+    let receipt = super::receipt::receipt(&outcome, limit.as_deref(), wf.pool.spec().tool.file_size_max);
+    row.receipt(&receipt);
     row.finish(recorded, Some(&outcome), limit.as_ref());
     let (exit_code, signal) = match outcome.termination {
         Termination::Exited(c) => (Some(c), None),
@@ -156,6 +164,7 @@ pub(super) async fn exec(
         cpu_user_ms: ms(outcome.cpu_user_us),
         cpu_system_ms: ms(outcome.cpu_system_us),
         peak_rss_kib: outcome.peak_rss_kib,
+        receipt: Some(receipt),
     };
     tracing::info!(workflow = %wf.name, worker, ?exit_code, ?signal, timed_out = reply.timed_out, wall_ms = reply.wall_ms, "exec done");
     Ok(json(StatusCode::OK, &reply))
@@ -203,6 +212,17 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
+    /// Copies the receipt's summary into the row.
+    fn receipt(&mut self, r: &crate::api::Receipt) {
+        let Some(call) = self.call.as_mut() else { return };
+        call.ended_by.clone_from(&r.ended_by);
+        if let Some(c) = &r.changes {
+            (call.created, call.modified, call.deleted) =
+                (Some(c.created_count), Some(c.modified_count), c.deleted_count);
+        }
+        call.memory_peak_bytes = r.memory_peak_bytes;
+    }
+
     fn finish(&mut self, outcome: &str, done: Option<&ExecOutcome>, limit: Option<&String>) {
         let Some(mut call) = self.call.take() else { return };
         call.outcome = outcome.to_string();

@@ -28,6 +28,7 @@ pub mod limits;
 pub mod listener;
 mod models;
 mod ops;
+mod receipt;
 mod routes;
 mod status;
 
