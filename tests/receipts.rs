@@ -65,7 +65,7 @@ fn receipts_list_changes_limits_and_usage() {
     let c = &r["receipt"]["changes"];
     assert_eq!(c["created_count"], 150, "{c:#}");
     assert_eq!(c["created_bytes"], 300, "{c:#}");
-    assert_eq!(c["created"].as_array().unwrap().len(), c["listed_max"].as_u64().unwrap() as usize, "{c:#}");
+    assert_eq!(c["created"].as_array().unwrap().len() as u64, c["listed_max"].as_u64().unwrap(), "{c:#}");
     assert!(c["listed_max"].as_u64().unwrap() < 150, "{c:#}");
     assert_eq!(c["truncated"], true, "{c:#}");
     let r = b.sh("rc", "rm f*");
