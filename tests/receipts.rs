@@ -89,6 +89,7 @@ fn receipts_list_changes_limits_and_usage() {
     assert!(peak >= 64 << 20, "peak {peak} below what the tool touched: {r:#}");
     let source = r["receipt"]["memory_peak_source"].as_str().unwrap();
     assert!(["cgroup:memory.peak", "cgroup:memory.max_usage_in_bytes", "rusage:maxrss"].contains(&source), "{r:#}");
+    eprintln!("peak memory {peak} bytes from {source} (unit: {})", b.is_unit());
     if !b.is_unit() {
         assert_eq!(source, "rusage:maxrss", "no scope, no cgroup figure: {r:#}");
     }
