@@ -95,7 +95,7 @@ pub struct ExecOutcome {
     pub cpu_system_us: u64,
     pub peak_rss_kib: u64,
     /// What the call changed in its workspace; `None` when receipts are off
-    /// for the workflow or the call never started.
+    /// for the call ([`ExecRequest::receipt`]).
     pub changes: Option<Box<WorkspaceChanges>>,
     /// The peak memory of the worker's scope during the call, in bytes,
     /// when the cgroup can tell (filled in by the broker, never trusted
