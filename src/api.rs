@@ -116,7 +116,7 @@ pub struct ExecReply {
 pub struct Receipt {
     /// Paths created, modified and deleted in the workspace during the
     /// call; `null` when the workflow turned receipts off
-    /// (`[limits].receipts = false`).
+    /// (`[limits].receipts = false`) and for a cancelled call.
     pub changes: Option<crate::protocol::WorkspaceChanges>,
     /// The limit that ended the call, if one did: `timeout`, `memory_max`,
     /// `tasks_max`, `tenant_memory_max`, `tenant_tasks_max`, `disk_max`,

@@ -75,7 +75,8 @@ pub fn run() -> Result<(), WorkerError> {
                 let _enter = span.enter();
                 let before = req.receipt.then(|| receipt::Snapshot::take(&spec.workspace));
                 let mut outcome = tool::run(&tools, &req, &sock);
-                if let Some(before) = before {
+                // A cancelled call's answer is not awaited: answer it at once.
+                if let Some(before) = before.filter(|_| !outcome.cancelled) {
                     outcome.changes = Some(Box::new(before.diff(&receipt::Snapshot::take(&spec.workspace))));
                 }
                 tracing::debug!(termination = ?outcome.termination, wall_us = outcome.wall_us, "exec done");
