@@ -530,6 +530,54 @@ mod tests {
     }
 
     #[test]
+    fn a_ledger_from_before_receipts_gains_their_columns() {
+        let (ledger, dir) = temp_ledger();
+        drop(ledger);
+        let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
+        conn.execute_batch(
+            "DROP TABLE exec_calls; CREATE TABLE exec_calls (id INTEGER PRIMARY KEY, time INTEGER NOT NULL, \
+             request_id TEXT NOT NULL, workflow TEXT NOT NULL, tenant TEXT NOT NULL, uid INTEGER NOT NULL, \
+             argv TEXT NOT NULL, outcome TEXT NOT NULL, exit_code INTEGER, signal INTEGER, \
+             duration_ms INTEGER NOT NULL, stdout_bytes INTEGER NOT NULL, stderr_bytes INTEGER NOT NULL, \
+             timed_out INTEGER NOT NULL, limit_hit TEXT)",
+        )
+        .unwrap();
+        drop(conn);
+        let ledger = std::sync::Arc::new(Ledger::open(&dir).unwrap());
+        ledger
+            .record_exec_calls(&[ExecCall {
+                time: 1,
+                request_id: "r".into(),
+                workflow: "w".into(),
+                tenant: "t".into(),
+                uid: 0,
+                argv: vec!["true".into()],
+                outcome: "timeout".into(),
+                exit_code: None,
+                signal: Some(9),
+                duration_ms: 1,
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                timed_out: true,
+                limit: None,
+                ended_by: Some("timeout".into()),
+                created: Some(1),
+                modified: Some(0),
+                deleted: None,
+                memory_peak_bytes: Some(1 << 20),
+            }])
+            .unwrap();
+        let row: (String, i64, Option<i64>) = ledger
+            .conn()
+            .query_row("SELECT ended_by, created, deleted FROM exec_calls", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(row, ("timeout".to_string(), 1, None));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn exec_calls_are_written_in_batches_and_flushed_on_close() {
         let (ledger, dir) = temp_ledger();
         let ledger = std::sync::Arc::new(ledger);
