@@ -154,6 +154,35 @@ pub struct ExecReply {
     pub cpu_user_ms: f64,
     pub cpu_system_ms: f64,
     pub peak_rss_kib: u64,
+    /// What the call changed and what it used (see [`Receipt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<Receipt>,
+}
+
+/// The receipt of one exec call: what it changed in its workspace, which
+/// limit ended it, and its peak memory and CPU time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Receipt {
+    /// Paths created, modified and deleted in the workspace during the
+    /// call; `null` when the workflow turned receipts off
+    /// (`[limits].receipts = false`) and for a cancelled call.
+    pub changes: Option<crate::protocol::WorkspaceChanges>,
+    /// The limit that ended the call, if one did: `timeout`, `memory_max`,
+    /// `tasks_max`, `tenant_memory_max`, `tenant_tasks_max`, `disk_max`,
+    /// `file_size_max`.
+    pub ended_by: Option<String>,
+    /// Every limit the call reached, also those that did not end it
+    /// (`output_max`: output was cut; `file_size_max`: a file reached it).
+    pub limits_reached: Vec<String>,
+    /// Peak memory in bytes; which figure it is: see `memory_peak_source`.
+    pub memory_peak_bytes: Option<u64>,
+    /// `cgroup:memory.peak` or `cgroup:memory.max_usage_in_bytes` (the
+    /// worker's scope, worker and tool together, since the call began), or
+    /// `rusage:maxrss` (the largest single process of the command's tree).
+    pub memory_peak_source: Option<String>,
+    /// User plus system CPU time of the command and every process it
+    /// started (`rusage` of the worker's reaped children).
+    pub cpu_ms: f64,
 }
 
 /// What a call did through its workflow's egress proxy.

@@ -143,6 +143,67 @@ pub fn stats(loc: &Location) -> Stats {
     }
 }
 
+/// The peak memory of one group over a span of time: a call.
+#[derive(Debug)]
+pub enum PeakWatch {
+    /// cgroup v2 `memory.peak`, reset through this descriptor (kernel
+    /// 6.12+); reads through it see the peak since the reset.
+    Reset(std::fs::File),
+    /// cgroup v1 `memory.max_usage_in_bytes`, reset to the current usage.
+    ResetV1(PathBuf),
+    /// A peak that cannot be reset (an older kernel, a read-only cgroup
+    /// file system as under `ProtectControlGroups=`): the group's peak
+    /// before the call. A higher peak after it was reached during the call.
+    Since { path: PathBuf, before: u64 },
+}
+
+impl PeakWatch {
+    /// Resets the group's peak to its current usage where it can, or
+    /// notes the peak so far; `None` when the group has no peak file.
+    pub fn start(loc: &Location) -> Option<PeakWatch> {
+        use std::io::Write;
+        let path = match (&loc.unified, &loc.memory) {
+            (Some(g), _) => g.join("memory.peak"),
+            (None, Some(g)) => g.join("memory.max_usage_in_bytes"),
+            (None, None) => return None,
+        };
+        if loc.unified.is_some() {
+            let reset = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(b"reset\n").map(|()| f));
+            if let Ok(f) = reset {
+                return Some(PeakWatch::Reset(f));
+            }
+        } else if std::fs::write(&path, "0\n").is_ok() {
+            return Some(PeakWatch::ResetV1(path));
+        }
+        Some(PeakWatch::Since { before: read_u64(&path)?, path })
+    }
+
+    /// The peak in bytes since [`PeakWatch::start`], and the file it is
+    /// from; `None` when the group's peak did not rise during the call and
+    /// could not be reset (the call's own peak is then not known from here).
+    pub fn read(&self) -> Option<(u64, &'static str)> {
+        let name = |p: &Path| if p.ends_with("memory.peak") { "memory.peak" } else { "memory.max_usage_in_bytes" };
+        match self {
+            PeakWatch::Reset(f) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = [0u8; 32];
+                let n = f.read_at(&mut buf, 0).ok()?;
+                let v = std::str::from_utf8(buf.get(..n)?).ok()?.trim().parse().ok()?;
+                Some((v, "memory.peak"))
+            }
+            PeakWatch::ResetV1(path) => Some((read_u64(path)?, "memory.max_usage_in_bytes")),
+            PeakWatch::Since { path, before } => {
+                let after = read_u64(path)?;
+                (after > *before).then_some((after, name(path)))
+            }
+        }
+    }
+}
+
 /// Stats of the cgroups `pid` is in.
 pub fn stats_of(pid: u32) -> Option<Stats> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -231,6 +292,23 @@ mod tests {
         let apart = locate(&root, &format!("2:cpuacct:/\n1:cpu:/{scope}\n4:memory:/{scope}\n"));
         assert_eq!(apart.cpu, None);
         assert!(apart.memory.is_some());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_peak_that_cannot_be_reset_counts_only_when_it_rose() {
+        let root = tmp("peak");
+        let d = root.join("memory/scope");
+        std::fs::create_dir_all(&d).unwrap();
+        let file = d.join("memory.max_usage_in_bytes");
+        std::fs::write(&file, "5000\n").unwrap();
+        let loc = Location { memory: Some(d.clone()), ..Location::default() };
+        // A plain file takes the reset; pretend it did not.
+        let watch = PeakWatch::Since { path: file.clone(), before: 5000 };
+        assert_eq!(watch.read(), None, "an unchanged peak may be an earlier call's");
+        std::fs::write(&file, "9000\n").unwrap();
+        assert_eq!(watch.read(), Some((9000, "memory.max_usage_in_bytes")));
+        assert!(matches!(PeakWatch::start(&loc), Some(PeakWatch::ResetV1(_))));
         std::fs::remove_dir_all(&root).unwrap();
     }
 

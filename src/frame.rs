@@ -137,6 +137,7 @@ mod tests {
             stdin,
             timeout_ms: 1000,
             stream: false,
+            receipt: true,
         })
     }
 

@@ -13,8 +13,9 @@
 //!   per-uid caps, timeouts and body budgets, routes), authorization,
 //!   pools, worker launcher, the LLM gateway (keys, retries, budgets) and
 //!   its token ledger, workspaces and their `disk_max` images.
-//! - [`worker`]: the worker process: confine, then serve tool calls and run
-//!   the agent loop (model → tools → model …) of asks.
+//! - [`worker`]: the worker process: confine, then serve tool calls (each
+//!   with a receipt of what it changed in the workspace) and run the agent
+//!   loop (model → tools → model …) of asks.
 //! - [`sandbox`]: privilege drop, Landlock, seccomp, process control. All
 //!   `unsafe` code and raw syscalls live here.
 //! - [`protocol`] and [`frame`]: broker ↔ worker messages and their framing.

@@ -103,6 +103,9 @@ pub struct ExecRequest {
     pub timeout_ms: u64,
     /// Send [`FromWorker::Output`] frames as the command writes.
     pub stream: bool,
+    /// Walk the workspace before and after the call and report what
+    /// changed ([`ExecOutcome::changes`]).
+    pub receipt: bool,
 }
 
 /// How a tool call ended.
@@ -132,6 +135,76 @@ pub struct ExecOutcome {
     pub cpu_user_us: u64,
     pub cpu_system_us: u64,
     pub peak_rss_kib: u64,
+    /// What the call changed in its workspace; `None` when receipts are off
+    /// for the call ([`ExecRequest::receipt`]).
+    pub changes: Option<Box<WorkspaceChanges>>,
+    /// The peak memory of the worker's scope during the call, in bytes,
+    /// when the cgroup can tell (filled in by the broker, never trusted
+    /// from the worker).
+    pub cgroup_peak: Option<CgroupPeak>,
+}
+
+/// A peak memory figure of the worker's cgroup over one call, and the file
+/// it came from (`memory.peak` or `memory.max_usage_in_bytes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupPeak {
+    pub bytes: u64,
+    pub file: String,
+}
+
+/// What kind of directory entry a changed path is (symlinks are never
+/// followed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One path a call created, modified or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedPath {
+    /// Relative to the workspace; bytes that are not UTF-8 are replaced.
+    pub path: String,
+    pub kind: EntryKind,
+    /// The size after the call (for a deleted path: before it).
+    pub size: u64,
+    /// For a modified path: the size before the call.
+    pub size_before: Option<u64>,
+}
+
+/// The difference between two walks of a workspace, one before and one
+/// after a call: the lists are capped, the counts and byte totals are not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceChanges {
+    pub created: Vec<ChangedPath>,
+    pub modified: Vec<ChangedPath>,
+    pub deleted: Vec<ChangedPath>,
+    pub created_count: u64,
+    pub modified_count: u64,
+    /// `None` when the walk after the call stopped early: a path it did
+    /// not reach cannot be told from a deleted one.
+    pub deleted_count: Option<u64>,
+    pub created_bytes: u64,
+    /// Sum of the sizes after the call minus before, over modified paths.
+    pub modified_bytes_delta: i64,
+    pub deleted_bytes: u64,
+    /// Each list holds at most this many paths.
+    pub listed_max: u32,
+    /// Some list was cut at `listed_max`.
+    pub truncated: bool,
+    /// Entries the walk after the call saw.
+    pub entries: u64,
+    /// Directories neither walk could read (their contents are not
+    /// compared).
+    pub unreadable_dirs: u64,
+    /// Why the comparison is partial, when it is: a walk hit its entry or
+    /// time cap.
+    pub incomplete: Option<String>,
+    /// Time both walks took, in microseconds.
+    pub walk_us: u64,
 }
 
 /// Tool calls the agent loop runs at most per model step; the rest of a

@@ -146,6 +146,7 @@ fn timeout_kills_daemonized_grandchild() {
     assert_eq!(r["signal"], 9, "{r:#}");
     assert_eq!(r["signal_name"], "SIGKILL", "{r:#}");
     assert!(r["exit_code"].is_null(), "{r:#}");
+    assert_eq!(r["receipt"]["ended_by"], "timeout", "{r:#}");
     assert!(took < Duration::from_secs(7), "a 3 s call took {took:?}");
     assert_gone("77.7", Duration::from_secs(2));
 
@@ -162,6 +163,7 @@ fn timeout_kills_daemonized_grandchild() {
     assert_eq!(exit_code(&r), Some(0), "{r:#}");
     assert_eq!(stdout(&r), "started\n", "{r:#}");
     assert_eq!(r["timed_out"], false, "{r:#}");
+    assert!(r["receipt"]["ended_by"].is_null(), "{r:#}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
     // Right after the answer, not eventually: the call ends with its tree.
     let left = with_cmdline("66.6");
@@ -204,6 +206,9 @@ fn output_flood_is_capped() {
     assert_eq!(r["stderr_truncated"], false);
     assert_eq!(r["truncated"], true);
     assert_eq!(r["timed_out"], false);
+    // The cap cut the output; it did not end the call.
+    assert!(r["receipt"]["ended_by"].is_null(), "{r:#}");
+    assert_eq!(r["receipt"]["limits_reached"], json!(["output_max"]), "{r:#}");
     assert!(took < Duration::from_secs(5), "20 MB flood took {took:?}");
 
     // Endless output: the timeout ends it, the cap holds.
@@ -215,6 +220,8 @@ fn output_flood_is_capped() {
     assert!(stdout(&r).starts_with("y\ny\n"));
     assert_eq!(r["stdout_truncated"], true);
     assert_eq!(r["truncated"], true);
+    assert_eq!(r["receipt"]["ended_by"], "timeout", "{r:#}");
+    assert_eq!(r["receipt"]["limits_reached"], json!(["timeout", "output_max"]), "{r:#}");
 
     // stderr has its own cap, independent of stdout.
     let r = b.sh("flood", "echo visible; head -c 3000000 /dev/zero >&2");
@@ -239,6 +246,9 @@ fn memory_hog_fails_alone() {
     let r = b.exec("mem", &["python3", "-c", "b = bytearray(50 << 20); print(len(b))"]);
     assert_eq!(exit_code(&r), Some(0), "{r:#}");
     assert_eq!(stdout(&r), format!("{}\n", 50 << 20));
+    assert!(r["receipt"]["ended_by"].is_null(), "{r:#}");
+    let peak = r["receipt"]["memory_peak_bytes"].as_u64().unwrap_or(0);
+    assert!(peak >= 50 << 20, "peak {peak} below the 50 MiB the tool filled: {r:#}");
 
     // 1 GiB does not.
     let r = b.exec("mem", &["python3", "-c", "b = bytearray(1 << 30)"]);
@@ -249,11 +259,14 @@ fn memory_hog_fails_alone() {
         assert_eq!(r["signal"], 9, "python should be OOM-killed: {r:#}");
         let limit = r["limit"].as_str().unwrap_or_default();
         assert!(limit.contains("memory_max 256M reached"), "{r:#}");
+        assert_eq!(r["receipt"]["ended_by"], "memory_max", "{r:#}");
     } else {
         // RLIMIT_AS: the allocation fails inside python.
         assert!(r["exit_code"].is_i64(), "python should fail cleanly, not be killed: {r:#}");
         assert!(stderr(&r).contains("MemoryError"), "{r:#}");
         assert!(r["limit"].is_null(), "{r:#}");
+        // The command ended on its own, with its error.
+        assert!(r["receipt"]["ended_by"].is_null(), "{r:#}");
     }
 
     // The broker and the same worker carry on.
@@ -311,6 +324,7 @@ fn fork_bomb_is_contained() {
         // The scope's TasksMax refused the forks, and the reply says so.
         let limit = r["limit"].as_str().unwrap_or_default();
         assert!(limit.contains("tasks_max 32 reached"), "{r:#}");
+        assert_eq!(r["receipt"]["ended_by"], "tasks_max", "{r:#}");
     }
     assert!(took < Duration::from_secs(6), "the bomb call took {took:?}");
     assert_no_bomb_left(&b, uid);

@@ -53,7 +53,12 @@ CREATE TABLE IF NOT EXISTS exec_calls (
     stdout_bytes INTEGER NOT NULL,
     stderr_bytes INTEGER NOT NULL,
     timed_out    INTEGER NOT NULL,
-    limit_hit    TEXT
+    limit_hit    TEXT,
+    ended_by     TEXT,
+    created      INTEGER,
+    modified     INTEGER,
+    deleted      INTEGER,
+    memory_peak_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS exec_calls_workflow_time ON exec_calls (workflow, time);
 CREATE TABLE IF NOT EXISTS egress (
@@ -144,6 +149,14 @@ pub struct ExecCall {
     /// With `[network]`: what the call reached and was refused (the
     /// `egress` table, a row per destination).
     pub egress: Option<crate::api::EgressReport>,
+    /// The receipt's summary: the limit that ended the call
+    /// (`timeout`, `memory_max`, …), paths created, modified and deleted
+    /// (`None`: not known), and the peak memory in bytes.
+    pub ended_by: Option<String>,
+    pub created: Option<u64>,
+    pub modified: Option<u64>,
+    pub deleted: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
 }
 
 /// Which call a set of rows belongs to.
@@ -229,12 +242,31 @@ pub struct Ledger {
 
 /// Ledgers written before the caller's uid was recorded lack the column.
 fn add_uid_column(conn: &Connection) -> rusqlite::Result<()> {
+    add_column(conn, "model_calls", "uid", "INTEGER")
+}
+
+/// Ledgers written before exec calls had receipts lack their columns.
+fn add_receipt_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, ty) in [
+        ("ended_by", "TEXT"),
+        ("created", "INTEGER"),
+        ("modified", "INTEGER"),
+        ("deleted", "INTEGER"),
+        ("memory_peak_bytes", "INTEGER"),
+    ] {
+        add_column(conn, "exec_calls", name, ty)?;
+    }
+    Ok(())
+}
+
+/// Adds column `name` to `table` unless it is there already.
+fn add_column(conn: &Connection, table: &str, name: &str, ty: &str) -> rusqlite::Result<()> {
     let has: bool =
-        conn.query_row("SELECT COUNT(*) FROM pragma_table_info('model_calls') WHERE name = 'uid'", [], |r| {
+        conn.query_row("SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2", params![table, name], |r| {
             r.get::<_, i64>(0).map(|n| n > 0)
         })?;
     if !has {
-        conn.execute_batch("ALTER TABLE model_calls ADD COLUMN uid INTEGER")?;
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {ty}"))?;
     }
     Ok(())
 }
@@ -259,6 +291,7 @@ impl Ledger {
             .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
             .and_then(|()| conn.execute_batch(SCHEMA))
             .and_then(|()| add_uid_column(&conn))
+            .and_then(|()| add_receipt_columns(&conn))
             .map_err(|source| LedgerError::Schema { path: path.clone(), source })?;
         Ok(Ledger { conn: Mutex::new(conn) })
     }
@@ -340,8 +373,9 @@ impl Ledger {
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO exec_calls (time, request_id, workflow, tenant, uid, argv, outcome, exit_code, \
-                     signal, duration_ms, stdout_bytes, stderr_bytes, timed_out, limit_hit) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                     signal, duration_ms, stdout_bytes, stderr_bytes, timed_out, limit_hit, ended_by, created, \
+                     modified, deleted, memory_peak_bytes) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
                 )
                 .map_err(LedgerError::Write)?;
             for c in calls {
@@ -360,7 +394,12 @@ impl Ledger {
                         to_i64(c.stdout_bytes),
                         to_i64(c.stderr_bytes),
                         c.timed_out,
-                        c.limit
+                        c.limit,
+                        c.ended_by,
+                        c.created.map(to_i64),
+                        c.modified.map(to_i64),
+                        c.deleted.map(to_i64),
+                        c.memory_peak_bytes.map(to_i64)
                     ])
                     .map_err(LedgerError::Write)?;
                 if let Some(r) = &c.egress {
@@ -577,6 +616,55 @@ mod tests {
     }
 
     #[test]
+    fn a_ledger_from_before_receipts_gains_their_columns() {
+        let (ledger, dir) = temp_ledger();
+        drop(ledger);
+        let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
+        conn.execute_batch(
+            "DROP TABLE exec_calls; CREATE TABLE exec_calls (id INTEGER PRIMARY KEY, time INTEGER NOT NULL, \
+             request_id TEXT NOT NULL, workflow TEXT NOT NULL, tenant TEXT NOT NULL, uid INTEGER NOT NULL, \
+             argv TEXT NOT NULL, outcome TEXT NOT NULL, exit_code INTEGER, signal INTEGER, \
+             duration_ms INTEGER NOT NULL, stdout_bytes INTEGER NOT NULL, stderr_bytes INTEGER NOT NULL, \
+             timed_out INTEGER NOT NULL, limit_hit TEXT)",
+        )
+        .unwrap();
+        drop(conn);
+        let ledger = std::sync::Arc::new(Ledger::open(&dir).unwrap());
+        ledger
+            .record_exec_calls(&[ExecCall {
+                time: 1,
+                request_id: "r".into(),
+                workflow: "w".into(),
+                tenant: "t".into(),
+                uid: 0,
+                argv: vec!["true".into()],
+                outcome: "timeout".into(),
+                exit_code: None,
+                signal: Some(9),
+                duration_ms: 1,
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                timed_out: true,
+                limit: None,
+                egress: None,
+                ended_by: Some("timeout".into()),
+                created: Some(1),
+                modified: Some(0),
+                deleted: None,
+                memory_peak_bytes: Some(1 << 20),
+            }])
+            .unwrap();
+        let row: (String, i64, Option<i64>) = ledger
+            .conn()
+            .query_row("SELECT ended_by, created, deleted FROM exec_calls", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(row, ("timeout".to_string(), 1, None));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn exec_calls_are_written_in_batches_and_flushed_on_close() {
         let (ledger, dir) = temp_ledger();
         let ledger = std::sync::Arc::new(ledger);
@@ -614,6 +702,11 @@ mod tests {
                     }],
                     capped: None,
                 }),
+                ended_by: None,
+                created: Some(u64::from(i % 3)),
+                modified: None,
+                deleted: Some(0),
+                memory_peak_bytes: Some(4096),
             });
         }
         log.close();
@@ -636,6 +729,8 @@ mod tests {
             rows,
             vec![("r-0".into(), "pypi.org".into(), true, 20), ("r-0".into(), "evil.org".into(), false, 0)]
         );
+        let created: i64 = conn.query_row("SELECT SUM(created) FROM exec_calls", [], |r| r.get(0)).unwrap();
+        assert_eq!(created, 999);
         drop(conn);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -265,6 +265,7 @@ fn expected_for(key: &str) -> Option<&'static str> {
         | "llm.max_steps"
         | "llm.daily_tokens"
         | "llm.tenant_daily_tokens" => "an integer",
+        "limits.receipts" => "true or false",
         "llm.base_url" => "a URL such as \"http://127.0.0.1:11434/v1\"",
         "llm.model" => "a model name such as \"qwen2.5:3b\"",
         "llm.credential" => "a credential name such as \"ollama\"",

@@ -34,6 +34,7 @@
 //! open_files_max = 256            # RLIMIT_NOFILE; default 256, 16..=65536
 //! disk_max = "512M"               # default: unset; at least 8M. The workspace becomes an ext4
 //!                                 # image of this size; required whenever set
+//! receipts = true                # default true: exec replies list the workspace's changes
 //!
 //! [tenant]                        # optional; the whole tenant: its slice corral-<tenant>.slice
 //! memory_max = "1G"               # default: unset; at least 1M

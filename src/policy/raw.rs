@@ -64,6 +64,7 @@ pub(crate) struct RawLimits {
     pub file_size_max: Option<SizeText>,
     pub open_files_max: Option<i64>,
     pub disk_max: Option<SizeText>,
+    pub receipts: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

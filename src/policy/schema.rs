@@ -137,6 +137,10 @@ pub struct Limits {
     /// least [`MIN_DISK_MAX`]. Required whenever set: a workflow whose
     /// quota this host cannot enforce does not start.
     pub disk_max: Option<ByteSize>,
+    /// Whether every exec reply carries the workspace part of its receipt:
+    /// the worker walks the workspace before and after each call (see the
+    /// README's "Receipts" for its cost). Default true.
+    pub receipts: bool,
 }
 
 /// Smallest `[limits].disk_max`: an ext4 file system with its journal

@@ -180,6 +180,7 @@ fn defaults_are_filled() {
             file_size_max: ByteSize::mib(64),
             open_files_max: 256,
             disk_max: None,
+            receipts: true,
         }
     );
     assert_eq!(wf.pool, PoolConfig { min_idle: 1, max_workers: 2, queue: 32 });

@@ -294,6 +294,7 @@ fn limits(c: &mut Check<'_>, raw: RawLimits) -> Limits {
         file_size_max: c.size("limits.file_size_max", raw.file_size_max.as_ref(), ByteSize::mib(64), ByteSize(1), None),
         open_files_max: c.int("limits.open_files_max", raw.open_files_max, 256, 16..=65_536),
         disk_max: c.opt_size("limits.disk_max", raw.disk_max.as_ref(), MIN_DISK_MAX, None),
+        receipts: raw.receipts.unwrap_or(true),
     }
 }
 

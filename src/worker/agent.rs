@@ -166,6 +166,7 @@ fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall, sock: &Uni
         stdin,
         timeout_ms: req.tool_timeout_ms,
         stream: false,
+        receipt: false,
     };
     let o = tool::run(ctx, &exec, sock);
     let (exit_code, signal) = match o.termination {

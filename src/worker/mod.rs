@@ -10,6 +10,7 @@
 //! ([`agent`]) one at a time until the broker closes the socket.
 
 mod agent;
+mod receipt;
 mod tool;
 
 use std::fs::File;
@@ -72,7 +73,12 @@ pub fn run() -> Result<(), WorkerError> {
             ToWorker::Exec(req) => {
                 let span = tracing::info_span!("exec", request_id = %req.request_id, call = req.id);
                 let _enter = span.enter();
-                let outcome = tool::run(&tools, &req, &sock);
+                let before = req.receipt.then(|| receipt::Snapshot::take(&spec.workspace));
+                let mut outcome = tool::run(&tools, &req, &sock);
+                // A cancelled call's answer is not awaited: answer it at once.
+                if let Some(before) = before.filter(|_| !outcome.cancelled) {
+                    outcome.changes = Some(Box::new(before.diff(&receipt::Snapshot::take(&spec.workspace))));
+                }
                 tracing::debug!(termination = ?outcome.termination, wall_us = outcome.wall_us, "exec done");
                 write_frame(&mut sock, &FromWorker::Done(outcome))?;
             }

@@ -108,6 +108,8 @@ fn not_started(req: &ExecRequest, start: Instant, message: String) -> ExecOutcom
         cpu_user_us: 0,
         cpu_system_us: 0,
         peak_rss_kib: 0,
+        changes: None,
+        cgroup_peak: None,
     }
 }
 
@@ -323,6 +325,8 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
         cpu_user_us: cpu_user1.saturating_sub(cpu_user0).max(usage.user_us),
         cpu_system_us: cpu_sys1.saturating_sub(cpu_sys0).max(usage.system_us),
         peak_rss_kib: usage.max_rss_kib,
+        changes: None,
+        cgroup_peak: None,
     }
 }
 

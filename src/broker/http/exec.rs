@@ -88,7 +88,9 @@ pub(super) async fn exec(
     let request_id = caller.request_id.to_string();
     let id = broker.next_call_id();
     let stream = body.stream;
-    let call = ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms, stream };
+    let receipt = wf.policy.limits.receipts;
+    let call =
+        ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms, stream, receipt };
     tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), stream, "exec");
     let registered = broker.calls.register(&request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let row = ExecCall {
@@ -107,6 +109,11 @@ pub(super) async fn exec(
         timed_out: false,
         limit: None,
         egress: None,
+        ended_by: None,
+        created: None,
+        modified: None,
+        deleted: None,
+        memory_peak_bytes: None,
     };
     let started = Instant::now();
     let (events, streamed) = if stream {
@@ -197,6 +204,8 @@ async fn answer(
         (None, false, false, Termination::Exited(0)) => "ok",
         _ => "failed",
     };
+    let receipt = super::receipt::receipt(&outcome, limit.as_deref(), wf.pool.spec().tool.file_size_max);
+    row.receipt(&receipt);
     let egress = egress.as_ref().map(super::proxy::report);
     row.finish(recorded, Some(&outcome), limit.as_ref(), egress.as_ref());
     let (exit_code, signal) = match outcome.termination {
@@ -232,6 +241,7 @@ async fn answer(
         cpu_user_ms: ms(outcome.cpu_user_us),
         cpu_system_ms: ms(outcome.cpu_system_us),
         peak_rss_kib: outcome.peak_rss_kib,
+        receipt: Some(receipt),
     };
     tracing::info!(workflow = %wf.name, worker, ?exit_code, ?signal, timed_out = reply.timed_out, wall_ms = reply.wall_ms, "exec done");
     Ok(reply)
@@ -277,6 +287,17 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
+    /// Copies the receipt's summary into the row.
+    fn receipt(&mut self, r: &crate::api::Receipt) {
+        let Some(call) = self.call.as_mut() else { return };
+        call.ended_by.clone_from(&r.ended_by);
+        if let Some(c) = &r.changes {
+            (call.created, call.modified, call.deleted) =
+                (Some(c.created_count), Some(c.modified_count), c.deleted_count);
+        }
+        call.memory_peak_bytes = r.memory_peak_bytes;
+    }
+
     fn finish(
         &mut self,
         outcome: &str,

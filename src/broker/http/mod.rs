@@ -29,6 +29,7 @@ pub mod listener;
 mod models;
 mod ops;
 pub mod proxy;
+mod receipt;
 mod routes;
 mod status;
 mod stream;

@@ -917,6 +917,7 @@ impl Pool {
             self.update(id, |w| w.state = WorkerState::Busy);
             let loc = self.state().cgroups.get(&id).cloned();
             let before = Self::counters(&loc);
+            let peak = loc.as_ref().and_then(cgroup::PeakWatch::start);
             let pid = worker.pid;
             let mut abort = self.abort.subscribe();
             let Job { call, completions, events, mut reply, queued_at, cancel, .. } = job;
@@ -933,7 +934,7 @@ impl Pool {
                 }
             };
             worker.begin_egress();
-            let result = tokio::select! {
+            let mut result = tokio::select! {
                 r = worker.call(call, BACKSTOP, completions.as_ref(), events.as_ref(), cancelled) => r,
                 () = stopped(pid) => {
                     kill_descendants(pid);
@@ -953,6 +954,13 @@ impl Pool {
                 }
             };
             let egress = worker.end_egress();
+            if let Ok(Answer::Done(o)) = &mut result {
+                // The broker's reading, whatever the worker sent.
+                o.cgroup_peak = peak
+                    .as_ref()
+                    .and_then(cgroup::PeakWatch::read)
+                    .map(|(bytes, file)| crate::protocol::CgroupPeak { bytes, file: file.to_string() });
+            }
             let timed_out = matches!(&result, Ok(Answer::Done(o)) if o.timed_out);
             let mut limit = self.limit_hit(&before, &Self::counters(&loc), timed_out);
             let killed = result.as_ref().is_ok_and(|a| match a {
@@ -1068,6 +1076,7 @@ mod tests {
             stdin: Vec::new(),
             timeout_ms: 1000,
             stream: false,
+            receipt: false,
         });
         let (reply, _) = oneshot::channel();
         Job {
