@@ -406,8 +406,10 @@ fn service_is_ready_hardened_and_puts_workers_in_scopes() {
     // CAP_SYS_ADMIN, mount, and the ipc, mnt and pid namespaces; for the
     // disk_max images: @mount and PrivateDevices=no (loop devices only,
     // DevicePolicy=closed); ProcSubset=pid came with the namespaces.
-    // Measured: 3.6.
-    assert!(level <= 3.7, "exposure {level} > 3.7:\n{report}");
+    // Measured: 3.6. Egress ([network]) adds CAP_NET_ADMIN and the net
+    // namespace type (a worker's own network namespace, its lo brought up):
+    // 0.3. Measured: 3.9.
+    assert!(level <= 3.9, "exposure {level} > 3.9:\n{report}");
 }
 
 #[test]

@@ -34,6 +34,9 @@ use crate::broker::egress::{CallTally, Egress, EgressReceipt};
 
 /// How long a client has to send a request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Each direction's buffer in a tunnel: tokio's default (8 KiB) costs a
+/// tunnel more than half the throughput of a direct download here.
+const TUNNEL_BUFFER: usize = 64 << 10;
 /// How long the proxy tries to reach a destination.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -164,7 +167,8 @@ async fn handle(
             let Ok(upgraded) = hyper::upgrade::on(req).await else { return };
             let mut client = TokioIo::new(upgraded);
             let mut upstream = upstream;
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, TUNNEL_BUFFER, TUNNEL_BUFFER)
+                .await;
         });
         tally.track(task.abort_handle());
         return Ok(Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed()));
