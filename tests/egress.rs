@@ -183,6 +183,8 @@ struct Shared {
     world: World,
     b: Broker,
     hosts: PathBuf,
+    /// The model of the `agent` workflow, inside the world.
+    stub: Stub,
 }
 
 static SHARED: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
@@ -232,18 +234,36 @@ bytes_max = "1M"
     let inside = web_policy("inside", "\n[network]\nallow = [\"private.test\", \"loop.test:80\"]\nprivate = true\n");
     // The same tenant, no [network]: today's behaviour, no network at all.
     let offline = web_policy("offline", "");
+    // An agent whose model (a stub inside the world, on its loopback) asks
+    // for one tool call that reaches an allowed name and a refused one.
+    let ns_file = std::fs::File::open(&world.netns.host_path).unwrap();
+    let stub = std::thread::spawn(move || {
+        nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        Stub::start(vec![
+            tool_call(
+                "e1",
+                "shell",
+                &serde_json::json!({"command": "curl -sS http://pypi.test/agent; curl -sS http://notlisted.test/"}),
+            ),
+            answer("fetched", 1, 1),
+        ])
+    })
+    .join()
+    .unwrap();
+    let mut agent = llm_policy("agent", "web", &stub.base_url(), "");
+    agent.text.push_str("\n[network]\nallow = [\"pypi.test\"]\n");
     let opts = BrokerOptions {
         env: vec![("CORRAL_EGRESS_HOSTS".into(), hosts.display().to_string())],
         netns: Some(world.netns.clone()),
         ..BrokerOptions::default()
     };
-    let b = Broker::start_in("egress", dir, &[web, inside, offline], opts);
+    let b = Broker::start_in("egress", dir, &[web, inside, offline, agent], opts);
     // Before any call: the broker must be inside the world, or its proxy's
     // connections would leave this machine.
     let world_ns = std::fs::read_link(&world.netns.host_path).unwrap();
     let broker_ns = std::fs::read_link(format!("/proc/{}/ns/net", b.pid())).unwrap();
     assert_eq!(broker_ns, world_ns, "the broker is not in the test's network namespace; sending nothing");
-    let s = Arc::new(Shared { world, b, hosts });
+    let s = Arc::new(Shared { world, b, hosts, stub });
     // SAFETY: registers a plain function with the C library; it runs once,
     // at process exit, after every test has returned.
     assert_eq!(unsafe { libc::atexit(stop_shared) }, 0);
@@ -484,4 +504,33 @@ fn private_true_reaches_private_names_only_when_listed() {
     assert_eq!(s.world.hits(&format!("{PRIVATE}:80")), before + 1);
     let r = b.exec("inside", &["curl", "-sS", "--max-time", "10", "http://pypi.test/"]);
     assert!(stdout(&r).contains("not in [network] allow of workflow inside"), "{r:#}");
+}
+
+#[test]
+fn an_asks_tool_calls_go_through_the_proxy_and_into_its_receipt() {
+    let Some((s, _turn)) = shared() else { return };
+    let b = &s.b;
+    let before = s.world.hits(&format!("{PUBLIC}:80"));
+    let (code, r) = b.ask("agent", "fetch it");
+    assert_eq!(code, 200, "{r:#}");
+    assert_eq!(r["answer"], "fetched", "{r:#}");
+    let d = reached(&r, "pypi.test").unwrap_or_else(|| panic!("no receipt: {r:#}"));
+    assert!(d["received"].as_u64().unwrap() > 20, "{r:#}");
+    let d = refused(&r, "notlisted.test").unwrap_or_else(|| panic!("no refusal: {r:#}"));
+    assert!(d["reason"].as_str().unwrap().contains("not in [network] allow of workflow agent"), "{r:#}");
+    assert_eq!(s.world.hits(&format!("{PUBLIC}:80")), before + 1);
+    // The tool's output went back to the model.
+    let fed = s.stub.received().iter().any(|q| q.body.to_string().contains(&format!("hello from {PUBLIC}:80 /agent")));
+    assert!(fed, "the tool's output did not reach the model");
+    // And the ledger has both rows, as an ask's.
+    let id = r["request_id"].as_str().unwrap();
+    let rows: Vec<(String, bool, String)> = b
+        .ledger()
+        .prepare("SELECT host, allowed, kind FROM egress WHERE request_id = ?1 ORDER BY id")
+        .unwrap()
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows, vec![("pypi.test".into(), true, "ask".into()), ("notlisted.test".into(), false, "ask".into())]);
 }
