@@ -340,6 +340,16 @@ pub struct WorkerStatus {
     pub sandbox: Option<EffectiveSandbox>,
 }
 
+/// The query of `GET /v1/status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    /// root only: the workflows this user (a name or a uid) may use,
+    /// instead of the caller's (`corral doctor --as USER`).
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub as_user: Option<String>,
+}
+
 /// The query of `GET /v1/usage`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

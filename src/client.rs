@@ -15,10 +15,28 @@ pub enum ClientError {
          (or `systemctl start corral`), or point --socket / CORRAL_SOCKET at its socket"
     )]
     Connect { path: PathBuf, source: std::io::Error },
+    #[error(
+        "this user may not reach the broker's socket {path} ({source}): ask its operator to add the user to \
+         a workflow's clients.users (or one of its groups to clients.groups) in a policy, then run \
+         `systemctl reload corral` (or re-run scripts/install.sh); the operator can check with \
+         `corral doctor --as USER`"
+    )]
+    Denied { path: PathBuf, source: std::io::Error },
     #[error("HTTP exchange with the broker failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("failed to build request: {0}")]
     Request(#[from] hyper::http::Error),
+}
+
+/// A failed connect: permission errors say who may reach the socket;
+/// anything else (no socket, nobody listening) asks whether it runs.
+fn connect_error(socket: &Path, source: std::io::Error) -> ClientError {
+    let path = socket.to_path_buf();
+    match source.kind() {
+        // EACCES and EPERM both.
+        std::io::ErrorKind::PermissionDenied => ClientError::Denied { path, source },
+        _ => ClientError::Connect { path, source },
+    }
 }
 
 /// Sends one request and returns the status and the whole body.
@@ -55,9 +73,7 @@ pub async fn request_streamed(
     workflow: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Incoming), ClientError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| ClientError::Connect { path: socket.to_path_buf(), source })?;
+    let stream = UnixStream::connect(socket).await.map_err(|source| connect_error(socket, source))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;

@@ -134,6 +134,10 @@ enum Command {
         /// The broker to check, through its API.
         #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// root only: whether this user (name or uid) can reach the socket
+        /// and which workflows they may call, instead of the host checks.
+        #[arg(long = "as", value_name = "USER")]
+        as_user: Option<String>,
     },
     /// Internal: a sandboxed worker, started by the broker.
     #[command(hide = true)]
@@ -316,9 +320,9 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(corral::cli::status::run(&socket, json))
         }
-        Command::Doctor { policies, worker_user, socket } => {
+        Command::Doctor { policies, worker_user, socket, as_user } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            Ok(rt.block_on(corral::cli::doctor::run(&policies, &worker_user, &socket)))
+            Ok(rt.block_on(corral::cli::doctor::run_for(&policies, &worker_user, &socket, as_user.as_deref())))
         }
         Command::Policy { .. } | Command::Worker => Ok(0),
     }

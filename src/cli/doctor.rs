@@ -82,6 +82,122 @@ fn group_sharers(user: &str) -> Option<String> {
     (!others.is_empty()).then(|| others.join(", "))
 }
 
+/// Whether a user with `uid` and groups `gids` may connect to `socket`:
+/// search (x) on every directory above it, write on the socket itself.
+/// Err names the first obstacle.
+fn reachable(socket: &Path, uid: u32, gids: &[u32]) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let allowed = |m: &std::fs::Metadata, bit: u32| -> bool {
+        let mode = m.mode();
+        if uid == 0 {
+            return true;
+        }
+        let shift = if m.uid() == uid {
+            6
+        } else if gids.contains(&m.gid()) {
+            3
+        } else {
+            0
+        };
+        mode & (bit << shift) != 0
+    };
+    let describe = |p: &Path, m: &std::fs::Metadata| {
+        let owner = |id: u32| nix::unistd::User::from_uid(id.into()).ok().flatten().map(|u| u.name);
+        let group = |id: u32| nix::unistd::Group::from_gid(id.into()).ok().flatten().map(|g| g.name);
+        format!(
+            "{} (mode {:04o}, {}:{})",
+            p.display(),
+            m.mode() & 0o7777,
+            owner(m.uid()).unwrap_or_else(|| m.uid().to_string()),
+            group(m.gid()).unwrap_or_else(|| m.gid().to_string())
+        )
+    };
+    let mut dirs: Vec<&Path> = socket.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()).collect();
+    dirs.reverse();
+    for dir in dirs {
+        let m = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !allowed(&m, 0o1) {
+            return Err(format!("cannot enter {}", describe(dir, &m)));
+        }
+    }
+    let m = std::fs::metadata(socket)
+        .map_err(|e| format!("{}: {e}: is the broker running? (systemctl start corral.socket)", socket.display()))?;
+    if !allowed(&m, 0o2) {
+        return Err(format!("may not write to {}", describe(socket, &m)));
+    }
+    Ok(describe(socket, &m))
+}
+
+/// `corral doctor --as USER` (root only): whether USER can reach the
+/// socket, and which workflows the broker lets them call.
+async fn run_as(user: &str, socket: &Path) -> u8 {
+    let mut r = Report { worst: Level::Ok };
+    if !nix::unistd::Uid::effective().is_root() {
+        r.line(Level::Fail, "as", "--as USER needs root (it reads what another user may do)");
+        return 1;
+    }
+    let found = match user.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(uid.into()),
+        Err(_) => nix::unistd::User::from_name(user),
+    };
+    let Ok(Some(u)) = found else {
+        r.line(Level::Fail, "as", &format!("no local user {user:?}: name one from /etc/passwd"));
+        return 1;
+    };
+    let name = u.name.clone();
+    let gids: Vec<u32> = std::ffi::CString::new(name.clone())
+        .ok()
+        .and_then(|c| nix::unistd::getgrouplist(&c, u.gid).ok())
+        .map(|g| g.iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![u.gid.as_raw()]);
+    match reachable(socket, u.uid.as_raw(), &gids) {
+        Ok(how) => r.line(Level::Ok, "socket", &format!("{name} can reach the broker's socket {how}")),
+        Err(why) => r.line(
+            Level::Fail,
+            "socket",
+            &format!(
+                "{name} cannot reach the broker's socket: {why}; the socket should be mode 0666 in a directory \
+                 open to all (units/corral.socket; re-run scripts/install.sh)"
+            ),
+        ),
+    }
+    let path = format!("{}?as={}", crate::api::STATUS_PATH, u.uid.as_raw());
+    match crate::client::request(socket, hyper::Method::GET, &path, None).await {
+        Ok((status, bytes)) if status.is_success() => match serde_json::from_slice::<crate::api::Status>(&bytes) {
+            Ok(st) if st.workflows.is_empty() => r.line(
+                Level::Fail,
+                "clients",
+                &format!(
+                    "{name} may call no workflow: the broker refuses every call with 403; add the user to a \
+                     workflow's clients.users (or a group of theirs to clients.groups) and run \
+                     `systemctl reload corral`"
+                ),
+            ),
+            Ok(st) => {
+                let names: Vec<&str> = st.workflows.iter().map(|w| w.name.as_str()).collect();
+                r.line(Level::Ok, "clients", &format!("{name} may call: {}", names.join(", ")))
+            }
+            Err(e) => r.line(Level::Warn, "clients", &format!("unreadable status from {}: {e}", socket.display())),
+        },
+        Ok((status, bytes)) => {
+            r.line(Level::Warn, "clients", &format!("{}: {}", socket.display(), super::describe_error(status, &bytes)))
+        }
+        Err(e) => {
+            r.line(Level::Warn, "clients", &format!("cannot ask the broker which workflows {name} may call: {e}"))
+        }
+    }
+    u8::from(r.worst == Level::Fail)
+}
+
+/// Runs every check; exit code 1 when any failed. With `as_user`, only
+/// whether that user can reach the broker and what they may call.
+pub async fn run_for(policies: &Path, worker_user: &str, socket: &Path, as_user: Option<&str>) -> u8 {
+    match as_user {
+        Some(user) => run_as(user, socket).await,
+        None => run(policies, worker_user, socket).await,
+    }
+}
+
 /// Runs every check; exit code 1 when any failed.
 pub async fn run(policies: &Path, worker_user: &str, socket: &Path) -> u8 {
     let mut r = Report { worst: Level::Ok };

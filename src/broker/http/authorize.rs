@@ -43,7 +43,9 @@ pub(super) fn authorize(broker: &Broker, peer: &Peer, name: &str) -> Result<Arc<
             "forbidden",
             format!(
                 "uid {} may not use workflow {}: no workflow of that name lists this user in its clients \
-                 (workflows this user may use: {yours}); to be added, ask the broker's operator",
+                 (workflows this user may use: {yours}); to become its client, ask the broker's operator to add \
+                 the user to its clients.users (or a group of the user to clients.groups) and run \
+                 `systemctl reload corral`; `corral doctor --as USER` shows what a user may call",
                 describe_uid(peer.uid),
                 name.escape_debug()
             ),

@@ -10,8 +10,9 @@ use axum::Extension;
 use super::body::json;
 use super::error::ApiError;
 use super::{AppState, Caller};
-use crate::api::GroupBy;
 use crate::api::{BrokerInfo, DiskStatus, Status, UsageQuery, UsageRow, WorkerStatus, WorkflowStatus};
+use crate::api::{GroupBy, StatusQuery};
+use crate::broker::auth::Peer;
 use crate::broker::ledger::UsageRow as LedgerRow;
 use crate::broker::pool::status::{PoolStatus, WorkerInfo};
 use crate::sandbox;
@@ -19,9 +20,26 @@ use crate::utc;
 
 /// The broker and the workflows the caller may use; what only the operator
 /// needs (why systemd is unreachable) is for root and the broker's user.
-pub(super) async fn status(State(front): State<AppState>, Extension(caller): Extension<Caller>) -> Response {
+pub(super) async fn status(
+    State(front): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("{e}: use ?as=USER")))?;
     let broker = &front.broker;
     let peer = &caller.peer;
+    let subject = match &q.as_user {
+        None => *peer,
+        Some(_) if !super::authorize::sees_all(peer) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "only root may ask what another user may call (?as=USER)",
+            ))
+        }
+        Some(user) => peer_of(user)?,
+    };
     let kernel = sandbox::probe();
     let operator = peer.uid == 0 || peer.uid == nix::unistd::Uid::effective().as_raw();
     let status = Status {
@@ -33,9 +51,26 @@ pub(super) async fn status(State(front): State<AppState>, Extension(caller): Ext
             seccomp: kernel.seccomp,
             resource_control: broker.resource_control(operator),
         },
-        workflows: broker.pool_statuses(peer).into_iter().map(workflow_status).collect(),
+        workflows: broker.pool_statuses(&subject).into_iter().map(workflow_status).collect(),
     };
-    json(StatusCode::OK, &status)
+    Ok(json(StatusCode::OK, &status))
+}
+
+/// The peer a local user would be: their uid and primary group (the
+/// supplementary groups come from the group database when authorizing).
+fn peer_of(user: &str) -> Result<Peer, ApiError> {
+    let found = match user.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => nix::unistd::User::from_name(user),
+    };
+    match found {
+        Ok(Some(u)) => Ok(Peer { uid: u.uid.as_raw(), gid: u.gid.as_raw(), pid: None }),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("no local user {:?}: name one from /etc/passwd", user.escape_debug().to_string()),
+        )),
+    }
 }
 
 /// Tokens of the caller's own model calls (root and the broker's user: of
