@@ -19,6 +19,8 @@ pub const ASK_PATH: &str = "/v1/ask";
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 /// Tokens used: `GET /v1/usage?since=YYYY-MM-DD&by=workflow|tenant|model`.
 pub const USAGE_PATH: &str = "/v1/usage";
+pub const AUDIT_PATH: &str = "/v1/audit";
+pub const AUDIT_VERIFY_PATH: &str = "/v1/audit/verify";
 /// Readiness of every pool: 200, or 503 with the reasons.
 pub const HEALTH_PATH: &str = "/healthz";
 /// Prometheus text: root, the broker's user and `--metrics-group` only.
@@ -338,6 +340,51 @@ pub struct WorkerStatus {
     /// Memory, CPU and tasks of the worker's scope (with systemd).
     pub cgroup: Option<crate::cgroup::Stats>,
     pub sandbox: Option<EffectiveSandbox>,
+}
+
+/// The query of `GET /v1/audit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only calls from this UTC date on, `YYYY-MM-DD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Only this client's calls (others than root see only their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// At most this many rows, newest first (default 100, at most 10,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// One call in the audit trail (`GET /v1/audit`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    /// Unix seconds, UTC.
+    pub time: i64,
+    pub request_id: String,
+    /// `exec` or `ask`.
+    pub kind: String,
+    pub workflow: String,
+    pub tenant: String,
+    pub uid: u32,
+    pub member: Option<String>,
+    pub session: Option<String>,
+    pub outcome: String,
+    pub limit: Option<String>,
+}
+
+/// `GET /v1/audit/verify`: whether the chain holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditVerify {
+    pub ok: bool,
+    /// Rows checked (up to and including the first broken one).
+    pub rows: u64,
+    pub broken_at: Option<i64>,
+    pub why: Option<String>,
 }
 
 /// The query of `GET /v1/status`.

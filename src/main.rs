@@ -96,6 +96,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recent exec and ask calls from the broker's audit trail (your own;
+    /// root: everyone's, or --uid's); `corral audit verify` (root) checks
+    /// the trail's hash chain.
+    Audit {
+        #[command(subcommand)]
+        verify: Option<AuditCommand>,
+        #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+        socket: PathBuf,
+        /// Only this client's calls (root).
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only calls from this UTC date on, YYYY-MM-DD.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many rows, newest first (default 100).
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Probe a workflow end to end; exit 1 with a one-line reason when the
     /// answer does not match or comes late.
     Canary {
@@ -142,6 +164,13 @@ enum Command {
     /// Internal: a sandboxed worker, started by the broker.
     #[command(hide = true)]
     Worker,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain: exit 1 and name the first broken row when a
+    /// row was edited or deleted (root).
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -304,6 +333,21 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             }
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(corral::cli::usage::run(&socket, since.as_deref(), by, json))
+        }
+        Command::Audit { verify, socket, uid, workflow, since, limit, json } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match verify {
+                Some(AuditCommand::Verify) => rt.block_on(corral::cli::audit::verify(&socket, json)),
+                None => {
+                    let f = corral::cli::audit::Filter {
+                        uid,
+                        workflow: workflow.as_deref(),
+                        since: since.as_deref(),
+                        limit,
+                    };
+                    rt.block_on(corral::cli::audit::list(&socket, &f, json))
+                }
+            }
         }
         Command::Canary { socket, workflow, prompt, expect, max_latency } => {
             let expect = match regex::Regex::new(&expect) {

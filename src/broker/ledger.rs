@@ -77,6 +77,22 @@ CREATE TABLE IF NOT EXISTS egress (
     reason       TEXT
 );
 CREATE INDEX IF NOT EXISTS egress_request ON egress (request_id);
+CREATE TABLE IF NOT EXISTS audit (
+    id          INTEGER PRIMARY KEY,
+    time        INTEGER NOT NULL,
+    request_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    workflow    TEXT NOT NULL,
+    tenant      TEXT NOT NULL,
+    uid         INTEGER NOT NULL,
+    member      TEXT,
+    session     TEXT,
+    outcome     TEXT NOT NULL,
+    limit_hit   TEXT,
+    prev_hash   TEXT NOT NULL,
+    hash        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_uid_time ON audit (uid, time);
 CREATE TABLE IF NOT EXISTS tool_calls (
     id           INTEGER PRIMARY KEY,
     time         INTEGER NOT NULL,
@@ -158,6 +174,129 @@ pub struct ExecCall {
     pub deleted: Option<u64>,
     pub memory_peak_bytes: Option<u64>,
 }
+
+/// One call (exec or ask) in the audit trail, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    pub time: i64,
+    pub request_id: String,
+    /// `exec` or `ask`.
+    pub kind: String,
+    pub workflow: String,
+    pub tenant: String,
+    pub uid: u32,
+    /// Who the call was for, when a delegate made it, and its session:
+    /// kept empty until members and sessions exist.
+    pub member: Option<String>,
+    pub session: Option<String>,
+    /// `ok`, `failed`, `timeout`, `limit`, or an error code.
+    pub outcome: String,
+    /// The limit that ended the call, if one did.
+    pub limit: Option<String>,
+}
+
+/// A row of the audit trail, with its id.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRow {
+    pub id: i64,
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+}
+
+/// What `verify` found: the rows checked, and the first broken one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditCheck {
+    pub rows: u64,
+    /// The id of the first row whose hash or link does not hold.
+    pub broken_at: Option<i64>,
+    pub why: Option<String>,
+}
+
+/// The hash before the first row.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// SHA-256, hex, of a row's canonical content: a JSON array of its id,
+/// fields in a fixed order, and the hash of the row before it. The id is
+/// in it, so renumbering rows breaks the chain too.
+fn audit_hash(id: i64, e: &AuditEntry, prev: &str) -> String {
+    let canonical = serde_json::json!([
+        id,
+        e.time,
+        e.request_id,
+        e.kind,
+        e.workflow,
+        e.tenant,
+        e.uid,
+        e.member,
+        e.session,
+        e.outcome,
+        e.limit,
+        prev
+    ])
+    .to_string();
+    let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Appends `e` to the chain in `conn` (inside the caller's transaction):
+/// its link is the hash of the last row written, also by an earlier
+/// broker, so the chain runs on across batches and restarts.
+fn insert_audit(conn: &Connection, e: &AuditEntry) -> rusqlite::Result<()> {
+    let last: Option<(i64, String)> = conn
+        .query_row("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map(Some)
+        .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
+    let (id, prev) = match last {
+        Some((id, hash)) => (id + 1, hash),
+        None => (1, GENESIS.to_string()),
+    };
+    let hash = audit_hash(id, e, &prev);
+    conn.prepare_cached(
+        "INSERT INTO audit (id, time, request_id, kind, workflow, tenant, uid, member, session, outcome, \
+         limit_hit, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?
+    .execute(params![
+        id,
+        e.time,
+        e.request_id,
+        e.kind,
+        e.workflow,
+        e.tenant,
+        e.uid,
+        e.member,
+        e.session,
+        e.outcome,
+        e.limit,
+        prev,
+        hash
+    ])?;
+    Ok(())
+}
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditRow, String, String)> {
+    Ok((
+        AuditRow {
+            id: r.get(0)?,
+            entry: AuditEntry {
+                time: r.get(1)?,
+                request_id: r.get(2)?,
+                kind: r.get(3)?,
+                workflow: r.get(4)?,
+                tenant: r.get(5)?,
+                uid: r.get(6)?,
+                member: r.get(7)?,
+                session: r.get(8)?,
+                outcome: r.get(9)?,
+                limit: r.get(10)?,
+            },
+        },
+        r.get(11)?,
+        r.get(12)?,
+    ))
+}
+
+const AUDIT_COLUMNS: &str =
+    "id, time, request_id, kind, workflow, tenant, uid, member, session, outcome, limit_hit, prev_hash, hash";
 
 /// Which call a set of rows belongs to.
 #[derive(Debug, Clone, Copy)]
@@ -402,6 +541,19 @@ impl Ledger {
                         c.memory_peak_bytes.map(to_i64)
                     ])
                     .map_err(LedgerError::Write)?;
+                let entry = AuditEntry {
+                    time: c.time,
+                    request_id: c.request_id.clone(),
+                    kind: "exec".into(),
+                    workflow: c.workflow.clone(),
+                    tenant: c.tenant.clone(),
+                    uid: c.uid,
+                    member: None,
+                    session: None,
+                    outcome: c.outcome.clone(),
+                    limit: c.limit.clone().or_else(|| c.ended_by.clone()),
+                };
+                insert_audit(&tx, &entry).map_err(LedgerError::Write)?;
                 if let Some(r) = &c.egress {
                     let call = CallRef {
                         time: c.time,
@@ -415,6 +567,68 @@ impl Ledger {
             }
         }
         tx.commit().map_err(LedgerError::Write)
+    }
+
+    /// Appends one call (an ask; exec calls are chained as they are
+    /// written) to the audit trail.
+    pub fn record_audit(&self, e: &AuditEntry) -> Result<(), LedgerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(LedgerError::Write)?;
+        insert_audit(&tx, e).map_err(LedgerError::Write)?;
+        tx.commit().map_err(LedgerError::Write)
+    }
+
+    /// The newest audit rows (at most `limit`), newest first, since
+    /// `since`, of `uid` and `workflow` when given.
+    pub fn audit(
+        &self,
+        since: i64,
+        uid: Option<u32>,
+        workflow: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, LedgerError> {
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE time >= ?1 AND (?2 IS NULL OR uid = ?2) \
+             AND (?3 IS NULL OR workflow = ?3) ORDER BY id DESC LIMIT ?4"
+        );
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql).map_err(LedgerError::Read)?;
+        let rows = stmt
+            .query_map(params![since, uid, workflow, limit], |r| audit_row(r).map(|(row, _, _)| row))
+            .map_err(LedgerError::Read)?;
+        rows.collect::<Result<_, _>>().map_err(LedgerError::Read)
+    }
+
+    /// Walks the whole chain: each row's hash must be that of its content
+    /// and the row before's hash, and ids must run on without a gap.
+    pub fn verify_audit(&self) -> Result<AuditCheck, LedgerError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY id")).map_err(LedgerError::Read)?;
+        let rows = stmt.query_map([], audit_row).map_err(LedgerError::Read)?;
+        let mut prev = GENESIS.to_string();
+        let mut n = 0;
+        for (expected_id, row) in (1i64..).zip(rows) {
+            let (row, prev_hash, hash) = row.map_err(LedgerError::Read)?;
+            n += 1;
+            let broken = |why: String| Ok(AuditCheck { rows: n, broken_at: Some(row.id), why: Some(why) });
+            if row.id != expected_id {
+                return broken(format!(
+                    "row {} follows row {}: row(s) {expected_id}..{} were deleted",
+                    row.id,
+                    expected_id - 1,
+                    row.id - 1
+                ));
+            }
+            if prev_hash != prev {
+                return broken(format!("row {} does not link to the row before it: that row was changed", row.id));
+            }
+            if audit_hash(row.id, &row.entry, &prev_hash) != hash {
+                return broken(format!("row {}'s content does not match its hash: the row was edited", row.id));
+            }
+            prev = hash;
+        }
+        Ok(AuditCheck { rows: n, broken_at: None, why: None })
     }
 
     /// Tokens of `scope` in `[from, to)`.
@@ -732,6 +946,28 @@ mod tests {
         let created: i64 = conn.query_row("SELECT SUM(created) FROM exec_calls", [], |r| r.get(0)).unwrap();
         assert_eq!(created, 999);
         drop(conn);
+        // The batches make one chain, and a new broker on the same ledger
+        // continues it; an edit anywhere breaks it at that row.
+        assert_eq!(ledger.verify_audit().unwrap(), AuditCheck { rows: 1000, broken_at: None, why: None });
+        drop(ledger);
+        let again = Ledger::open(&dir).unwrap();
+        let entry = AuditEntry {
+            time: 2,
+            request_id: "a".into(),
+            kind: "ask".into(),
+            workflow: "w".into(),
+            tenant: "t".into(),
+            uid: 7,
+            member: None,
+            session: None,
+            outcome: "ok".into(),
+            limit: None,
+        };
+        again.record_audit(&entry).unwrap();
+        assert_eq!(again.verify_audit().unwrap().broken_at, None);
+        assert_eq!(again.audit(0, Some(7), None, 10).unwrap()[0].id, 1001);
+        again.conn().execute("UPDATE audit SET uid = 1 WHERE id = 500", []).unwrap();
+        assert_eq!(again.verify_audit().unwrap().broken_at, Some(500));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

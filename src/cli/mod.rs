@@ -2,6 +2,7 @@
 //! `policy check`, `doctor`.
 
 pub mod ask;
+pub mod audit;
 pub mod canary;
 pub mod check;
 pub mod doctor;

@@ -2,6 +2,7 @@
 //! the loop runs), and what it shares with `/v1/chat/completions`: running
 //! the ask, and the mapping of an [`AskError`] to the API's error.
 
+use crate::broker::ledger::AuditEntry;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -89,7 +90,7 @@ pub(super) async fn ask(
     let request_id = caller.request_id.to_string();
     let submitted =
         ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = run(Arc::clone(&front), wf, submitted, registered);
+    let done = run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()));
     let Some(streamed) = streamed else {
         return Ok(json(StatusCode::OK, &reply(&request_id, &done.await?)));
     };
@@ -115,17 +116,43 @@ pub(super) fn channel(stream: bool) -> (Option<UnboundedSender<AskEvent>>, Optio
 /// Waits for a submitted ask's answer, or until the broker stops. Owns
 /// what it needs: a streamed answer runs it after the handler has
 /// returned (errors before the ask was queued kept their status).
+/// The ask, whatever its end, goes into the audit trail of the caller
+/// (`uid`, `request_id`).
 pub(super) async fn run(
     front: AppState,
     wf: Arc<Workflow>,
     submitted: ask::Submitted,
     _registered: Detached,
+    (uid, request_id): (u32, String),
 ) -> Result<AskResult, ApiError> {
     let broker = &front.broker;
-    tokio::select! {
+    let r = tokio::select! {
         r = submitted.wait(broker) => r.map_err(|e| ask_error(broker, &wf, e)),
         () = front.stopped() => Err(ApiError::stopping()),
+    };
+    let (outcome, limit) = match &r {
+        Ok(a) if matches!(a.outcome.stop, AskStop::MaxSteps) => ("ok".to_string(), Some("max_steps".to_string())),
+        Ok(_) => ("ok".to_string(), None),
+        Err(e) => (e.code.to_string(), None),
+    };
+    let entry = AuditEntry {
+        time: crate::utc::now(),
+        request_id,
+        kind: "ask".into(),
+        workflow: wf.name.clone(),
+        tenant: wf.policy.tenant.to_string(),
+        uid,
+        member: None,
+        session: None,
+        outcome,
+        limit,
+    };
+    let broker = Arc::clone(broker);
+    let written = tokio::task::spawn_blocking(move || broker.gateway.ledger().record_audit(&entry)).await;
+    if let Ok(Err(e)) = written {
+        tracing::error!("ask not recorded in the audit trail: {e}");
     }
+    r
 }
 
 fn reply(request_id: &str, r: &AskResult) -> AskReply {

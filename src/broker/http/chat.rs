@@ -83,7 +83,7 @@ pub(super) async fn chat(
     let request_id = request_id.to_string();
     let submitted =
         ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = super::ask::run(Arc::clone(&front), wf, submitted, registered);
+    let done = super::ask::run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()));
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
     let finish = |r: &AskResult| match r.outcome.stop {

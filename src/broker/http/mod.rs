@@ -17,6 +17,7 @@
 //! exhausts only its own share and every other uid is served as before.
 
 mod ask;
+mod audit;
 mod authorize;
 mod body;
 pub(crate) mod calls;

@@ -22,10 +22,10 @@ use axum::{Extension, Router};
 
 use super::authorize::{authorize, Early};
 use super::error::{render, ApiError};
-use super::{ask, calls, chat, exec, models, ops, status, AppState, Caller};
+use super::{ask, audit, calls, chat, exec, models, ops, status, AppState, Caller};
 use crate::api::{
-    ASK_PATH, CALL_PATH, CHAT_PATH, EXEC_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH, OPENAPI_PATH, REQUEST_ID_HEADER,
-    STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER,
+    ASK_PATH, AUDIT_PATH, AUDIT_VERIFY_PATH, CALL_PATH, CHAT_PATH, EXEC_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH,
+    OPENAPI_PATH, REQUEST_ID_HEADER, STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER,
 };
 use crate::broker::auth::{describe_uid, Peer};
 use crate::broker::log::Escaped;
@@ -37,12 +37,14 @@ const MODEL_PATH: &str = "/v1/models/{id}";
 /// Every route: method, path, handler. The router is built from this
 /// list, and a test holds the OpenAPI document to it.
 type Route = (&'static str, &'static str, fn() -> MethodRouter<AppState>);
-pub const ROUTES: [Route; 11] = [
+pub const ROUTES: [Route; 13] = [
     ("post", EXEC_PATH, || post(exec::exec)),
     ("post", ASK_PATH, || post(ask::ask)),
     ("post", CHAT_PATH, || post(chat::chat)),
     ("get", STATUS_PATH, || get(status::status)),
     ("get", USAGE_PATH, || get(status::usage)),
+    ("get", AUDIT_PATH, || get(audit::list)),
+    ("get", AUDIT_VERIFY_PATH, || get(audit::verify)),
     ("get", MODELS_PATH, || get(models::list)),
     ("get", MODEL_PATH, || get(models::get)),
     ("get", HEALTH_PATH, || get(ops::healthz)),
