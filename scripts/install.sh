@@ -65,6 +65,10 @@ fi
 systemd-sysusers "$cfg/sysusers.d/corral.conf"
 systemd-tmpfiles --create "$cfg/tmpfiles.d/corral.conf"
 systemctl daemon-reload
+# A socket that an older install made 0660 root:corral-users stays so
+# until corral.socket restarts: open it now, as the unit says (the broker
+# authorizes each request; see the README, "Who can reach the socket").
+[ -S /run/corral/corral.sock ] && chmod 0666 /run/corral/corral.sock
 if [ $start = 1 ]; then
   # --runtime enables below /run too: a plain enable would link the socket
   # into /etc/systemd/system, which outlives the boot (and, in the tests'
@@ -75,3 +79,4 @@ if [ $start = 1 ]; then
 fi
 echo "installed: $exe, units in $units, policies in $etc/policies"
 echo "check the host with: $exe doctor --policies $etc/policies"
+echo "check a client with: $exe doctor --as USER (every user in a policy's clients can reach the socket)"
