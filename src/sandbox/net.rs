@@ -14,31 +14,45 @@ use std::net::{Ipv4Addr, TcpListener};
 /// 127.0.0.1; the namespace is the worker's alone, so the port is free).
 pub const PROXY_PORT: u16 = 3128;
 
-/// Runs `spawn` (which starts a worker) on a thread of its own that first
-/// moves into a new network namespace, brings its loopback interface up and
-/// listens on `127.0.0.1:port` there. The worker, cloned from that thread,
-/// starts inside the namespace; the returned listener (non-blocking) belongs
-/// to the caller (the broker), whose other threads stay where they were.
-/// Nothing of the worker runs before the listener exists.
+/// Runs `spawn` (which starts a worker) inside a new network namespace whose
+/// loopback interface is up and where a listener on `127.0.0.1:port` waits:
+/// the worker is born in the namespace, after the listener. The returned
+/// listener (non-blocking) belongs to the caller (the broker); its own
+/// threads stay where they were.
 ///
-/// `unshare` changes only the calling thread, which ends right after.
-pub fn spawn_in_new_netns<T: Send>(
-    port: u16,
-    spawn: impl FnOnce() -> io::Result<T> + Send,
-) -> io::Result<(T, TcpListener)> {
+/// A short-lived thread makes the namespace (`unshare` changes only the
+/// calling thread) and the listener. The clone itself happens on the
+/// calling thread, which enters the namespace for that one call and goes
+/// back: the worker's parent must be a thread that lives as long as the
+/// broker, since the worker's parent-death signal fires when the thread
+/// that cloned it ends.
+pub fn spawn_in_new_netns<T>(port: u16, spawn: impl FnOnce() -> io::Result<T>) -> io::Result<(T, TcpListener)> {
     let step = |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
-    std::thread::scope(|scope| {
-        let thread = std::thread::Builder::new().name("netns-spawn".into()).spawn_scoped(scope, || {
+    let (ns, listener) = std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new().name("netns-make".into()).spawn_scoped(scope, || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(io::Error::from)
                 .map_err(step("unshare a network namespace"))?;
             loopback_up().map_err(step("bring up its loopback interface"))?;
             let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(step("listen on 127.0.0.1"))?;
             listener.set_nonblocking(true)?;
-            Ok((spawn()?, listener))
+            let ns = std::fs::File::open("/proc/thread-self/ns/net").map_err(step("open the new namespace"))?;
+            Ok::<_, io::Error>((ns, listener))
         })?;
         thread.join().map_err(|_| io::Error::other("the thread that made the network namespace panicked"))?
-    })
+    })?;
+    let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(step("open the broker's namespace"))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(io::Error::from)
+        .map_err(step("enter the new namespace"))?;
+    let spawned = spawn();
+    if let Err(e) = nix::sched::setns(&home, nix::sched::CloneFlags::CLONE_NEWNET) {
+        // A broker thread left in a worker's namespace would open its later
+        // sockets (model calls, proxied connections) there: stop at once.
+        eprintln!("corral: failed to return to the broker's network namespace after starting a worker: {e}");
+        std::process::abort();
+    }
+    Ok((spawned?, listener))
 }
 
 /// Sets `IFF_UP` on `lo` of the calling thread's network namespace.
