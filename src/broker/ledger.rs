@@ -315,36 +315,25 @@ fn insert_egress(conn: &Connection, call: &CallRef<'_>, r: &crate::api::EgressRe
         "INSERT INTO egress (time, request_id, workflow, tenant, kind, host, port, allowed, connections, sent, \
          received, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
-    for d in &r.reached {
+    // One row per destination: reached ones with the call's cap, if any;
+    // refused ones with the rule that refused them.
+    let reached =
+        r.reached.iter().map(|d| (&d.host, d.port, true, d.connections, d.sent, d.received, r.capped.as_deref()));
+    let refused = r.refused.iter().map(|d| (&d.host, d.port, false, d.attempts, 0, 0, Some(d.reason.as_str())));
+    for (host, port, allowed, connections, sent, received, reason) in reached.chain(refused) {
         insert.execute(params![
             call.time,
             call.request_id,
             call.workflow,
             call.tenant,
             call.kind,
-            d.host,
-            d.port,
-            true,
-            d.connections,
-            to_i64(d.sent),
-            to_i64(d.received),
-            r.capped
-        ])?;
-    }
-    for d in &r.refused {
-        insert.execute(params![
-            call.time,
-            call.request_id,
-            call.workflow,
-            call.tenant,
-            call.kind,
-            d.host,
-            d.port,
-            false,
-            d.attempts,
-            0,
-            0,
-            d.reason
+            host,
+            port,
+            allowed,
+            connections,
+            to_i64(sent),
+            to_i64(received),
+            reason
         ])?;
     }
     Ok(())

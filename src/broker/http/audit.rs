@@ -12,7 +12,6 @@ use super::error::ApiError;
 use super::{AppState, Caller};
 use crate::api::{AuditQuery, AuditRecord, AuditVerify};
 use crate::broker::ledger::{AuditCheck, AuditRow, LedgerError};
-use crate::utc;
 
 /// Rows of one answer at most.
 const MAX_ROWS: u32 = 10_000;
@@ -41,12 +40,7 @@ pub(super) async fn list(
             format!("{e}: use ?since=YYYY-MM-DD&uid=UID&workflow=NAME&limit=N"),
         )
     })?;
-    let since = match &q.since {
-        Some(d) => {
-            utc::parse_date(d).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?
-        }
-        None => 0,
-    };
+    let since = super::status::since(q.since.as_deref())?;
     let peer = caller.peer;
     // Everyone but root and the broker's user sees their own calls only.
     let uid = if sees_all(&peer) { q.uid } else { Some(peer.uid) };

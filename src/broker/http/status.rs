@@ -73,6 +73,13 @@ fn peer_of(user: &str) -> Result<Peer, ApiError> {
     }
 }
 
+/// A `?since=YYYY-MM-DD` parameter as a Unix time; no parameter: 0.
+pub(super) fn since(date: Option<&str>) -> Result<i64, ApiError> {
+    date.map_or(Ok(0), |d| {
+        utc::parse_date(d).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
+    })
+}
+
 /// Tokens of the caller's own model calls (root and the broker's user: of
 /// everyone's), summed per workflow, tenant or model.
 pub(super) async fn usage(
@@ -87,12 +94,7 @@ pub(super) async fn usage(
             format!("{e}: use ?since=YYYY-MM-DD&by=workflow|tenant|model"),
         )
     })?;
-    let since = match &q.since {
-        Some(d) => {
-            utc::parse_date(d).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?
-        }
-        None => 0,
-    };
+    let since = since(q.since.as_deref())?;
     let peer = caller.peer;
     let uid = (!super::authorize::sees_all(&peer)).then_some(peer.uid);
     let by = q.by.unwrap_or(GroupBy::Workflow);
