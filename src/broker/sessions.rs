@@ -197,7 +197,9 @@ impl Sessions {
         for old in expired {
             self.remove_one(&spec.workspace, &wf.name, owner.key(), &old)?;
         }
-        {
+        // The directory before the row: a directory that cannot be made
+        // (a symlink planted where it goes) leaves no session behind.
+        let known: Option<i64> = {
             let conn = self.ledger.conn();
             let known: Option<i64> = conn
                 .query_row(
@@ -217,13 +219,17 @@ impl Sessions {
                     return Err(SessionError::TooMany { workflow: wf.name.clone(), max });
                 }
             }
-            conn.execute(
-                "INSERT INTO sessions (workflow, owner, id, created, last_used) VALUES (?1, ?2, ?3, ?4, ?4) \
-                 ON CONFLICT (workflow, owner, id) DO UPDATE SET last_used = excluded.last_used",
-                params![wf.name, owner.key(), id.as_str(), now],
-            )?;
-        }
+            known
+        };
         let dir = workspace::make_session_dir(&spec.workspace, owner.key(), id.as_str(), spec.credentials.as_ref())?;
+        if known.is_none() {
+            tracing::info!(workflow = %wf.name, owner = owner.key(), session = id.as_str(), "session created");
+        }
+        self.ledger.conn().execute(
+            "INSERT INTO sessions (workflow, owner, id, created, last_used) VALUES (?1, ?2, ?3, ?4, ?4) \
+                 ON CONFLICT (workflow, owner, id) DO UPDATE SET last_used = excluded.last_used",
+            params![wf.name, owner.key(), id.as_str(), now],
+        )?;
         Ok(Opened { workflow: wf.name.clone(), owner: owner.clone(), id, dir })
     }
 
