@@ -6,8 +6,9 @@
 //! scope), [`auth`] decides who may call what, [`http`] is the front door
 //! (socket, accept loop, per-uid caps, routes), [`ask`] runs prompts,
 //! [`llm`] is the gateway to model providers and [`ledger`] its token
-//! ledger, [`log`] escapes client text for the log, [`notify`] talks to the
-//! service manager.
+//! ledger, [`sessions`] the sessions of every workflow (directories and
+//! histories), [`log`] escapes client text for the log, [`notify`] talks to
+//! the service manager.
 //!
 //! # Stopping
 //!
