@@ -54,6 +54,58 @@ pub const REQUEST_ID_HEADER: &str = "x-corral-request-id";
 /// and the body must name the same workflow.
 pub const WORKFLOW_HEADER: &str = "x-corral-workflow";
 
+/// The session a call (exec, ask, chat) belongs to; the body's `session`
+/// field says the same.
+pub const SESSION_HEADER: &str = "x-corral-session";
+/// `GET`: the caller's sessions (root: everyone's).
+pub const SESSIONS_PATH: &str = "/v1/sessions";
+/// `DELETE`: removes a session (its history and directory).
+pub const SESSION_PATH: &str = "/v1/sessions/{workflow}/{id}";
+
+/// The query of `GET /v1/sessions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+}
+
+/// The query of `DELETE /v1/sessions/{workflow}/{id}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionDeleteQuery {
+    /// root only: the owner (`uid-1000`) whose session to remove; without
+    /// it root removes the id of every owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// One session (`GET /v1/sessions`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub workflow: String,
+    /// Whose it is (`uid-1000`).
+    pub owner: String,
+    pub id: String,
+    /// Unix seconds, UTC.
+    pub created: i64,
+    pub last_used: i64,
+    /// When it expires if unused.
+    pub expires: i64,
+    /// Messages and bytes of history kept.
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// `DELETE /v1/sessions/{workflow}/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRemoved {
+    pub workflow: String,
+    pub id: String,
+    /// Sessions removed (more than one only for root without `?owner=`).
+    pub removed: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
@@ -69,6 +121,9 @@ pub struct ExecBody {
     /// output as the command writes it, the result last.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
+    /// The session the call belongs to (or the `x-corral-session` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// One line of a streamed exec (`"stream": true`), tagged by `type`.
@@ -434,6 +489,10 @@ pub struct AskBody {
     /// loop runs, the reply last.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
+    /// The session the ask belongs to (or the `x-corral-session` header):
+    /// its history is prepended to `conversation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// One line of a streamed ask (`"stream": true`), tagged by `type`.

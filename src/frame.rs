@@ -138,6 +138,7 @@ mod tests {
             timeout_ms: 1000,
             stream: false,
             receipt: true,
+            session_dir: None,
         })
     }
 

@@ -12,7 +12,8 @@
 //! - [`broker`]: the front door ([`broker::http`]: socket, accept loop with
 //!   per-uid caps, timeouts and body budgets, routes), authorization,
 //!   pools, worker launcher, the LLM gateway (keys, retries, budgets) and
-//!   its token ledger, workspaces and their `disk_max` images.
+//!   its token ledger, workspaces and their `disk_max` images, sessions
+//!   (a directory and a history per conversation).
 //! - [`worker`]: the worker process: confine, then serve tool calls (each
 //!   with a receipt of what it changed in the workspace) and run the agent
 //!   loop (model → tools → model …) of asks.
@@ -32,7 +33,8 @@
 //! or write outside its workflow's rules, reach the network unless allowed,
 //! see or signal other workflows' processes, gain privileges, outlive its
 //! call, open its workspace to other users (the directory above it is
-//! root's), or fill the disk past its workflow's `disk_max`. The broker is trusted and holds what tools must not (keys, other
+//! root's), reach another session's files or the workspace above its own
+//! from a call of a session, or fill the disk past its workflow's `disk_max`. The broker is trusted and holds what tools must not (keys, other
 //! tenants' data); clients are authenticated by the kernel (`SO_PEERCRED`).
 //! API keys live only in the broker: a worker asks it for completions over
 //! its socket pair and never sees a key, and token counts come from the

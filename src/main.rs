@@ -65,6 +65,9 @@ enum Command {
         /// Time limit in milliseconds (at most the workflow's call_timeout).
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Run in this session's own directory (created on first use).
+        #[arg(long)]
+        session: Option<String>,
         workflow: String,
         #[arg(last = true, required = true)]
         argv: Vec<String>,
@@ -76,8 +79,24 @@ enum Command {
         /// Print the whole reply (answer, tool transcript, usage) as JSON.
         #[arg(long)]
         json: bool,
+        /// Ask within this session: its history comes first, its directory
+        /// is the tools' workspace.
+        #[arg(long)]
+        session: Option<String>,
         workflow: String,
         prompt: String,
+    },
+    /// Your sessions (root: everyone's); `corral sessions rm --workflow W ID`
+    /// removes one (its history and directory).
+    Sessions {
+        #[command(subcommand)]
+        rm: Option<SessionsCommand>,
+        #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+        socket: PathBuf,
+        #[arg(long, global = true)]
+        workflow: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Tokens used, from the broker: your own calls (root: everyone's).
     Usage {
@@ -164,6 +183,17 @@ enum Command {
     /// Internal: a sandboxed worker, started by the broker.
     #[command(hide = true)]
     Worker,
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// Remove a session: its history and directory.
+    Rm {
+        /// root only: the owner (uid-N) whose session to remove.
+        #[arg(long)]
+        owner: Option<String>,
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -312,7 +342,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(corral::error_chain(&e)))?;
             Ok(0)
         }
-        Command::Exec { socket, json, stdin, timeout_ms, workflow, argv } => {
+        Command::Exec { socket, json, stdin, timeout_ms, session, workflow, argv } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(corral::cli::exec::run(corral::cli::exec::Args {
                 socket: &socket,
@@ -321,11 +351,24 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 json,
                 send_stdin: stdin,
                 timeout_ms,
+                session,
             }))
         }
-        Command::Ask { socket, json, workflow, prompt } => {
+        Command::Ask { socket, json, session, workflow, prompt } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(corral::cli::ask::run(&socket, &workflow, &prompt, json))
+            rt.block_on(corral::cli::ask::run(&socket, &workflow, &prompt, session.as_deref(), json))
+        }
+        Command::Sessions { rm, socket, workflow, json } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match rm {
+                Some(SessionsCommand::Rm { owner, id }) => {
+                    let Some(workflow) = workflow else {
+                        anyhow::bail!("corral sessions rm needs --workflow W: the workflow the session belongs to");
+                    };
+                    rt.block_on(corral::cli::sessions::remove(&socket, &workflow, &id, owner.as_deref(), json))
+                }
+                None => rt.block_on(corral::cli::sessions::list(&socket, workflow.as_deref(), json)),
+            }
         }
         Command::Usage { socket, state_dir, since, by, json } => {
             if state_dir.is_some() {

@@ -106,6 +106,10 @@ pub struct ExecRequest {
     /// Walk the workspace before and after the call and report what
     /// changed ([`ExecOutcome::changes`]).
     pub receipt: bool,
+    /// A session's directory (beneath the workspace): the call runs there,
+    /// under a Landlock layer that grants it instead of the workspace
+    /// ([`crate::sandbox::session_layer`]), and its receipt walks it.
+    pub session_dir: Option<std::path::PathBuf>,
 }
 
 /// How a tool call ended.
@@ -292,6 +296,9 @@ pub struct AskRequest {
     pub timeout_ms: u64,
     /// Send a [`FromWorker::ToolDone`] after each tool call.
     pub stream: bool,
+    /// Every tool call of the ask runs in this session directory
+    /// ([`ExecRequest::session_dir`]).
+    pub session_dir: Option<std::path::PathBuf>,
 }
 
 /// Worker → broker during an ask: the conversation so far and the tools.

@@ -33,6 +33,8 @@ pub struct AskInput {
     /// Set for a streamed ask: the model's text as the provider streams it,
     /// each tool call and each tool result go here while the loop runs.
     pub events: Option<mpsc::UnboundedSender<AskEvent>>,
+    /// The session's directory, for an ask in a session.
+    pub session_dir: Option<std::path::PathBuf>,
 }
 
 /// An ask that ran.
@@ -142,6 +144,7 @@ pub fn submit(
         tool_timeout_ms: u64::try_from(wf.call_timeout.as_millis()).unwrap_or(u64::MAX),
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         stream: input.events.is_some(),
+        session_dir: input.session_dir,
     };
     tracing::info!(workflow = %wf.name, model = %llm.model, max_steps = llm.max_steps, "ask");
     let (tx, completions) = mpsc::channel::<CompletionJob>(1);

@@ -173,6 +173,8 @@ pub struct ExecCall {
     pub modified: Option<u64>,
     pub deleted: Option<u64>,
     pub memory_peak_bytes: Option<u64>,
+    /// The session the call belonged to (the audit trail's `session`).
+    pub session: Option<String>,
 }
 
 /// One call (exec or ask) in the audit trail, as recorded.
@@ -424,7 +426,7 @@ impl Ledger {
         Ok(Ledger { conn: Mutex::new(conn) })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves a usable connection.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -538,7 +540,7 @@ impl Ledger {
                     tenant: c.tenant.clone(),
                     uid: c.uid,
                     member: None,
-                    session: None,
+                    session: c.session.clone(),
                     outcome: c.outcome.clone(),
                     limit: c.limit.clone().or_else(|| c.ended_by.clone()),
                 };
@@ -855,6 +857,7 @@ mod tests {
                 modified: Some(0),
                 deleted: None,
                 memory_peak_bytes: Some(1 << 20),
+                session: None,
             }])
             .unwrap();
         let row: (String, i64, Option<i64>) = ledger
@@ -910,6 +913,7 @@ mod tests {
                 modified: None,
                 deleted: Some(0),
                 memory_peak_bytes: Some(4096),
+                session: None,
             });
         }
         log.close();

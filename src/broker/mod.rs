@@ -6,8 +6,9 @@
 //! scope), [`auth`] decides who may call what, [`http`] is the front door
 //! (socket, accept loop, per-uid caps, routes), [`ask`] runs prompts,
 //! [`llm`] is the gateway to model providers and [`ledger`] its token
-//! ledger, [`log`] escapes client text for the log, [`notify`] talks to the
-//! service manager.
+//! ledger, [`sessions`] the sessions of every workflow (directories and
+//! histories), [`log`] escapes client text for the log, [`notify`] talks to
+//! the service manager.
 //!
 //! # Stopping
 //!
@@ -27,6 +28,7 @@ mod notify;
 mod pool;
 pub mod quota;
 pub mod scope;
+mod sessions;
 pub(crate) mod setup;
 mod workspace;
 
@@ -134,6 +136,8 @@ pub struct Broker {
     calls: http::calls::InFlightCalls,
     /// Set once SIGTERM starts the drain: new requests are refused.
     draining: AtomicBool,
+    /// Sessions of every workflow: directories and histories.
+    sessions: sessions::Sessions,
 }
 
 /// Counts a call in flight for as long as it lives.
@@ -403,6 +407,28 @@ async fn connect_systemd(mode: SystemdMode) -> Result<Connected, BrokerError> {
     }
 }
 
+/// Removes expired sessions: once at start, then every half of the
+/// shortest `[sessions].idle` of the workflows (at least every second, at
+/// most every minute). One query per workflow when nothing has expired.
+async fn sweep_sessions(broker: Arc<Broker>) {
+    loop {
+        let workflows: Vec<Arc<Workflow>> = broker.snapshot().values().cloned().collect();
+        let every = workflows
+            .iter()
+            .map(|w| w.policy.sessions.idle / 2)
+            .min()
+            .unwrap_or(Duration::from_secs(60))
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let b = Arc::clone(&broker);
+        let removed =
+            tokio::task::spawn_blocking(move || b.sessions.sweep(&workflows, crate::utc::now())).await.unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(removed, "expired sessions removed");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Runs the broker until SIGINT or SIGTERM.
 pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     notify::status("starting");
@@ -418,6 +444,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
 
     let ledger = Arc::new(ledger::Ledger::open(&config.state_dir)?);
     let exec_log = ledger::ExecLog::start(Arc::clone(&ledger));
+    let sessions = sessions::Sessions::new(Arc::clone(&ledger))?;
     let gateway = llm::Gateway::new(ledger, std::mem::take(&mut config.credentials), llm::RetryPolicy::default());
 
     let (listener, bound) = match config.listener.take() {
@@ -457,6 +484,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
         exec_log,
         calls: http::calls::InFlightCalls::default(),
         draining: AtomicBool::new(false),
+        sessions,
     });
     let (initial, _) = broker.build(&loaded, &Workflows::new()).await;
     let count = initial.len();
@@ -465,6 +493,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     let server = http::Server::start(listener, Arc::clone(&broker), broker.config.http.clone());
     notify::ready(&format!("serving {count} workflows on {}", broker.config.socket.display()));
     tracing::info!(socket = %broker.config.socket.display(), workflows = count, "broker ready");
+    let sweeper = tokio::spawn(sweep_sessions(Arc::clone(&broker)));
     let watchdog =
         notify::watchdog_interval().map(|every| tokio::spawn(notify::watchdog(every, broker.config.socket.clone())));
 
@@ -495,6 +524,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     // Drain: new requests are answered 503 `stopping`; calls in flight get
     // drain_timeout to end.
     broker.start_draining();
+    sweeper.abort();
     if let Some(w) = watchdog {
         w.abort();
     }

@@ -142,3 +142,73 @@ fn ensure_dir(
     fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(|e| io("change the mode of", e))?;
     Ok(fd)
 }
+
+/// Opens the directory `workspace/a/b/…` one component at a time, never
+/// following a symlink: every level below the workspace belongs to the
+/// worker user, so a call outside any session could have planted one.
+fn open_beneath(workspace: &Path, parts: &[&str]) -> Result<OwnedFd, WorkspaceError> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let mut fd = open(workspace, flags, Mode::empty()).map_err(|source| WorkspaceError::Io {
+        op: "open",
+        path: workspace.to_path_buf(),
+        source,
+    })?;
+    let mut path = workspace.to_path_buf();
+    for part in parts {
+        path.push(part);
+        fd = openat(&fd, *part, flags, Mode::empty()).map_err(|e| match e {
+            Errno::ELOOP | Errno::ENOTDIR => WorkspaceError::NotDirectory { path: path.clone() },
+            e => WorkspaceError::Io { op: "open", path: path.clone(), source: e },
+        })?;
+    }
+    Ok(fd)
+}
+
+/// Creates (or repairs) `workspace/sessions/<owner>/<id>`, each level owned
+/// by the worker user, mode 0700, through descriptors opened with
+/// `O_NOFOLLOW` (see [`open_beneath`]). The session's own layer of Landlock
+/// (`sandbox::session`) is what keeps sessions apart: they all belong to
+/// the same user.
+pub fn make_session_dir(
+    workspace: &Path,
+    owner: &str,
+    id: &str,
+    creds: Option<&Credentials>,
+) -> Result<PathBuf, WorkspaceError> {
+    let owner_ids = creds.map(|c| (Uid::from_raw(c.uid), Gid::from_raw(c.gid)));
+    let mut fd = open_beneath(workspace, &[])?;
+    let mut path = workspace.to_path_buf();
+    for part in ["sessions", owner, id] {
+        path.push(part);
+        fd = ensure_dir(&fd, part, &path, owner_ids, WORKSPACE_MODE)?;
+    }
+    Ok(path)
+}
+
+/// Removes `workspace/sessions/<owner>/<id>` and everything in it, if it
+/// exists. The levels above it are opened without following symlinks and
+/// the removal goes through the descriptor of its parent
+/// (`/proc/self/fd/N/<id>`), so a symlink planted at any level cannot send
+/// it elsewhere. Inside, `std::fs::remove_dir_all` does not follow symlinks
+/// and, since Rust 1.58.1, walks with `openat`/`unlinkat` on descriptors
+/// opened `O_NOFOLLOW`, so swapping a directory for a symlink during the
+/// walk does not redirect it either (CVE-2022-21658,
+/// <https://blog.rust-lang.org/2022/01/20/cve-2022-21658.html>).
+pub fn remove_session_dir(workspace: &Path, owner: &str, id: &str) -> Result<(), WorkspaceError> {
+    use std::os::fd::AsRawFd;
+    let parent = match open_beneath(workspace, &["sessions", owner]) {
+        Ok(fd) => fd,
+        Err(WorkspaceError::Io { source: Errno::ENOENT, .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let target = PathBuf::from(format!("/proc/self/fd/{}/{id}", parent.as_raw_fd()));
+    match std::fs::remove_dir_all(&target) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(WorkspaceError::Io {
+            op: "remove",
+            path: workspace.join("sessions").join(owner).join(id),
+            source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        }),
+    }
+}

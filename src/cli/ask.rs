@@ -14,9 +14,19 @@ use crate::client;
 pub const EXIT_NO_ANSWER: u8 = 1;
 
 /// Sends one ask. `Err` is a one-line reason (connection, broker error).
-pub async fn ask(socket: &Path, workflow: &str, prompt: &str) -> Result<(AskReply, Duration), String> {
-    let body =
-        AskBody { workflow: workflow.to_string(), prompt: prompt.to_string(), conversation: Vec::new(), stream: false };
+pub async fn ask(
+    socket: &Path,
+    workflow: &str,
+    prompt: &str,
+    session: Option<&str>,
+) -> Result<(AskReply, Duration), String> {
+    let body = AskBody {
+        workflow: workflow.to_string(),
+        prompt: prompt.to_string(),
+        conversation: Vec::new(),
+        stream: false,
+        session: session.map(str::to_string),
+    };
     let started = Instant::now();
     let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
     let (status, reply) = client::request_for(socket, Method::POST, ASK_PATH, Some(workflow), Some(bytes))
@@ -30,8 +40,8 @@ pub async fn ask(socket: &Path, workflow: &str, prompt: &str) -> Result<(AskRepl
     Ok((reply, elapsed))
 }
 
-pub async fn run(socket: &Path, workflow: &str, prompt: &str, json: bool) -> anyhow::Result<u8> {
-    let reply = match ask(socket, workflow, prompt).await {
+pub async fn run(socket: &Path, workflow: &str, prompt: &str, session: Option<&str>, json: bool) -> anyhow::Result<u8> {
+    let reply = match ask(socket, workflow, prompt, session).await {
         Ok((reply, _)) => reply,
         Err(why) => {
             eprintln!("corral: {why}");

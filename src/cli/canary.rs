@@ -16,7 +16,7 @@ pub async fn run(socket: &Path, workflow: &str, prompt: &str, expect: &regex::Re
         eprintln!("canary {workflow}: FAIL: {why}");
         EXIT_FAILED
     };
-    let (reply, elapsed) = match ask(socket, workflow, prompt).await {
+    let (reply, elapsed) = match ask(socket, workflow, prompt, None).await {
         Ok(r) => r,
         Err(why) => return fail(why),
     };

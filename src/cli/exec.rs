@@ -23,6 +23,7 @@ pub struct Args<'a> {
     pub json: bool,
     pub send_stdin: bool,
     pub timeout_ms: Option<u64>,
+    pub session: Option<String>,
 }
 
 /// The exit code a shell would show for this result.
@@ -51,6 +52,7 @@ pub async fn run(args: Args<'_>) -> anyhow::Result<u8> {
         stdin_base64: None,
         timeout_ms: args.timeout_ms,
         stream: false,
+        session: args.session,
     };
     if args.send_stdin {
         let mut input = Vec::new();

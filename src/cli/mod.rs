@@ -7,6 +7,7 @@ pub mod canary;
 pub mod check;
 pub mod doctor;
 pub mod exec;
+pub mod sessions;
 pub mod status;
 pub mod usage;
 

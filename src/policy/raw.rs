@@ -20,6 +20,14 @@ pub(crate) struct RawFile {
     pub env: Option<BTreeMap<String, String>>,
     pub llm: Option<RawLlm>,
     pub network: Option<RawNetwork>,
+    pub sessions: Option<RawSessions>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSessions {
+    pub idle: Option<String>,
+    pub max: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,6 +156,7 @@ pub(crate) fn known_keys(table: &str) -> Option<&'static [&'static str]> {
         "pool" => fields_of::<RawPool>(),
         "llm" => fields_of::<RawLlm>(),
         "network" => fields_of::<RawNetwork>(),
+        "sessions" => fields_of::<RawSessions>(),
         _ => None,
     }
 }
@@ -212,7 +221,7 @@ mod tests {
     fn known_keys_match_the_structs() {
         assert_eq!(
             known_keys(""),
-            Some(&["workflow", "sandbox", "limits", "tenant", "pool", "env", "llm", "network"][..])
+            Some(&["workflow", "sandbox", "limits", "tenant", "pool", "env", "llm", "network", "sessions"][..])
         );
         assert_eq!(
             known_keys("sandbox"),

@@ -44,8 +44,33 @@ pub struct Workflow {
     /// broker's proxy, and nothing else. `None`: `[sandbox].tcp_connect`
     /// alone decides (no network by default).
     pub network: Option<super::network::Network>,
+    /// `[sessions]`: how long an idle session lives, how many an owner
+    /// may keep.
+    pub sessions: Sessions,
     /// The file this workflow came from.
     pub source: PathBuf,
+}
+
+/// `[sessions]` of a workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Sessions {
+    /// A session unused this long expires: its history and directory are
+    /// removed (default 24 hours).
+    #[serde(serialize_with = "serialize_duration")]
+    pub idle: Duration,
+    /// Sessions one owner may keep in this workflow (default 32).
+    pub max: u32,
+}
+
+/// How long an idle session lives by default.
+pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
+/// Sessions per owner and workflow by default.
+pub const DEFAULT_SESSIONS_MAX: u32 = 32;
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions { idle: DEFAULT_SESSION_IDLE, max: DEFAULT_SESSIONS_MAX }
+    }
 }
 
 impl Workflow {

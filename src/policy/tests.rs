@@ -214,12 +214,12 @@ fn unknown_keys_name_file_line_key_and_valid_keys() {
     assert_eq!(
         error(&format!("colour = 1\n{MINIMAL}")),
         "policies/x.toml:1: colour: unknown key; valid keys at the top level are: \
-         workflow, sandbox, limits, tenant, pool, env, llm, network"
+         workflow, sandbox, limits, tenant, pool, env, llm, network, sessions"
     );
     assert_eq!(
         error(&format!("{MINIMAL}[limit]\n")),
         "policies/x.toml:4: limit: unknown key; valid keys at the top level are: \
-         workflow, sandbox, limits, tenant, pool, env, llm, network"
+         workflow, sandbox, limits, tenant, pool, env, llm, network, sessions"
     );
     // Inline table, one level deeper.
     assert_eq!(
@@ -732,4 +732,15 @@ fn network_tables_validate_with_file_line_and_key() {
     assert!(e.contains("sandbox.tcp_connect: a workflow with [network] reaches the network only through"), "{e}");
     let e = error(&format!("{MINIMAL}\n[network]\nallow = \"pypi.org\"\n"));
     assert!(e.contains("network.allow") && e.contains("a list of hosts"), "{e}");
+}
+
+#[test]
+fn sessions_have_defaults_and_bounds() {
+    let wf = parse(MINIMAL).unwrap();
+    assert_eq!((wf.sessions.idle, wf.sessions.max), (Duration::from_secs(24 * 3600), 32));
+    let wf = parse(&format!("{MINIMAL}[sessions]\nidle = \"2s\"\nmax = 2\n")).unwrap();
+    assert_eq!((wf.sessions.idle, wf.sessions.max), (Duration::from_secs(2), 2));
+    assert!(error(&format!("{MINIMAL}[sessions]\nidle = \"10ms\"\n")).contains("sessions.idle"));
+    assert!(error(&format!("{MINIMAL}[sessions]\nmax = 0\n")).contains("sessions.max"));
+    assert!(error(&format!("{MINIMAL}[sessions]\nkeep = 1\n")).contains("valid keys in [sessions] are: idle, max"));
 }

@@ -13,10 +13,13 @@ use super::error::{Place, PolicyError};
 use super::names::check_unix_name;
 use super::network::{AllowRule, Network, DEFAULT_BYTES_MAX, DEFAULT_CONNECTIONS_MAX};
 use super::path::PathTemplate;
-use super::raw::{RawClients, RawFile, RawLimits, RawLlm, RawNetwork, RawPool, RawSandbox, RawTenant, SizeText};
+use super::raw::{
+    RawClients, RawFile, RawLimits, RawLlm, RawNetwork, RawPool, RawSandbox, RawSessions, RawTenant, SizeText,
+};
 use super::schema::{
-    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, TenantLimits, Workflow, DEFAULT_EXEC,
-    DEFAULT_LLM_TIMEOUT, DEFAULT_SPIKE_FACTOR, DEFAULT_WRITE, MIN_DISK_MAX,
+    Clients, Limits, Llm, PoolConfig, Requirement, Sandbox, SeccompProfile, Sessions, TenantLimits, Workflow,
+    DEFAULT_EXEC, DEFAULT_LLM_TIMEOUT, DEFAULT_SESSIONS_MAX, DEFAULT_SESSION_IDLE, DEFAULT_SPIKE_FACTOR, DEFAULT_WRITE,
+    MIN_DISK_MAX,
 };
 use super::units::{format_duration, parse_duration, ByteSize, Percent};
 
@@ -191,6 +194,7 @@ pub(crate) fn validate(file: &Path, lines: &Lines, raw: RawFile) -> Result<Workf
     let env = env(&mut c, raw.env.unwrap_or_default());
     let llm = raw.llm.and_then(|l| llm(&mut c, l));
     let network = raw.network.map(|n| network(&mut c, n));
+    let sessions = sessions(&mut c, raw.sessions.unwrap_or_default());
     if network.is_some() && !sandbox.tcp_connect.is_empty() {
         c.invalid(
             "sandbox.tcp_connect",
@@ -211,6 +215,7 @@ pub(crate) fn validate(file: &Path, lines: &Lines, raw: RawFile) -> Result<Workf
             env,
             llm,
             network,
+            sessions,
             source: file.to_path_buf(),
         }),
         _ => {
@@ -220,6 +225,21 @@ pub(crate) fn validate(file: &Path, lines: &Lines, raw: RawFile) -> Result<Workf
             Err(errors)
         }
     }
+}
+
+fn sessions(c: &mut Check<'_>, raw: RawSessions) -> Sessions {
+    let idle = match &raw.idle {
+        None => DEFAULT_SESSION_IDLE,
+        Some(text) => match c.parse_with("sessions.idle", text, parse_duration) {
+            Some(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(365 * 24 * 3600) => d,
+            Some(_) => {
+                c.invalid("sessions.idle", format!("{text:?} is out of range: expected from \"1s\" to \"365d\""));
+                DEFAULT_SESSION_IDLE
+            }
+            None => DEFAULT_SESSION_IDLE,
+        },
+    };
+    Sessions { idle, max: c.int("sessions.max", raw.max, DEFAULT_SESSIONS_MAX, 1..=1024) }
 }
 
 fn clients(c: &mut Check<'_>, raw: RawClients) -> Clients {

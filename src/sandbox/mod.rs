@@ -37,6 +37,7 @@ pub mod net;
 pub mod process;
 pub mod refusal;
 pub mod seccomp;
+pub mod session;
 pub mod spec;
 pub mod sys;
 
@@ -101,6 +102,18 @@ pub enum SandboxError {
          \"lo\": refusing to run tools that could go around the egress proxy"
     )]
     NetworkNotIsolated(Vec<String>),
+    #[error(
+        "sessions need Landlock to keep their files apart, and this kernel has none: use Linux 5.13 or newer \
+         with \"landlock\" in the lsm= boot parameter, or call without a session"
+    )]
+    SessionsNeedLandlock,
+    #[error(
+        "the policy's rule {0} contains the workspace, so a session's calls could reach other sessions through it: \
+         narrow the rule in [sandbox], or call without a session"
+    )]
+    SessionRuleAbove(PathBuf),
+    #[error("the session directory {0} is not a directory beneath the workspace (replaced by a call outside the session?): remove the session and retry")]
+    SessionDir(PathBuf),
     #[error("failed to mount {0} noexec for the worker: {1}")]
     NoExec(std::path::PathBuf, #[source] std::io::Error),
 }
@@ -126,7 +139,7 @@ fn tcp_allowed(spec: &SandboxSpec, abi: u32) -> bool {
 
 /// The ports a Landlock layer lets tools connect to: the proxy's alone
 /// with an egress proxy (from ABI 4; below it the namespace holds alone).
-fn connect_ports(spec: &SandboxSpec, abi: u32) -> Vec<u16> {
+pub(crate) fn connect_ports(spec: &SandboxSpec, abi: u32) -> Vec<u16> {
     match spec.egress_proxy {
         Some(port) if abi >= landlock::ABI_TCP => vec![port],
         Some(_) => Vec::new(),

@@ -167,6 +167,7 @@ fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall, sock: &Uni
         timeout_ms: req.tool_timeout_ms,
         stream: false,
         receipt: false,
+        session_dir: req.session_dir.clone(),
     };
     let o = tool::run(ctx, &exec, sock);
     let (exit_code, signal) = match o.termination {

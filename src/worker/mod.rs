@@ -73,11 +73,13 @@ pub fn run() -> Result<(), WorkerError> {
             ToWorker::Exec(req) => {
                 let span = tracing::info_span!("exec", request_id = %req.request_id, call = req.id);
                 let _enter = span.enter();
-                let before = req.receipt.then(|| receipt::Snapshot::take(&spec.workspace));
+                // A session call's receipt walks its session's directory.
+                let root = req.session_dir.as_deref().unwrap_or(&spec.workspace);
+                let before = req.receipt.then(|| receipt::Snapshot::take(root));
                 let mut outcome = tool::run(&tools, &req, &sock);
                 // A cancelled call's answer is not awaited: answer it at once.
                 if let Some(before) = before.filter(|_| !outcome.cancelled) {
-                    outcome.changes = Some(Box::new(before.diff(&receipt::Snapshot::take(&spec.workspace))));
+                    outcome.changes = Some(Box::new(before.diff(&receipt::Snapshot::take(root))));
                 }
                 tracing::debug!(termination = ?outcome.termination, wall_us = outcome.wall_us, "exec done");
                 write_frame(&mut sock, &FromWorker::Done(outcome))?;

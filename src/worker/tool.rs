@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 
 use crate::frame::{read_frame, write_frame};
 use crate::protocol::{
-    ExecOutcome, ExecRequest, FromWorker, OutStream, OutputChunk, SandboxSpec, Termination, ToWorker,
+    ExecOutcome, ExecRequest, FromWorker, OutStream, OutputChunk, Requirement, SandboxSpec, Termination, ToWorker,
 };
 use crate::sandbox::landlock::Prepared;
 use crate::sandbox::{namespace, process, sys};
@@ -133,13 +133,23 @@ pub struct Tools<'a> {
 
 fn spawn(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Child> {
     let (spec, devnull) = (ctx.spec, ctx.devnull);
-    let layer = ctx.layer.try_clone()?;
+    // A session call: its own layer (the workspace narrowed to the
+    // session's directory), enforced as required, in that directory.
+    let (layer, dir, env, requirement) = match &req.session_dir {
+        Some(dir) => {
+            let s = crate::sandbox::session::session_layer(spec, dir)
+                .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+            let env = crate::sandbox::session::session_env(spec, &s.dir);
+            (s.layer, s.dir, env, Requirement::Required)
+        }
+        None => (ctx.layer.try_clone()?, spec.workspace.clone(), spec.env.clone(), spec.landlock),
+    };
     let argv0 = req.argv.first().ok_or_else(|| io::Error::other("empty argv"))?;
     let mut cmd = Command::new(argv0);
     cmd.args(&req.argv[1..])
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.workspace)
+        .envs(env)
+        .current_dir(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -149,7 +159,7 @@ fn spawn(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Child> {
         cmd.stdin(Stdio::piped());
     }
     let idle = crate::sandbox::lowest_priority(spec);
-    process::install_tool_hook(&mut cmd, &spec.tool, layer, spec.landlock, idle);
+    process::install_tool_hook(&mut cmd, &spec.tool, layer, requirement, idle);
     cmd.spawn()
 }
 

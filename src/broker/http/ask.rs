@@ -23,6 +23,7 @@ use super::{AppState, Caller};
 use crate::api::{AskBody, AskEvent, AskReply, UsageReport};
 use crate::broker::ask::{self, AskError, AskInput, AskResult};
 use crate::broker::llm::GatewayError;
+use crate::broker::sessions::Opened;
 use crate::broker::{Broker, Workflow};
 use crate::protocol::{AskStop, ChatMessage, Role};
 use crate::utc;
@@ -82,15 +83,19 @@ pub(super) async fn ask(
         .iter()
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
+    let session = super::sessions::open(broker, &caller.peer, &wf, &headers, body.session.as_deref()).await?;
+    let conversation = with_history(broker, session.as_ref(), conversation).await?;
     let registered = broker.calls.register(&caller.request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let cancel = Some(Arc::clone(&registered.cancel));
     let registered = registered.detach(Arc::clone(broker));
     let (events, streamed) = channel(body.stream);
-    let input = AskInput { prompt: body.prompt, conversation, params: Default::default(), cancel, events };
+    let turn = session.map(|s| Turn { session: s, prompt: body.prompt.clone() });
+    let session_dir = turn.as_ref().map(|t| t.session.dir.clone());
+    let input = AskInput { prompt: body.prompt, conversation, params: Default::default(), cancel, events, session_dir };
     let request_id = caller.request_id.to_string();
     let submitted =
         ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()));
+    let done = run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()), turn);
     let Some(streamed) = streamed else {
         return Ok(json(StatusCode::OK, &reply(&request_id, &done.await?)));
     };
@@ -102,6 +107,29 @@ pub(super) async fn ask(
         }
     };
     Ok(stream::response(stream::NDJSON, Vec::new(), streamed, render, last))
+}
+
+/// An ask of a session: its prompt goes into the session's history with
+/// the answer.
+pub(super) struct Turn {
+    pub session: Opened,
+    pub prompt: String,
+}
+
+/// The session's history (when the call has a session), then `rest`.
+pub(super) async fn with_history(
+    broker: &Arc<Broker>,
+    session: Option<&Opened>,
+    rest: Vec<ChatMessage>,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    let Some(s) = session.cloned() else { return Ok(rest) };
+    let b = Arc::clone(broker);
+    let mut history = tokio::task::spawn_blocking(move || b.sessions.history(&s))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "reading the history failed"))?
+        .map_err(super::sessions::session_error)?;
+    history.extend(rest);
+    Ok(history)
 }
 
 /// The events channel of an ask that streams.
@@ -124,6 +152,7 @@ pub(super) async fn run(
     submitted: ask::Submitted,
     _registered: Detached,
     (uid, request_id): (u32, String),
+    turn: Option<Turn>,
 ) -> Result<AskResult, ApiError> {
     let broker = &front.broker;
     let r = tokio::select! {
@@ -143,12 +172,22 @@ pub(super) async fn run(
         tenant: wf.policy.tenant.to_string(),
         uid,
         member: None,
-        session: None,
+        session: turn.as_ref().map(|t| t.session.id.as_str().to_string()),
         outcome,
         limit,
     };
+    // A final answer goes into the session's history with its prompt.
+    let answer = r.as_ref().ok().and_then(|a| a.outcome.answer.clone()).filter(|_| turn.is_some());
     let broker = Arc::clone(broker);
-    let written = tokio::task::spawn_blocking(move || broker.gateway.ledger().record_audit(&entry)).await;
+    let written = tokio::task::spawn_blocking(move || {
+        if let (Some(t), Some(answer)) = (&turn, answer) {
+            if let Err(e) = broker.sessions.append(&t.session, &t.prompt, &answer, crate::utc::now()) {
+                tracing::error!("ask not added to its session's history: {e}");
+            }
+        }
+        broker.gateway.ledger().record_audit(&entry)
+    })
+    .await;
     if let Ok(Err(e)) = written {
         tracing::error!("ask not recorded in the audit trail: {e}");
     }

@@ -56,7 +56,15 @@ pub(super) async fn chat(
     let broker = &front.broker;
     let request_id: &str = &caller.request_id;
     let body = body.value;
+    let mut body = body;
     let wf = resolve(broker, &caller.peer, early, &body.model)?;
+    // `session` is corral's, not a model parameter.
+    let field = match body.params.remove("session") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "session must be a string")),
+    };
+    let session = super::sessions::open(broker, &caller.peer, &wf, &headers, field.as_deref()).await?;
     let mut messages = Vec::with_capacity(body.messages.len());
     for m in &body.messages {
         if m.role == "tool" {
@@ -79,11 +87,17 @@ pub(super) async fn chat(
     let cancel = Some(Arc::clone(&registered.cancel));
     let registered = registered.detach(Arc::clone(broker));
     let (events, streamed) = super::ask::channel(body.stream);
-    let input = AskInput { prompt, conversation: messages, params, cancel, events };
+    // With a session, its history comes before the messages sent: a client
+    // sends only the new turn.
+    let messages = super::ask::with_history(broker, session.as_ref(), messages).await?;
+    let turn = session.map(|s| super::ask::Turn { session: s, prompt: prompt.clone() });
+    let session_dir = turn.as_ref().map(|t| t.session.dir.clone());
+    let input = AskInput { prompt, conversation: messages, params, cancel, events, session_dir };
     let request_id = request_id.to_string();
     let submitted =
         ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = super::ask::run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()));
+    let done =
+        super::ask::run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()), turn);
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
     let finish = |r: &AskResult| match r.outcome.stop {

@@ -85,12 +85,21 @@ pub(super) async fn exec(
         }
         Some(t) => t,
     };
+    let session = super::sessions::open(broker, &caller.peer, &wf, &headers, body.session.as_deref()).await?;
     let request_id = caller.request_id.to_string();
     let id = broker.next_call_id();
     let stream = body.stream;
     let receipt = wf.policy.limits.receipts;
-    let call =
-        ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms, stream, receipt };
+    let call = ExecRequest {
+        id,
+        request_id: request_id.clone(),
+        argv: body.argv.clone(),
+        stdin,
+        timeout_ms,
+        stream,
+        receipt,
+        session_dir: session.as_ref().map(|s| s.dir.clone()),
+    };
     tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), stream, "exec");
     let registered = broker.calls.register(&request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let row = ExecCall {
@@ -114,6 +123,7 @@ pub(super) async fn exec(
         modified: None,
         deleted: None,
         memory_peak_bytes: None,
+        session: session.map(|s| s.id.as_str().to_string()),
     };
     let started = Instant::now();
     let (events, streamed) = if stream {

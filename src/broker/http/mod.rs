@@ -32,6 +32,7 @@ mod ops;
 pub mod proxy;
 mod receipt;
 mod routes;
+mod sessions;
 mod status;
 mod stream;
 

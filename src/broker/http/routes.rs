@@ -22,10 +22,10 @@ use axum::{Extension, Router};
 
 use super::authorize::{authorize, Early};
 use super::error::{render, ApiError};
-use super::{ask, audit, calls, chat, exec, models, ops, status, AppState, Caller};
+use super::{ask, audit, calls, chat, exec, models, ops, sessions, status, AppState, Caller};
 use crate::api::{
     ASK_PATH, AUDIT_PATH, AUDIT_VERIFY_PATH, CALL_PATH, CHAT_PATH, EXEC_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH,
-    OPENAPI_PATH, REQUEST_ID_HEADER, STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER,
+    OPENAPI_PATH, REQUEST_ID_HEADER, SESSIONS_PATH, SESSION_PATH, STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER,
 };
 use crate::broker::auth::{describe_uid, Peer};
 use crate::broker::log::Escaped;
@@ -37,7 +37,7 @@ const MODEL_PATH: &str = "/v1/models/{id}";
 /// Every route: method, path, handler. The router is built from this
 /// list, and a test holds the OpenAPI document to it.
 type Route = (&'static str, &'static str, fn() -> MethodRouter<AppState>);
-pub const ROUTES: [Route; 13] = [
+pub const ROUTES: [Route; 15] = [
     ("post", EXEC_PATH, || post(exec::exec)),
     ("post", ASK_PATH, || post(ask::ask)),
     ("post", CHAT_PATH, || post(chat::chat)),
@@ -51,6 +51,8 @@ pub const ROUTES: [Route; 13] = [
     ("get", METRICS_PATH, || get(ops::metrics)),
     ("get", OPENAPI_PATH, || get(ops::openapi)),
     ("delete", CALL_PATH, || delete(calls::cancel)),
+    ("get", SESSIONS_PATH, || get(sessions::list)),
+    ("delete", SESSION_PATH, || delete(sessions::remove)),
 ];
 
 pub(super) fn router(front: AppState) -> Router {

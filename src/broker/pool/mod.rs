@@ -1077,6 +1077,7 @@ mod tests {
             timeout_ms: 1000,
             stream: false,
             receipt: false,
+            session_dir: None,
         });
         let (reply, _) = oneshot::channel();
         Job {
