@@ -292,6 +292,11 @@ pub struct AskRequest {
     pub timeout_ms: u64,
     /// Send a [`FromWorker::ToolDone`] after each tool call.
     pub stream: bool,
+    /// The tools the model may be offered and may call (a member's rights
+    /// in the chat she speaks from); `None`: every tool. A call of any other
+    /// tool is refused, and the model reads why.
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
 }
 
 /// Worker → broker during an ask: the conversation so far and the tools.

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 
+use super::acting::Acting;
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
@@ -70,27 +71,38 @@ pub(super) fn ask_error(broker: &Broker, wf: &Workflow, e: AskError) -> ApiError
 pub(super) async fn ask(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(acting): Extension<Acting>,
     early: Option<Extension<Early>>,
     headers: axum::http::HeaderMap,
     body: JsonBody<AskBody>,
 ) -> Result<Response, ApiError> {
     let broker = &front.broker;
     let body = body.value;
-    let wf = resolve(broker, &caller.peer, early, &body.workflow)?;
+    let wf = resolve(broker, &caller.peer, &acting, early, &body.workflow)?;
     let conversation = body
         .conversation
         .iter()
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
+    let held = super::rates::admit(&front, &acting, &wf, true)?;
     let registered = broker.calls.register(&caller.request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let cancel = Some(Arc::clone(&registered.cancel));
     let registered = registered.detach(Arc::clone(broker));
     let (events, streamed) = channel(body.stream);
-    let input = AskInput { prompt: body.prompt, conversation, params: Default::default(), cancel, events };
+    let input = AskInput {
+        prompt: body.prompt,
+        conversation,
+        params: Default::default(),
+        cancel,
+        events,
+        member: acting.member.clone(),
+        tools: acting.tools(),
+    };
     let request_id = caller.request_id.to_string();
     let submitted =
         ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()));
+    let done =
+        run(Arc::clone(&front), wf, submitted, (registered, held), (caller.peer.uid, &acting, request_id.clone()));
     let Some(streamed) = streamed else {
         return Ok(json(StatusCode::OK, &reply(&request_id, &done.await?)));
     };
@@ -117,13 +129,25 @@ pub(super) fn channel(stream: bool) -> (Option<UnboundedSender<AskEvent>>, Optio
 /// what it needs: a streamed answer runs it after the handler has
 /// returned (errors before the ask was queued kept their status).
 /// The ask, whatever its end, goes into the audit trail of the caller
-/// (`uid`, `request_id`).
-pub(super) async fn run(
+/// (`uid`, the member it acts for, `request_id`). Holds the ask's rate
+/// limit slots until it ends.
+pub(super) fn run(
     front: AppState,
     wf: Arc<Workflow>,
     submitted: ask::Submitted,
-    _registered: Detached,
-    (uid, request_id): (u32, String),
+    held: (Detached, super::rates::Held),
+    (uid, acting, request_id): (u32, &Acting, String),
+) -> impl std::future::Future<Output = Result<AskResult, ApiError>> + Send + 'static {
+    let member = acting.member_name().map(str::to_string);
+    run_held(front, wf, submitted, held, (uid, member, request_id))
+}
+
+async fn run_held(
+    front: AppState,
+    wf: Arc<Workflow>,
+    submitted: ask::Submitted,
+    _held: (Detached, super::rates::Held),
+    (uid, member, request_id): (u32, Option<String>, String),
 ) -> Result<AskResult, ApiError> {
     let broker = &front.broker;
     let r = tokio::select! {
@@ -142,7 +166,7 @@ pub(super) async fn run(
         workflow: wf.name.clone(),
         tenant: wf.policy.tenant.to_string(),
         uid,
-        member: None,
+        member,
         session: None,
         outcome,
         limit,

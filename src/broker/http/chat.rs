@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 
+use super::acting::Acting;
 use super::ask::{ask_error, role};
 use super::authorize::{resolve, Early};
 use super::body::json;
@@ -49,6 +50,7 @@ fn text(content: &serde_json::Value) -> Result<String, ApiError> {
 pub(super) async fn chat(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(acting): Extension<Acting>,
     early: Option<Extension<Early>>,
     headers: axum::http::HeaderMap,
     body: JsonBody<ChatBody>,
@@ -56,7 +58,7 @@ pub(super) async fn chat(
     let broker = &front.broker;
     let request_id: &str = &caller.request_id;
     let body = body.value;
-    let wf = resolve(broker, &caller.peer, early, &body.model)?;
+    let wf = resolve(broker, &caller.peer, &acting, early, &body.model)?;
     let mut messages = Vec::with_capacity(body.messages.len());
     for m in &body.messages {
         if m.role == "tool" {
@@ -75,15 +77,30 @@ pub(super) async fn chat(
     messages.truncate(last_user);
     let params = ModelParams::from_request(&body.params)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    let held = super::rates::admit(&front, &acting, &wf, true)?;
     let registered = broker.calls.register(request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let cancel = Some(Arc::clone(&registered.cancel));
     let registered = registered.detach(Arc::clone(broker));
     let (events, streamed) = super::ask::channel(body.stream);
-    let input = AskInput { prompt, conversation: messages, params, cancel, events };
+    let input = AskInput {
+        prompt,
+        conversation: messages,
+        params,
+        cancel,
+        events,
+        member: acting.member.clone(),
+        tools: acting.tools(),
+    };
     let request_id = request_id.to_string();
     let submitted =
         ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = super::ask::run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()));
+    let done = super::ask::run(
+        Arc::clone(&front),
+        wf,
+        submitted,
+        (registered, held),
+        (caller.peer.uid, &acting, request_id.clone()),
+    );
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
     let finish = |r: &AskResult| match r.outcome.stop {

@@ -12,6 +12,7 @@ use axum::Extension;
 use base64::Engine;
 use tokio::sync::oneshot;
 
+use super::acting::{may_exec, Acting};
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
@@ -38,13 +39,15 @@ fn bad(message: impl Into<String>) -> ApiError {
 pub(super) async fn exec(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(acting): Extension<Acting>,
     early: Option<Extension<Early>>,
     headers: HeaderMap,
     body: JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let broker = &front.broker;
     let body = &body.value;
-    let wf = resolve(broker, &caller.peer, early, &body.workflow)?;
+    let wf = resolve(broker, &caller.peer, &acting, early, &body.workflow)?;
+    may_exec(&acting)?;
     let _in_flight = InFlight::new(&broker.in_flight);
     if body.argv.is_empty() || body.argv[0].is_empty() {
         return Err(bad("argv is empty: give the command and its arguments, e.g. [\"ls\", \"-l\"]"));
@@ -92,6 +95,8 @@ pub(super) async fn exec(
     let call =
         ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms, stream, receipt };
     tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), stream, "exec");
+    // Held until the call's answer is written, or dropped with it.
+    let held = super::rates::admit(&front, &acting, &wf, false)?;
     let registered = broker.calls.register(&request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let row = ExecCall {
         time: utc::now(),
@@ -99,6 +104,7 @@ pub(super) async fn exec(
         workflow: wf.name.clone(),
         tenant: wf.policy.tenant.to_string(),
         uid: caller.peer.uid,
+        member: acting.member_name().map(str::to_string),
         argv: body.argv.clone(),
         outcome: "cancelled".into(),
         exit_code: None,
@@ -134,6 +140,10 @@ pub(super) async fn exec(
     let registered = registered.detach(Arc::clone(broker));
     let argv0 = body.argv[0].clone();
     let done = answer(Arc::clone(&front), wf, argv0, request_id.clone(), timeout_ms, rx, row, started, registered);
+    let done = async move {
+        let _held = held;
+        done.await
+    };
     let Some(streamed) = streamed else {
         return done.await.map(|reply| json(StatusCode::OK, &reply));
     };
