@@ -542,7 +542,9 @@ pub struct UsageReport {
 /// model, or refused by name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatBody {
-    /// The workflow.
+    /// The workflow; empty (or absent) in a call made for a member: her
+    /// first workflow.
+    #[serde(default)]
     pub model: String,
     pub messages: Vec<ChatBodyMessage>,
     #[serde(default)]
