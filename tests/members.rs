@@ -205,6 +205,10 @@ fn a_delegate_acts_for_members_with_their_rights_and_nobody_else_can_claim_one()
     let retry: u64 = r.headers["retry-after"].parse().unwrap();
     assert!((1..=86_400).contains(&retry), "{retry}");
     assert_eq!(exec_for(&b, "alice", "private", &echo("alice-sh")).code, 200);
+    let refused = poll(Duration::from_secs(10), || {
+        audit_rows(&b, &["--member", "alice"]).into_iter().find(|r| r["outcome"] == "rate_limited")
+    });
+    assert_eq!(refused.unwrap()["limit"], "member alice tokens_per_day = 40");
     // Her own login's calls are hers too.
     assert!(b.cli(Some("alice"), &["exec", "alice-sh", "--", "true"]).status.success());
 
@@ -316,6 +320,15 @@ fn a_member_over_his_limits_gets_429_while_his_neighbours_are_served() {
     let retry = refused(&r, "member kid made 5 call(s) in the last minute, its limit (requests_per_minute = 5)");
     assert!((1..=60).contains(&retry), "{retry}");
     assert_eq!(exec_for(&b, "alice", "private", &alice).code, 200, "alice is served while kid waits");
+    // His refusals are in the audit trail, with the limit.
+    let limited = poll(Duration::from_secs(10), || {
+        let rows = audit_rows(&b, &["--member", "kid"]);
+        let limited: Vec<Value> = rows.into_iter().filter(|r| r["outcome"] == "rate_limited").collect();
+        limited.first().is_some_and(|r| r["limit"] == "member kid requests_per_minute = 5").then_some(limited)
+    })
+    .unwrap_or_else(|| panic!("{:?}", audit_rows(&b, &["--member", "kid"])));
+    assert!(limited.iter().skip(1).all(|r| r["limit"] == "member kid concurrent = 1"), "{limited:?}");
+    assert!(limited.len() >= 2, "{limited:?}");
 
     // A tenant's cap counts everyone's calls to its workflows, members or
     // not (here root's own).

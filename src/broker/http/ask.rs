@@ -84,7 +84,7 @@ pub(super) async fn ask(
         .iter()
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let held = super::rates::admit(&front, &acting, &wf, true)?;
+    let held = admit(&front, &acting, &wf, caller.peer.uid, &caller.request_id)?;
     let registered = broker.calls.register(&caller.request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let cancel = Some(Arc::clone(&registered.cancel));
     let registered = registered.detach(Arc::clone(broker));
@@ -114,6 +114,43 @@ pub(super) async fn ask(
         }
     };
     Ok(stream::response(stream::NDJSON, Vec::new(), streamed, render, last))
+}
+
+/// [`super::rates::admit`] for an ask or a chat completion; a refusal
+/// over a limit goes into the audit trail (off the async threads, not
+/// waited for).
+pub(super) fn admit(
+    front: &AppState,
+    acting: &Acting,
+    wf: &Workflow,
+    uid: u32,
+    request_id: &str,
+) -> Result<super::rates::Held, ApiError> {
+    let refused = match super::rates::admit(front, acting, wf, true) {
+        Ok(held) => return Ok(held),
+        Err(refused) => refused,
+    };
+    if let Some(limit) = refused.limit {
+        let entry = AuditEntry {
+            time: crate::utc::now(),
+            request_id: request_id.to_string(),
+            kind: "ask".into(),
+            workflow: wf.name.clone(),
+            tenant: wf.policy.tenant.to_string(),
+            uid,
+            member: acting.member_name().map(str::to_string),
+            session: None,
+            outcome: refused.error.code.to_string(),
+            limit: Some(limit),
+        };
+        let broker = Arc::clone(&front.broker);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = broker.gateway.ledger().record_audit(&entry) {
+                tracing::error!("refused ask not recorded in the audit trail: {e}");
+            }
+        });
+    }
+    Err(refused.error)
 }
 
 /// The events channel of an ask that streams.

@@ -77,7 +77,7 @@ pub(super) async fn chat(
     messages.truncate(last_user);
     let params = ModelParams::from_request(&body.params)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
-    let held = super::rates::admit(&front, &acting, &wf, true)?;
+    let held = super::ask::admit(&front, &acting, &wf, caller.peer.uid, request_id)?;
     let registered = broker.calls.register(request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let cancel = Some(Arc::clone(&registered.cancel));
     let registered = registered.detach(Arc::clone(broker));

@@ -95,8 +95,6 @@ pub(super) async fn exec(
     let call =
         ExecRequest { id, request_id: request_id.clone(), argv: body.argv.clone(), stdin, timeout_ms, stream, receipt };
     tracing::info!(workflow = %wf.name, argv0 = %Escaped(&body.argv[0]), stream, "exec");
-    // Held until the call's answer is written, or dropped with it.
-    let held = super::rates::admit(&front, &acting, &wf, false)?;
     let registered = broker.calls.register(&request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let row = ExecCall {
         time: utc::now(),
@@ -122,6 +120,16 @@ pub(super) async fn exec(
         memory_peak_bytes: None,
     };
     let started = Instant::now();
+    // Held until the call's answer is written, or dropped with it. A
+    // refusal is in the audit trail, with the limit.
+    let held = match super::rates::admit(&front, &acting, &wf, false) {
+        Ok(held) => held,
+        Err(refused) => {
+            let mut row = Row { log: &broker.exec_log, started, call: Some(row) };
+            row.finish(refused.error.code, None, refused.limit.as_ref(), None);
+            return Err(refused.error);
+        }
+    };
     let (events, streamed) = if stream {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (Some(tx), Some(rx))

@@ -47,6 +47,8 @@ struct Counter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limited {
     pub message: String,
+    /// The limit, for the audit trail: `member kid concurrent = 1`.
+    pub limit: String,
     /// Whole seconds, at least 1.
     pub retry_after: u64,
 }
@@ -86,6 +88,7 @@ impl Rates {
                             c.running
                         ),
                         retry_after: 1,
+                        limit: format!("{} concurrent = {max}", key.describe()),
                     });
                 }
             }
@@ -100,6 +103,7 @@ impl Rates {
                             key.describe()
                         ),
                         retry_after,
+                        limit: format!("{} requests_per_minute = {max}", key.describe()),
                     });
                 }
             }
@@ -150,6 +154,19 @@ impl Drop for Held {
     }
 }
 
+/// A call [`admit`] refused: the answer, and the limit it was over (none
+/// when the ledger could not be read).
+pub(super) struct Refused {
+    pub error: super::error::ApiError,
+    pub limit: Option<String>,
+}
+
+impl From<super::error::ApiError> for Refused {
+    fn from(error: super::error::ApiError) -> Self {
+        Refused { error, limit: None }
+    }
+}
+
 /// Admits a call of `acting` to `wf` under the member's and the tenant's
 /// limits, and, for an ask (`tokens`), the member's `tokens_per_day`. The
 /// returned [`Held`] must live as long as the call.
@@ -158,7 +175,7 @@ pub(super) fn admit(
     acting: &super::Acting,
     wf: &crate::broker::Workflow,
     tokens: bool,
-) -> Result<Held, super::error::ApiError> {
+) -> Result<Held, Refused> {
     use super::error::ApiError;
     let tenant = wf.policy.tenant.as_str();
     let members = front.broker.members();
@@ -175,18 +192,24 @@ pub(super) fn admit(
             if used >= limit {
                 let midnight = crate::utc::day_start(now) + crate::utc::DAY;
                 let retry_after = u64::try_from(midnight - now).unwrap_or(1);
-                return Err(ApiError::rate_limited(
-                    format!(
-                        "member {} used {used} tokens today, her limit (tokens_per_day = {limit}); retry after \
-                         midnight UTC, in {retry_after} s",
-                        m.name
+                return Err(Refused {
+                    error: ApiError::rate_limited(
+                        format!(
+                            "member {} used {used} tokens today, her limit (tokens_per_day = {limit}); retry after \
+                             midnight UTC, in {retry_after} s",
+                            m.name
+                        ),
+                        retry_after,
                     ),
-                    retry_after,
-                ));
+                    limit: Some(format!("member {} tokens_per_day = {limit}", m.name)),
+                });
             }
         }
     }
-    front.rates.admit(&checks, Instant::now()).map_err(|l| ApiError::rate_limited(l.message, l.retry_after))
+    front
+        .rates
+        .admit(&checks, Instant::now())
+        .map_err(|l| Refused { error: ApiError::rate_limited(l.message, l.retry_after), limit: Some(l.limit) })
 }
 
 #[cfg(test)]
