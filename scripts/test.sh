@@ -44,7 +44,7 @@ echo "namespaced systemd: PID $CORRAL_TEST_SYSTEMD_PID"
 
 cargo test --release --locked
 CORRAL_TEST_UNDER_SYSTEMD=1 cargo test --release --locked --test escape --test escape_ipc --test isolation --test limits --test api \
-  --test cancel --test front_door --test faults --test llm --test operations --test pool --test stream --test workspace --test toolchain --test egress --test receipts --test family --test sessions
+  --test cancel --test front_door --test faults --test llm --test operations --test pool --test stream --test workspace --test toolchain --test egress --test receipts --test family --test sessions --test members
 
 case ",$CORRAL_TEST_REQUIRE," in
   *,guest,* | *,all,*)

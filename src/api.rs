@@ -105,10 +105,19 @@ pub struct SessionRemoved {
     /// Sessions removed (more than one only for root without `?owner=`).
     pub removed: usize,
 }
+/// Request header of a delegate (the members file's `[delegates]`): the
+/// call is made for this member, `NAME` or `telegram:ID`.
+pub const MEMBER_HEADER: &str = "x-corral-member";
+
+/// Request header of a delegate: the kind of chat it speaks for,
+/// `private` (the default) or `group`; a member's rights depend on it.
+pub const CHAT_HEADER: &str = "x-corral-chat";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
+    /// Empty (or absent) in a call made for a member: her first workflow.
+    #[serde(default)]
     pub workflow: String,
     pub argv: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -409,6 +418,9 @@ pub struct AuditQuery {
     pub uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<String>,
+    /// Only calls made for this member (the members file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
     /// At most this many rows, newest first (default 100, at most 10,000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
@@ -480,6 +492,8 @@ pub struct UsageRow {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AskBody {
+    /// Empty (or absent) in a call made for a member: her first workflow.
+    #[serde(default)]
     pub workflow: String,
     pub prompt: String,
     /// Earlier turns, oldest first.
@@ -586,7 +600,9 @@ pub struct UsageReport {
 /// model, or refused by name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatBody {
-    /// The workflow.
+    /// The workflow; empty (or absent) in a call made for a member: her
+    /// first workflow.
+    #[serde(default)]
     pub model: String,
     pub messages: Vec<ChatBodyMessage>,
     #[serde(default)]

@@ -51,6 +51,11 @@ enum Command {
         /// hosts whose DNS the broker should not use.
         #[arg(long, env = "CORRAL_EGRESS_HOSTS")]
         egress_hosts: Option<PathBuf>,
+        /// The members file: people, delegates, rights and limits (default
+        /// /etc/corral/members.toml, none when it does not exist; a file
+        /// named here must exist).
+        #[arg(long, env = "CORRAL_MEMBERS")]
+        members: Option<PathBuf>,
     },
     /// Run one command in a workflow's sandbox: `corral exec WORKFLOW -- CMD ARGS…`.
     Exec {
@@ -128,6 +133,9 @@ enum Command {
         uid: Option<u32>,
         #[arg(long)]
         workflow: Option<String>,
+        /// Only calls made for this member (the members file).
+        #[arg(long)]
+        member: Option<String>,
         /// Only calls from this UTC date on, YYYY-MM-DD.
         #[arg(long)]
         since: Option<String>,
@@ -205,8 +213,15 @@ enum AuditCommand {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Validate a directory of policies and show what this kernel enforces.
-    Check { dir: PathBuf },
+    /// Validate a directory of policies and show what this kernel enforces;
+    /// validate the members file against them too.
+    Check {
+        dir: PathBuf,
+        /// The members file (default /etc/corral/members.toml, skipped when
+        /// it does not exist; a file named here must exist).
+        #[arg(long)]
+        members: Option<PathBuf>,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -261,8 +276,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Command::Policy { command: PolicyCommand::Check { dir } } = &cli.command {
-        return ExitCode::from(corral::cli::check::run(dir));
+    if let Command::Policy { command: PolicyCommand::Check { dir, members } } = &cli.command {
+        return ExitCode::from(corral::cli::check::run(dir, members.as_deref()));
     }
     match run_async(cli.command) {
         Ok(code) => ExitCode::from(code),
@@ -285,6 +300,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             instance,
             metrics_group,
             egress_hosts,
+            members,
         } => {
             init_logging();
             let metrics_gid = match &metrics_group {
@@ -337,6 +353,8 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                 http: corral::broker::http::limits::Limits::default(),
                 metrics_gid,
                 egress_hosts,
+                members_required: members.is_some(),
+                members: members.unwrap_or_else(|| PathBuf::from(corral::policy::members::DEFAULT_MEMBERS)),
             };
             let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             rt.block_on(corral::broker::run(config)).map_err(|e| anyhow::anyhow!(corral::error_chain(&e)))?;
@@ -377,7 +395,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(corral::cli::usage::run(&socket, since.as_deref(), by, json))
         }
-        Command::Audit { verify, socket, uid, workflow, since, limit, json } => {
+        Command::Audit { verify, socket, uid, workflow, member, since, limit, json } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             match verify {
                 Some(AuditCommand::Verify) => rt.block_on(corral::cli::audit::verify(&socket, json)),
@@ -385,6 +403,7 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
                     let f = corral::cli::audit::Filter {
                         uid,
                         workflow: workflow.as_deref(),
+                        member: member.as_deref(),
                         since: since.as_deref(),
                         limit,
                     };

@@ -299,6 +299,11 @@ pub struct AskRequest {
     /// Every tool call of the ask runs in this session directory
     /// ([`ExecRequest::session_dir`]).
     pub session_dir: Option<std::path::PathBuf>,
+    /// The tools the model may be offered and may call (a member's rights
+    /// in the chat she speaks from); `None`: every tool. A call of any other
+    /// tool is refused, and the model reads why.
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
 }
 
 /// Worker → broker during an ask: the conversation so far and the tools.

@@ -35,6 +35,11 @@ pub struct AskInput {
     pub events: Option<mpsc::UnboundedSender<AskEvent>>,
     /// The session's directory, for an ask in a session.
     pub session_dir: Option<std::path::PathBuf>,
+    /// The member the ask is made for: recorded with its model calls, held
+    /// to her `tokens_per_day`.
+    pub member: Option<Arc<crate::policy::Member>>,
+    /// The tools the worker may offer the model; `None`: all of them.
+    pub tools: Option<Vec<String>>,
 }
 
 /// An ask that ran.
@@ -97,6 +102,7 @@ pub enum AskError {
 pub struct Submitted {
     wf: Arc<Workflow>,
     uid: u32,
+    member: Option<Arc<crate::policy::Member>>,
     request_id: String,
     params: ModelParams,
     timeout: Duration,
@@ -127,6 +133,7 @@ pub fn submit(
         tenant: wf.policy.tenant.as_str(),
         llm: Some(llm),
         uid: Some(peer.uid),
+        member: input.member.as_ref().map(|m| (m.name.as_str(), m.tokens_per_day)),
         params: &input.params,
     };
     // Fail fast, before a worker is busy with it.
@@ -145,6 +152,7 @@ pub fn submit(
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         stream: input.events.is_some(),
         session_dir: input.session_dir,
+        tools: input.tools,
     };
     tracing::info!(workflow = %wf.name, model = %llm.model, max_steps = llm.max_steps, "ask");
     let (tx, completions) = mpsc::channel::<CompletionJob>(1);
@@ -160,6 +168,7 @@ pub fn submit(
     Ok(Submitted {
         wf,
         uid: peer.uid,
+        member: input.member,
         request_id: request_id.to_string(),
         params: input.params,
         timeout,
@@ -174,7 +183,7 @@ impl Submitted {
     /// Serves the ask's completions until its worker answers.
     pub async fn wait(self, broker: &Broker) -> Result<AskResult, AskError> {
         let _in_flight = super::InFlight::new(&broker.in_flight);
-        let Submitted { wf, uid, request_id, params, timeout, completions, tools, events, done } = self;
+        let Submitted { wf, uid, member, request_id, params, timeout, completions, tools, events, done } = self;
         let llm = wf.policy.llm.as_ref().ok_or_else(|| GatewayError::NoLlm { workflow: wf.name.clone() })?;
         let request_id = request_id.as_str();
         let ctx = CallContext {
@@ -183,6 +192,7 @@ impl Submitted {
             tenant: wf.policy.tenant.as_str(),
             llm: Some(llm),
             uid: Some(uid),
+            member: member.as_ref().map(|m| (m.name.as_str(), m.tokens_per_day)),
             params: &params,
         };
         collect(broker, &wf, llm, &ctx, timeout, completions, tools, events, done).await

@@ -134,6 +134,8 @@ pub struct ModelCall<'a> {
     pub tenant: &'a str,
     /// The client that asked (`SO_PEERCRED`); `None` in rows of old ledgers.
     pub uid: Option<u32>,
+    /// The member the call was made for (the members file), if any.
+    pub member: Option<&'a str>,
     pub model: &'a str,
     pub usage: Usage,
     pub latency_ms: u64,
@@ -151,6 +153,9 @@ pub struct ExecCall {
     pub tenant: String,
     /// The client that asked (`SO_PEERCRED`).
     pub uid: u32,
+    /// The member the call was made for (the members file), if any: goes
+    /// into the audit trail.
+    pub member: Option<String>,
     pub argv: Vec<String>,
     /// `ok`, `failed`, `timeout`, `limit`, or the error code of a call
     /// that got no result (`busy`, `quarantined`, …).
@@ -346,6 +351,8 @@ fn insert_egress(conn: &Connection, call: &CallRef<'_>, r: &crate::api::EgressRe
 pub enum Scope<'a> {
     Workflow(&'a str),
     Tenant(&'a str),
+    /// A member of the members file (rows recorded with her name).
+    Member(&'a str),
 }
 
 /// One line of `corral usage`.
@@ -372,7 +379,9 @@ pub struct Ledger {
 
 /// Ledgers written before the caller's uid was recorded lack the column.
 fn add_uid_column(conn: &Connection) -> rusqlite::Result<()> {
-    add_column(conn, "model_calls", "uid", "INTEGER")
+    add_column(conn, "model_calls", "uid", "INTEGER")?;
+    // Members came later still: a member's daily tokens are summed from it.
+    add_column(conn, "model_calls", "member", "TEXT")
 }
 
 /// Ledgers written before exec calls had receipts lack their columns.
@@ -435,8 +444,8 @@ impl Ledger {
         self.conn()
             .execute(
                 "INSERT INTO model_calls (time, request_id, workflow, tenant, model, prompt_tokens, \
-                 completion_tokens, total_tokens, latency_ms, tries, outcome, uid) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                 completion_tokens, total_tokens, latency_ms, tries, outcome, uid, member) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     c.time,
                     c.request_id,
@@ -449,7 +458,8 @@ impl Ledger {
                     to_i64(c.latency_ms),
                     c.tries,
                     c.outcome,
-                    c.uid
+                    c.uid,
+                    c.member
                 ],
             )
             .map(drop)
@@ -539,7 +549,7 @@ impl Ledger {
                     workflow: c.workflow.clone(),
                     tenant: c.tenant.clone(),
                     uid: c.uid,
-                    member: None,
+                    member: c.member.clone(),
                     session: c.session.clone(),
                     outcome: c.outcome.clone(),
                     limit: c.limit.clone().or_else(|| c.ended_by.clone()),
@@ -570,22 +580,23 @@ impl Ledger {
     }
 
     /// The newest audit rows (at most `limit`), newest first, since
-    /// `since`, of `uid` and `workflow` when given.
+    /// `since`, of `uid`, `workflow` and `member` when given.
     pub fn audit(
         &self,
         since: i64,
         uid: Option<u32>,
         workflow: Option<&str>,
+        member: Option<&str>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, LedgerError> {
         let sql = format!(
             "SELECT {AUDIT_COLUMNS} FROM audit WHERE time >= ?1 AND (?2 IS NULL OR uid = ?2) \
-             AND (?3 IS NULL OR workflow = ?3) ORDER BY id DESC LIMIT ?4"
+             AND (?3 IS NULL OR workflow = ?3) AND (?5 IS NULL OR member = ?5) ORDER BY id DESC LIMIT ?4"
         );
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql).map_err(LedgerError::Read)?;
         let rows = stmt
-            .query_map(params![since, uid, workflow, limit], |r| audit_row(r).map(|(row, _, _)| row))
+            .query_map(params![since, uid, workflow, limit, member], |r| audit_row(r).map(|(row, _, _)| row))
             .map_err(LedgerError::Read)?;
         rows.collect::<Result<_, _>>().map_err(LedgerError::Read)
     }
@@ -627,6 +638,7 @@ impl Ledger {
         let (column, value) = match scope {
             Scope::Workflow(w) => ("workflow", w),
             Scope::Tenant(t) => ("tenant", t),
+            Scope::Member(m) => ("member", m),
         };
         let sql = format!(
             "SELECT COALESCE(SUM(total_tokens), 0) FROM model_calls \
@@ -768,6 +780,7 @@ mod tests {
                 workflow,
                 tenant,
                 uid: Some(7),
+                member: None,
                 model,
                 usage: Usage {
                     prompt_tokens: tokens / 2,
@@ -842,6 +855,7 @@ mod tests {
                 workflow: "w".into(),
                 tenant: "t".into(),
                 uid: 0,
+                member: None,
                 argv: vec!["true".into()],
                 outcome: "timeout".into(),
                 exit_code: None,
@@ -881,6 +895,7 @@ mod tests {
                 request_id: format!("r-{i}"),
                 workflow: "w".into(),
                 tenant: "t".into(),
+                member: None,
                 uid: 1000 + i % 2,
                 argv: vec!["echo".into(), "it's".into()],
                 outcome: "ok".into(),
@@ -958,7 +973,7 @@ mod tests {
         };
         again.record_audit(&entry).unwrap();
         assert_eq!(again.verify_audit().unwrap().broken_at, None);
-        assert_eq!(again.audit(0, Some(7), None, 10).unwrap()[0].id, 1001);
+        assert_eq!(again.audit(0, Some(7), None, None, 10).unwrap()[0].id, 1001);
         again.conn().execute("UPDATE audit SET uid = 1 WHERE id = 500", []).unwrap();
         assert_eq!(again.verify_audit().unwrap().broken_at, Some(500));
         let _ = std::fs::remove_dir_all(dir);

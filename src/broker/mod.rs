@@ -84,12 +84,18 @@ pub struct Config {
     pub metrics_gid: Option<u32>,
     /// The egress proxy's hosts file, read before the system's resolver.
     pub egress_hosts: Option<PathBuf>,
+    /// The members file ([`policy::members`]); reloaded with the policies.
+    pub members: PathBuf,
+    /// Whether it must exist (named on the command line).
+    pub members_required: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("failed to load policies from {dir}:\n{errors}")]
     Policies { dir: PathBuf, errors: policy::PolicyErrors },
+    #[error("failed to load the members file {file}:\n{errors}")]
+    Members { file: PathBuf, errors: policy::PolicyErrors },
     #[error("failed to create state directory {dir}: {source}")]
     StateDir { dir: PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -119,6 +125,8 @@ type Workflows = BTreeMap<String, Arc<Workflow>>;
 /// Shared state of a running broker.
 pub struct Broker {
     workflows: RwLock<Arc<Workflows>>,
+    /// The members file, validated against the workflows.
+    members: RwLock<Arc<policy::Members>>,
     config: Config,
     systemd: Option<scope::Systemd>,
     resource_control: String,
@@ -170,6 +178,10 @@ impl Broker {
 
     fn snapshot(&self) -> Arc<Workflows> {
         Arc::clone(&self.workflows.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn members(&self) -> Arc<policy::Members> {
+        Arc::clone(&self.members.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn workflow(&self, name: &str) -> Option<Arc<Workflow>> {
@@ -354,9 +366,13 @@ impl Broker {
         (fresh, retired)
     }
 
-    /// Reloads the policies (SIGHUP). On an error the running set stays.
+    /// Reloads the policies and the members file (SIGHUP). On an error in
+    /// either, both running sets stay (the members are checked against the
+    /// policies).
     async fn reload(&self) -> Result<usize, BrokerError> {
         let loaded = load_policies(&self.config.policies)?;
+        let members = load_members(&self.config, &loaded)?;
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(members);
         let old = self.snapshot();
         let (fresh, retired) = self.build(&loaded, &old).await;
         let count = fresh.len();
@@ -374,6 +390,20 @@ fn load_policies(dir: &std::path::Path) -> Result<policy::Policies, BrokerError>
         tracing::warn!("policy: {w}");
     }
     Ok(loaded)
+}
+
+fn load_members(config: &Config, policies: &policy::Policies) -> Result<policy::Members, BrokerError> {
+    let members = policy::load_members(&config.members, config.members_required, policies)
+        .map_err(|errors| BrokerError::Members { file: config.members.clone(), errors })?;
+    if members.source.is_some() {
+        tracing::info!(
+            file = %config.members.display(),
+            members = members.members.len(),
+            delegates = members.delegates.len(),
+            "members loaded"
+        );
+    }
+    Ok(members)
 }
 
 /// Creates the state directory and fixes its layout (see [`workspace`]).
@@ -435,6 +465,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     let (systemd, resource_control, resource_control_error) = connect_systemd(config.systemd).await?;
     let broker_instance = config.instance.clone();
     let loaded = load_policies(&config.policies)?;
+    let members = load_members(&config, &loaded)?;
     prepare_state_dir(&config.state_dir)?;
     // Keys and client data live in this process: keep other processes of
     // its user from reading its memory or attaching to it.
@@ -472,6 +503,7 @@ pub async fn run(mut config: Config) -> Result<(), BrokerError> {
     crate::sandbox::memory::pin_mmap_threshold(256 << 10);
     let broker = Arc::new(Broker {
         workflows: RwLock::new(Arc::new(Workflows::new())),
+        members: RwLock::new(Arc::new(members)),
         config,
         systemd,
         resource_control,

@@ -118,9 +118,22 @@ impl SessionOwner {
         SessionOwner { key: format!("uid-{uid}") }
     }
 
+    /// The sessions of a member of the members file, whoever calls for her
+    /// (a delegate, or her own login): apart from the delegate's own and
+    /// from every other member's. Member names are path-safe (lowercase
+    /// letters, digits, `-`, `_`; the members file's validation).
+    pub fn member(name: &str) -> SessionOwner {
+        SessionOwner { key: format!("member-{name}") }
+    }
+
     /// An owner from its key, as stored (root's `?owner=`); `None` when it
     /// is not one of the forms above.
     pub fn from_key(key: &str) -> Option<SessionOwner> {
+        if let Some(name) = key.strip_prefix("member-") {
+            let safe = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_';
+            return (!name.is_empty() && name.len() <= 40 && name.bytes().all(safe))
+                .then(|| SessionOwner::member(name));
+        }
         let uid = key.strip_prefix("uid-")?.parse::<u32>().ok()?;
         Some(SessionOwner::uid(uid))
     }
@@ -130,10 +143,13 @@ impl SessionOwner {
     }
 }
 
-/// The owner of the sessions of a call by `peer`: the one place that says
-/// whose a session is.
-pub fn owner_of(peer: &Peer) -> SessionOwner {
-    SessionOwner::uid(peer.uid)
+/// The owner of the sessions of a call by `peer`, made for `member` when
+/// there is one: the one place that says whose a session is.
+pub fn owner_of(peer: &Peer, member: Option<&str>) -> SessionOwner {
+    match member {
+        Some(name) => SessionOwner::member(name),
+        None => SessionOwner::uid(peer.uid),
+    }
 }
 
 /// A session a call runs in.
@@ -413,5 +429,8 @@ mod tests {
         assert_eq!(SessionOwner::from_key("uid-7"), Some(SessionOwner::uid(7)));
         assert_eq!(SessionOwner::from_key("uid-x"), None);
         assert_eq!(SessionOwner::from_key("../x"), None);
+        assert_eq!(SessionOwner::from_key("member-kid"), Some(SessionOwner::member("kid")));
+        assert_eq!(SessionOwner::from_key("member-../x"), None);
+        assert_eq!(SessionOwner::from_key("member-"), None);
     }
 }

@@ -16,6 +16,7 @@ pub const EXIT_BROKEN: u8 = 1;
 pub struct Filter<'a> {
     pub uid: Option<u32>,
     pub workflow: Option<&'a str>,
+    pub member: Option<&'a str>,
     pub since: Option<&'a str>,
     pub limit: Option<u32>,
 }
@@ -36,6 +37,12 @@ pub async fn list(socket: &Path, f: &Filter<'_>, json: bool) -> anyhow::Result<u
         }
         query.push(format!("workflow={w}"));
     }
+    if let Some(m) = f.member {
+        if !m.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_".contains(c)) {
+            anyhow::bail!("--member {m:?}: a member name is a-z, 0-9, '-' and '_'");
+        }
+        query.push(format!("member={m}"));
+    }
     if let Some(n) = f.limit {
         query.push(format!("limit={n}"));
     }
@@ -51,17 +58,18 @@ pub async fn list(socket: &Path, f: &Filter<'_>, json: bool) -> anyhow::Result<u
         return Ok(0);
     }
     println!(
-        "{:>6}  {:<20}  {:<4}  {:<16}  {:>6}  {:<12}  LIMIT",
-        "ID", "TIME (UTC)", "KIND", "WORKFLOW", "UID", "OUTCOME"
+        "{:>6}  {:<20}  {:<4}  {:<16}  {:>6}  {:<12}  {:<12}  LIMIT",
+        "ID", "TIME (UTC)", "KIND", "WORKFLOW", "UID", "MEMBER", "OUTCOME"
     );
     for r in &rows {
         println!(
-            "{:>6}  {:<20}  {:<4}  {:<16}  {:>6}  {:<12}  {}",
+            "{:>6}  {:<20}  {:<4}  {:<16}  {:>6}  {:<12}  {:<12}  {}",
             r.id,
             crate::utc::format(r.time),
             r.kind,
             r.workflow,
             r.uid,
+            r.member.as_deref().unwrap_or("-"),
             r.outcome,
             r.limit.as_deref().unwrap_or("-")
         );

@@ -11,8 +11,10 @@ use crate::sandbox::{self, KernelSupport};
 /// The broker's default `--worker-user`.
 const DEFAULT_WORKER_USER: &str = "corral-worker";
 
-/// Prints the report; returns the exit code (1 on any error).
-pub fn run(dir: &Path) -> u8 {
+/// Prints the report; returns the exit code (1 on any error). `members`:
+/// a members file that must exist; without it, the default one when it
+/// exists.
+pub fn run(dir: &Path, members: Option<&Path>) -> u8 {
     let loaded = match policy::load_dir(dir) {
         Ok(p) => p,
         Err(errors) => {
@@ -60,6 +62,23 @@ pub fn run(dir: &Path) -> u8 {
             eprintln!("\nerror: workflow {name} cannot start on this kernel: {message}");
         } else {
             eprintln!("warning: {message}");
+        }
+    }
+    let members_file = members.unwrap_or(Path::new(policy::members::DEFAULT_MEMBERS));
+    match policy::load_members(members_file, members.is_some(), &loaded) {
+        Ok(m) if m.source.is_some() => println!(
+            "\nmembers {}: {} member(s), {} delegate(s), {} tenant limit(s)",
+            members_file.display(),
+            m.members.len(),
+            m.delegates.len(),
+            m.tenants.len()
+        ),
+        Ok(_) => {}
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            failed += 1;
         }
     }
     if failed > 0 {

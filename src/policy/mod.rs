@@ -96,13 +96,14 @@
 //! - `raw`: the file as serde reads it; `document`: spans, lines, unknown keys.
 //! - `validate`: raw to validated; `load`: files and directories; `host`:
 //!   warnings about this host; `error`: [`PolicyError`]; [`endpoint`]: which
-//!   model endpoints the broker trusts.
+//!   model endpoints the broker trusts; [`members`]: the members file.
 
 mod document;
 pub mod endpoint;
 mod error;
 mod host;
 mod load;
+pub mod members;
 mod names;
 pub mod network;
 mod path;
@@ -117,6 +118,7 @@ mod tests;
 pub use endpoint::Endpoint;
 pub use error::{FirstUser, Place, PolicyError, PolicyErrors};
 pub use load::{load_dir, parse_workflow, Policies};
+pub use members::{load_members, Chat, Member, Members, RateLimits};
 pub use names::{InvalidName, TenantName, WorkflowName};
 pub use network::{AllowRule, HostPattern, Network};
 pub use path::{InvalidPath, PathTemplate, WORKSPACE};

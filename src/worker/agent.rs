@@ -149,9 +149,34 @@ fn refused(tool: &str, why: String) -> (ToolRecord, String) {
     (record, format!("error: {why}"))
 }
 
+/// The tools `req` offers: all, or those its `tools` allows.
+fn offered(req: &AskRequest) -> Vec<ToolSpec> {
+    let mut specs = tool_specs();
+    if let Some(allowed) = &req.tools {
+        specs.retain(|t| allowed.contains(&t.name));
+    }
+    specs
+}
+
+/// Why a tool the ask does not allow is refused; `None` when allowed.
+fn not_allowed(req: &AskRequest, name: &str) -> Option<String> {
+    let allowed = req.tools.as_ref()?;
+    if allowed.iter().any(|t| t == name) {
+        return None;
+    }
+    let list = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
+    Some(format!(
+        "tool {name:?} is not allowed in this chat (the member's rights here allow: {list}); answer without it"
+    ))
+}
+
 /// Runs one tool call of the model; returns its record and the text fed
 /// back.
 fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall, sock: &UnixStream) -> (ToolRecord, String, bool) {
+    if let Some(why) = not_allowed(req, &call.name) {
+        let (record, text) = refused(&call.name, why);
+        return (record, text, false);
+    }
     let (argv, stdin) = match command(call) {
         Ok(c) => c,
         Err(why) => {
@@ -192,7 +217,7 @@ fn run_tool(ctx: &tool::Tools<'_>, req: &AskRequest, call: &ToolCall, sock: &Uni
 
 /// Runs the loop of `req`, talking to the broker on `sock`.
 pub fn run(sock: &mut UnixStream, ctx: &tool::Tools<'_>, req: &AskRequest) -> Result<AskOutcome, WorkerError> {
-    let tools = tool_specs();
+    let tools = offered(req);
     let mut messages = req.conversation.clone();
     messages.push(ChatMessage::text(Role::User, req.prompt.clone()));
     let mut transcript = Vec::new();
@@ -290,6 +315,30 @@ mod tests {
         for t in tool_specs() {
             serde_json::from_str::<Value>(&t.parameters).unwrap();
         }
+    }
+
+    #[test]
+    fn a_chat_offers_and_runs_only_its_tools() {
+        let mut req = AskRequest {
+            id: 1,
+            request_id: "r".into(),
+            prompt: String::new(),
+            conversation: Vec::new(),
+            max_steps: 1,
+            model: "m".into(),
+            tool_timeout_ms: 1,
+            timeout_ms: 1,
+            stream: false,
+            tools: None,
+            session_dir: None,
+        };
+        assert_eq!(offered(&req).len(), 4);
+        assert_eq!(not_allowed(&req, "shell"), None);
+        req.tools = Some(vec!["read_file".into()]);
+        assert_eq!(offered(&req).iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["read_file"]);
+        assert_eq!(not_allowed(&req, "read_file"), None);
+        let why = not_allowed(&req, "shell").unwrap();
+        assert!(why.contains("\"shell\" is not allowed") && why.contains("allow: read_file"), "{why}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 
+use super::acting::Acting;
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
@@ -71,19 +72,21 @@ pub(super) fn ask_error(broker: &Broker, wf: &Workflow, e: AskError) -> ApiError
 pub(super) async fn ask(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(acting): Extension<Acting>,
     early: Option<Extension<Early>>,
     headers: axum::http::HeaderMap,
     body: JsonBody<AskBody>,
 ) -> Result<Response, ApiError> {
     let broker = &front.broker;
     let body = body.value;
-    let wf = resolve(broker, &caller.peer, early, &body.workflow)?;
+    let wf = resolve(broker, &caller.peer, &acting, early, &body.workflow)?;
     let conversation = body
         .conversation
         .iter()
         .map(|m| Ok(ChatMessage::text(role(&m.role)?, m.content.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let session = super::sessions::open(broker, &caller.peer, &wf, &headers, body.session.as_deref()).await?;
+    let held = admit(&front, &acting, &wf, caller.peer.uid, &caller.request_id)?;
+    let session = super::sessions::open(broker, &caller.peer, &acting, &wf, &headers, body.session.as_deref()).await?;
     let conversation = with_history(broker, session.as_ref(), conversation).await?;
     let registered = broker.calls.register(&caller.request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let cancel = Some(Arc::clone(&registered.cancel));
@@ -91,11 +94,27 @@ pub(super) async fn ask(
     let (events, streamed) = channel(body.stream);
     let turn = session.map(|s| Turn { session: s, prompt: body.prompt.clone() });
     let session_dir = turn.as_ref().map(|t| t.session.dir.clone());
-    let input = AskInput { prompt: body.prompt, conversation, params: Default::default(), cancel, events, session_dir };
+    let input = AskInput {
+        prompt: body.prompt,
+        conversation,
+        params: Default::default(),
+        cancel,
+        events,
+        session_dir,
+        member: acting.member.clone(),
+        tools: acting.tools(),
+    };
     let request_id = caller.request_id.to_string();
     let submitted =
         ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()), turn);
+    let done = run(
+        Arc::clone(&front),
+        wf,
+        submitted,
+        (registered, held),
+        (caller.peer.uid, &acting, request_id.clone()),
+        turn,
+    );
     let Some(streamed) = streamed else {
         return Ok(json(StatusCode::OK, &reply(&request_id, &done.await?)));
     };
@@ -132,6 +151,43 @@ pub(super) async fn with_history(
     Ok(history)
 }
 
+/// [`super::rates::admit`] for an ask or a chat completion; a refusal
+/// over a limit goes into the audit trail (off the async threads, not
+/// waited for).
+pub(super) fn admit(
+    front: &AppState,
+    acting: &Acting,
+    wf: &Workflow,
+    uid: u32,
+    request_id: &str,
+) -> Result<super::rates::Held, ApiError> {
+    let refused = match super::rates::admit(front, acting, wf, true) {
+        Ok(held) => return Ok(held),
+        Err(refused) => refused,
+    };
+    if let Some(limit) = refused.limit {
+        let entry = AuditEntry {
+            time: crate::utc::now(),
+            request_id: request_id.to_string(),
+            kind: "ask".into(),
+            workflow: wf.name.clone(),
+            tenant: wf.policy.tenant.to_string(),
+            uid,
+            member: acting.member_name().map(str::to_string),
+            session: None,
+            outcome: refused.error.code.to_string(),
+            limit: Some(limit),
+        };
+        let broker = Arc::clone(&front.broker);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = broker.gateway.ledger().record_audit(&entry) {
+                tracing::error!("refused ask not recorded in the audit trail: {e}");
+            }
+        });
+    }
+    Err(refused.error)
+}
+
 /// The events channel of an ask that streams.
 pub(super) fn channel(stream: bool) -> (Option<UnboundedSender<AskEvent>>, Option<UnboundedReceiver<AskEvent>>) {
     if !stream {
@@ -145,13 +201,26 @@ pub(super) fn channel(stream: bool) -> (Option<UnboundedSender<AskEvent>>, Optio
 /// what it needs: a streamed answer runs it after the handler has
 /// returned (errors before the ask was queued kept their status).
 /// The ask, whatever its end, goes into the audit trail of the caller
-/// (`uid`, `request_id`).
-pub(super) async fn run(
+/// (`uid`, the member it acts for, `request_id`). Holds the ask's rate
+/// limit slots until it ends.
+pub(super) fn run(
     front: AppState,
     wf: Arc<Workflow>,
     submitted: ask::Submitted,
-    _registered: Detached,
-    (uid, request_id): (u32, String),
+    held: (Detached, super::rates::Held),
+    (uid, acting, request_id): (u32, &Acting, String),
+    turn: Option<Turn>,
+) -> impl std::future::Future<Output = Result<AskResult, ApiError>> + Send + 'static {
+    let member = acting.member_name().map(str::to_string);
+    run_held(front, wf, submitted, held, (uid, member, request_id), turn)
+}
+
+async fn run_held(
+    front: AppState,
+    wf: Arc<Workflow>,
+    submitted: ask::Submitted,
+    _held: (Detached, super::rates::Held),
+    (uid, member, request_id): (u32, Option<String>, String),
     turn: Option<Turn>,
 ) -> Result<AskResult, ApiError> {
     let broker = &front.broker;
@@ -171,7 +240,7 @@ pub(super) async fn run(
         workflow: wf.name.clone(),
         tenant: wf.policy.tenant.to_string(),
         uid,
-        member: None,
+        member,
         session: turn.as_ref().map(|t| t.session.id.as_str().to_string()),
         outcome,
         limit,

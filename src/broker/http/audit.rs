@@ -37,7 +37,7 @@ pub(super) async fn list(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            format!("{e}: use ?since=YYYY-MM-DD&uid=UID&workflow=NAME&limit=N"),
+            format!("{e}: use ?since=YYYY-MM-DD&uid=UID&workflow=NAME&member=NAME&limit=N"),
         )
     })?;
     let since = super::status::since(q.since.as_deref())?;
@@ -45,8 +45,8 @@ pub(super) async fn list(
     // Everyone but root and the broker's user sees their own calls only.
     let uid = if sees_all(&peer) { q.uid } else { Some(peer.uid) };
     let limit = q.limit.unwrap_or(100).min(MAX_ROWS);
-    let workflow = q.workflow;
-    let rows = on_ledger(&front, move |l| l.audit(since, uid, workflow.as_deref(), limit)).await?;
+    let (workflow, member) = (q.workflow, q.member);
+    let rows = on_ledger(&front, move |l| l.audit(since, uid, workflow.as_deref(), member.as_deref(), limit)).await?;
     let rows: Vec<AuditRecord> = rows.into_iter().map(record).collect();
     Ok(json(StatusCode::OK, &rows))
 }

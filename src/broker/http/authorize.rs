@@ -1,12 +1,19 @@
 //! Who may use which workflow, as the gate and the endpoints ask it. To a
 //! caller who may not use a workflow, one that does not exist and one that
 //! does are refused alike.
+//!
+//! A call a delegate makes for a member is authorized by the member's
+//! `workflows` in the members file, not by the workflows' `clients`: the
+//! delegate (a bot) is the one connected, and it speaks for many people;
+//! listing the bot in `clients` would let it use a workflow for anyone,
+//! while the members file says per person which workflows she may use.
 
 use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::Extension;
 
+use super::acting::Acting;
 use super::error::ApiError;
 use crate::api::WORKFLOW_HEADER;
 use crate::broker::auth::{describe_uid, Peer};
@@ -57,14 +64,53 @@ pub(super) fn authorize(broker: &Broker, peer: &Peer, name: &str) -> Result<Arc<
     Ok(wf)
 }
 
+/// The workflow `name` for `acting`: by the member's list for a delegated
+/// call, by the workflow's clients otherwise.
+pub(super) fn authorize_for(
+    broker: &Broker,
+    peer: &Peer,
+    acting: &Acting,
+    name: &str,
+) -> Result<Arc<Workflow>, ApiError> {
+    let member = match &acting.member {
+        Some(m) if acting.delegated => m,
+        _ => return authorize(broker, peer, name),
+    };
+    let found = member.workflows.iter().any(|w| w == name).then(|| broker.workflow(name)).flatten();
+    let Some(wf) = found else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "member {} may not use workflow {:?}: the members file lists for her only: {}",
+                member.name,
+                name.escape_debug().to_string(),
+                member.workflows.join(", ")
+            ),
+        ));
+    };
+    let span = tracing::Span::current();
+    span.record("workflow", wf.name.as_str());
+    span.record("tenant", wf.policy.tenant.as_str());
+    Ok(wf)
+}
+
 /// The workflow of a call: the one the gate authorized from the header,
-/// which the body must then name too, or the body's.
+/// which the body must then name too, or the body's; a call for a member
+/// that names none gets her first workflow.
 pub(super) fn resolve(
     broker: &Broker,
     peer: &Peer,
+    acting: &Acting,
     early: Option<Extension<Early>>,
     named: &str,
 ) -> Result<Arc<Workflow>, ApiError> {
+    let named: String = match (&acting.member, named, &early) {
+        (Some(m), "", None) => m.workflows.first().cloned().unwrap_or_default(),
+        (_, "", Some(Extension(Early(wf)))) => wf.name.clone(),
+        _ => named.to_string(),
+    };
+    let named = named.as_str();
     match early {
         Some(Extension(Early(wf))) if wf.name == named => Ok(wf),
         Some(Extension(Early(wf))) => Err(ApiError::new(
@@ -76,6 +122,6 @@ pub(super) fn resolve(
                 named.escape_debug()
             ),
         )),
-        None => authorize(broker, peer, named),
+        None => authorize_for(broker, peer, acting, named),
     }
 }

@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 
+use super::acting::Acting;
 use super::ask::{ask_error, role};
 use super::authorize::{resolve, Early};
 use super::body::json;
@@ -49,6 +50,7 @@ fn text(content: &serde_json::Value) -> Result<String, ApiError> {
 pub(super) async fn chat(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(acting): Extension<Acting>,
     early: Option<Extension<Early>>,
     headers: axum::http::HeaderMap,
     body: JsonBody<ChatBody>,
@@ -57,14 +59,13 @@ pub(super) async fn chat(
     let request_id: &str = &caller.request_id;
     let body = body.value;
     let mut body = body;
-    let wf = resolve(broker, &caller.peer, early, &body.model)?;
+    let wf = resolve(broker, &caller.peer, &acting, early, &body.model)?;
     // `session` is corral's, not a model parameter.
     let field = match body.params.remove("session") {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) => Some(s),
         Some(_) => return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "session must be a string")),
     };
-    let session = super::sessions::open(broker, &caller.peer, &wf, &headers, field.as_deref()).await?;
     let mut messages = Vec::with_capacity(body.messages.len());
     for m in &body.messages {
         if m.role == "tool" {
@@ -83,6 +84,8 @@ pub(super) async fn chat(
     messages.truncate(last_user);
     let params = ModelParams::from_request(&body.params)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    let held = super::ask::admit(&front, &acting, &wf, caller.peer.uid, request_id)?;
+    let session = super::sessions::open(broker, &caller.peer, &acting, &wf, &headers, field.as_deref()).await?;
     let registered = broker.calls.register(request_id, caller.peer.uid, call_id(&headers)?.as_deref())?;
     let cancel = Some(Arc::clone(&registered.cancel));
     let registered = registered.detach(Arc::clone(broker));
@@ -92,12 +95,27 @@ pub(super) async fn chat(
     let messages = super::ask::with_history(broker, session.as_ref(), messages).await?;
     let turn = session.map(|s| super::ask::Turn { session: s, prompt: prompt.clone() });
     let session_dir = turn.as_ref().map(|t| t.session.dir.clone());
-    let input = AskInput { prompt, conversation: messages, params, cancel, events, session_dir };
+    let input = AskInput {
+        prompt,
+        conversation: messages,
+        params,
+        cancel,
+        events,
+        session_dir,
+        member: acting.member.clone(),
+        tools: acting.tools(),
+    };
     let request_id = request_id.to_string();
     let submitted =
         ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done =
-        super::ask::run(Arc::clone(&front), wf, submitted, registered, (caller.peer.uid, request_id.clone()), turn);
+    let done = super::ask::run(
+        Arc::clone(&front),
+        wf,
+        submitted,
+        (registered, held),
+        (caller.peer.uid, &acting, request_id.clone()),
+        turn,
+    );
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
     let finish = |r: &AskResult| match r.outcome.stop {

@@ -23,11 +23,22 @@ pub struct ApiError {
     pub message: String,
     /// When a spent budget resets (`budget_exhausted`).
     pub resets_at: Option<String>,
+    /// Seconds until a retry may succeed (`rate_limited`): the
+    /// `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), resets_at: None }
+        ApiError { status, code, message: message.into(), resets_at: None, retry_after: None }
+    }
+
+    /// A member's or a tenant's limit refused the call (429).
+    pub fn rate_limited(message: String, retry_after: u64) -> Self {
+        ApiError {
+            retry_after: Some(retry_after.max(1)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
     }
 
     /// The answer to a request while the broker drains after SIGTERM, and
@@ -101,6 +112,9 @@ pub fn render(e: &ApiError, request_id: &str) -> Response {
     headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(REQUEST_ID_HEADER, v);
+    }
+    if let Some(s) = e.retry_after {
+        headers.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(s));
     }
     resp
 }

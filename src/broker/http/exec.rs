@@ -12,6 +12,7 @@ use axum::Extension;
 use base64::Engine;
 use tokio::sync::oneshot;
 
+use super::acting::{may_exec, Acting};
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
@@ -38,13 +39,15 @@ fn bad(message: impl Into<String>) -> ApiError {
 pub(super) async fn exec(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(acting): Extension<Acting>,
     early: Option<Extension<Early>>,
     headers: HeaderMap,
     body: JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let broker = &front.broker;
     let body = &body.value;
-    let wf = resolve(broker, &caller.peer, early, &body.workflow)?;
+    let wf = resolve(broker, &caller.peer, &acting, early, &body.workflow)?;
+    may_exec(&acting)?;
     let _in_flight = InFlight::new(&broker.in_flight);
     if body.argv.is_empty() || body.argv[0].is_empty() {
         return Err(bad("argv is empty: give the command and its arguments, e.g. [\"ls\", \"-l\"]"));
@@ -85,7 +88,7 @@ pub(super) async fn exec(
         }
         Some(t) => t,
     };
-    let session = super::sessions::open(broker, &caller.peer, &wf, &headers, body.session.as_deref()).await?;
+    let session = super::sessions::open(broker, &caller.peer, &acting, &wf, &headers, body.session.as_deref()).await?;
     let request_id = caller.request_id.to_string();
     let id = broker.next_call_id();
     let stream = body.stream;
@@ -108,6 +111,7 @@ pub(super) async fn exec(
         workflow: wf.name.clone(),
         tenant: wf.policy.tenant.to_string(),
         uid: caller.peer.uid,
+        member: acting.member_name().map(str::to_string),
         argv: body.argv.clone(),
         outcome: "cancelled".into(),
         exit_code: None,
@@ -126,6 +130,16 @@ pub(super) async fn exec(
         session: session.map(|s| s.id.as_str().to_string()),
     };
     let started = Instant::now();
+    // Held until the call's answer is written, or dropped with it. A
+    // refusal is in the audit trail, with the limit.
+    let held = match super::rates::admit(&front, &acting, &wf, false) {
+        Ok(held) => held,
+        Err(refused) => {
+            let mut row = Row { log: &broker.exec_log, started, call: Some(row) };
+            row.finish(refused.error.code, None, refused.limit.as_ref(), None);
+            return Err(refused.error);
+        }
+    };
     let (events, streamed) = if stream {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (Some(tx), Some(rx))
@@ -144,6 +158,10 @@ pub(super) async fn exec(
     let registered = registered.detach(Arc::clone(broker));
     let argv0 = body.argv[0].clone();
     let done = answer(Arc::clone(&front), wf, argv0, request_id.clone(), timeout_ms, rx, row, started, registered);
+    let done = async move {
+        let _held = held;
+        done.await
+    };
     let Some(streamed) = streamed else {
         return done.await.map(|reply| json(StatusCode::OK, &reply));
     };

@@ -9,13 +9,16 @@
 //! (draining, sandboxed callers, callers who are no workflow's client, an
 //! early `x-corral-workflow` check); [`body`] reads JSON bodies within the
 //! caller's budget; [`error`] is the one error shape; [`exec`], [`ask`],
-//! [`chat`] and [`status`] are the endpoints.
+//! [`chat`] and [`status`] are the endpoints. [`acting`] resolves the
+//! member a request is made for (a delegate's `x-corral-member`, or her own
+//! login), [`rates`] holds members and tenants to their limits.
 //!
 //! Fairness: a uid can hold at most [`limits::Limits::conns_per_uid`]
 //! connections and [`limits::Limits::bodies_per_uid`] bytes of bodies;
 //! beyond that it is refused at once, never queued, so a hostile local user
 //! exhausts only its own share and every other uid is served as before.
 
+pub mod acting;
 mod ask;
 mod audit;
 mod authorize;
@@ -30,6 +33,7 @@ pub mod listener;
 mod models;
 mod ops;
 pub mod proxy;
+pub mod rates;
 mod receipt;
 mod routes;
 mod sessions;
@@ -54,12 +58,15 @@ use super::Broker;
 use error::{raw_response, ApiError};
 use limits::{Gate, Limits, Refusal};
 
+pub use acting::Acting;
 pub use listener::BindError;
 
 /// Shared by every connection and request.
 pub(crate) struct Front {
     broker: Arc<Broker>,
     gate: Arc<Gate>,
+    /// Members' and tenants' rate limits and concurrency caps.
+    rates: Arc<rates::Rates>,
     /// Turns true when [`Server::shutdown`] starts.
     stop: watch::Receiver<bool>,
 }
@@ -93,7 +100,8 @@ impl Server {
     pub fn start(listener: UnixListener, broker: Arc<Broker>, limits: Limits) -> Server {
         let gate = Gate::new(fit_fd_limit(limits));
         let (stop, stopped) = watch::channel(false);
-        let front = Arc::new(Front { broker, gate, stop: stopped.clone() });
+        let rates = Arc::new(rates::Rates::default());
+        let front = Arc::new(Front { broker, gate, rates, stop: stopped.clone() });
         tokio::spawn(trim_freed_memory(Arc::clone(&front.gate), stopped.clone()));
         let task = tokio::spawn(accept_loop(listener, front, stopped));
         Server { stop, task }
@@ -246,6 +254,7 @@ fn serve(
             request_id = %request_id,
             workflow = tracing::field::Empty,
             tenant = tracing::field::Empty,
+            member = tracing::field::Empty,
             uid = peer.uid,
             pid = ?peer.pid,
             method = %req.method(),

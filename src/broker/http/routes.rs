@@ -3,9 +3,13 @@
 //!
 //! 1. while the broker drains after SIGTERM: 503 `stopping`;
 //! 2. a caller inside a sandbox (a worker's uid, or below a worker): 403;
-//! 3. a call (`POST` exec, ask, chat): a caller who is no workflow's
-//!    client is refused 403; with an `x-corral-workflow` header the
-//!    workflow is authorized here, and the body must then name the same one.
+//! 3. `x-corral-member`: only a delegate of the members file may send it
+//!    (403), naming a member it has (403 `unknown_member`); the member and
+//!    the chat go into the request's extensions as an [`Acting`];
+//! 4. a call (`POST` exec, ask, chat): a caller who is no workflow's
+//!    client (nor a delegate acting for a member) is refused 403; with an
+//!    `x-corral-workflow` header the workflow is authorized here, and the
+//!    body must then name the same one.
 //!
 //! Afterwards the gate renders the answer: an [`ApiError`], axum's own
 //! rejections and caught panics all become the JSON error with the request
@@ -20,7 +24,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Extension, Router};
 
-use super::authorize::{authorize, Early};
+use super::acting::{self, Acting};
+use super::authorize::{authorize_for, Early};
 use super::error::{render, ApiError};
 use super::{ask, audit, calls, chat, exec, models, ops, sessions, status, AppState, Caller};
 use crate::api::{
@@ -95,6 +100,12 @@ fn check(broker: &Broker, peer: &Peer, req: &mut Request) -> Result<(), ApiError
             "requests from inside a corral sandbox are refused: tools may not call the broker",
         ));
     }
+    let acting: Acting = acting::resolve(&broker.members(), peer, req.headers())?;
+    if let Some(m) = acting.member_name() {
+        tracing::Span::current().record("member", m);
+    }
+    let delegated = acting.delegated;
+    req.extensions_mut().insert(acting.clone());
     let is_call = req.method() == Method::POST && matches!(req.uri().path(), EXEC_PATH | ASK_PATH | CHAT_PATH);
     if !is_call {
         return Ok(());
@@ -103,11 +114,11 @@ fn check(broker: &Broker, peer: &Peer, req: &mut Request) -> Result<(), ApiError
         let name = name.to_str().map_err(|_| {
             ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("{WORKFLOW_HEADER} is not text"))
         })?;
-        let wf = authorize(broker, peer, name)?;
+        let wf = authorize_for(broker, peer, &acting, name)?;
         req.extensions_mut().insert(Early(wf));
         return Ok(());
     }
-    if !broker.may_use_any(peer) {
+    if !delegated && !broker.may_use_any(peer) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 
+use super::acting::Acting;
 use super::authorize::sees_all;
 use super::body::json;
 use super::error::ApiError;
@@ -61,12 +62,13 @@ pub(super) fn named(headers: &HeaderMap, field: Option<&str>) -> Result<Option<S
 pub(super) async fn open(
     broker: &Arc<Broker>,
     peer: &Peer,
+    acting: &Acting,
     wf: &Arc<Workflow>,
     headers: &HeaderMap,
     field: Option<&str>,
 ) -> Result<Option<Opened>, ApiError> {
     let Some(id) = named(headers, field)? else { return Ok(None) };
-    let owner = owner_of(peer);
+    let owner = owner_of(peer, acting.member_name());
     let (b, w) = (Arc::clone(broker), Arc::clone(wf));
     let opened = tokio::task::spawn_blocking(move || b.sessions.open(&w, &owner, id, crate::utc::now()))
         .await
@@ -79,10 +81,11 @@ pub(super) async fn open(
 pub(super) async fn list(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(acting): Extension<Acting>,
     query: Result<Query<SessionsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| bad(format!("{e}: use ?workflow=NAME")))?;
-    let owner = (!sees_all(&caller.peer)).then(|| owner_of(&caller.peer));
+    let owner = (!sees_all(&caller.peer)).then(|| owner_of(&caller.peer, acting.member_name()));
     let broker = Arc::clone(&front.broker);
     let rows = tokio::task::spawn_blocking(move || {
         let rows = broker.sessions.list(owner.as_ref(), q.workflow.as_deref())?;
@@ -113,6 +116,7 @@ pub(super) async fn list(
 pub(super) async fn remove(
     State(front): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(acting): Extension<Acting>,
     Path((workflow, id)): Path<(String, String)>,
     query: Result<Query<SessionDeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -129,10 +133,10 @@ pub(super) async fn remove(
         }
         (Some(key), true) => Some(
             SessionOwner::from_key(key)
-                .ok_or_else(|| bad(format!("owner {key:?} is not an owner key like uid-1000")))?,
+                .ok_or_else(|| bad(format!("owner {key:?} is not an owner key like uid-1000 or member-alice")))?,
         ),
         (None, true) => None,
-        (None, false) => Some(owner_of(&caller.peer)),
+        (None, false) => Some(owner_of(&caller.peer, acting.member_name())),
     };
     let not_found = || {
         ApiError::new(

@@ -26,6 +26,9 @@ pub struct CallContext<'a> {
     pub llm: Option<&'a Llm>,
     /// The client whose request this is (`SO_PEERCRED`), for its usage.
     pub uid: Option<u32>,
+    /// The member the call is made for (the members file): her name, for
+    /// the ledger, and her `tokens_per_day`.
+    pub member: Option<(&'a str, Option<u64>)>,
     /// The client's sampling parameters, for every completion.
     pub params: &'a ModelParams,
 }
@@ -122,6 +125,12 @@ impl Gateway {
         let checks = [
             (llm.daily_tokens, Scope::Workflow(ctx.workflow), "workflow", ctx.workflow),
             (llm.tenant_daily_tokens, Scope::Tenant(ctx.tenant), "tenant", ctx.tenant),
+            (
+                ctx.member.and_then(|(_, limit)| limit),
+                Scope::Member(ctx.member.map_or("", |(name, _)| name)),
+                "member",
+                ctx.member.map_or("", |(name, _)| name),
+            ),
         ];
         for (limit, scope, kind, name) in checks {
             let Some(limit) = limit else { continue };
@@ -150,6 +159,7 @@ impl Gateway {
                 workflow: ctx.workflow,
                 tenant: ctx.tenant,
                 uid: ctx.uid,
+                member: ctx.member.map(|(name, _)| name),
                 model: &llm.model,
                 usage,
                 latency_ms,
