@@ -336,6 +336,8 @@ fn a_member_is_answered_a_refused_call_gets_one_short_line_and_bot_api_failures_
 /// A request the scripted broker received: headers and body.
 #[derive(Clone, Debug)]
 struct Asked {
+    /// The caller's uid (SO_PEERCRED).
+    uid: u32,
     headers: std::collections::BTreeMap<String, String>,
     body: Value,
 }
@@ -356,11 +358,12 @@ fn scripted_broker(socket: &Path) -> Arc<Mutex<Vec<Asked>>> {
             let listener = tokio::net::UnixListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                let uid = stream.peer_cred().unwrap().uid();
                 let shared = Arc::clone(&shared);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let shared = Arc::clone(&shared);
-                        async move { Ok::<_, std::convert::Infallible>(broker_answer(shared, req).await) }
+                        async move { Ok::<_, std::convert::Infallible>(broker_answer(shared, uid, req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -374,6 +377,7 @@ fn scripted_broker(socket: &Path) -> Arc<Mutex<Vec<Asked>>> {
 
 async fn broker_answer(
     asked: Arc<Mutex<Vec<Asked>>>,
+    uid: u32,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
     use http_body_util::BodyExt;
@@ -381,7 +385,7 @@ async fn broker_answer(
         req.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect();
     let body: Value =
         serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes()).unwrap_or(Value::Null);
-    asked.lock().unwrap().push(Asked { headers, body: body.clone() });
+    asked.lock().unwrap().push(Asked { uid, headers, body: body.clone() });
     let prompt = body["prompt"].as_str().unwrap_or("").to_string();
     let error = |status: u16, code: &str, message: &str| {
         let mut r =
@@ -443,6 +447,7 @@ fn members_chats_and_sessions_reach_the_broker_and_its_refusals_stay_short() {
     // of the chat; the workflow left to the broker.
     let by_prompt = |p: &str| asked.lock().unwrap().iter().find(|a| a.body["prompt"] == p).cloned().unwrap();
     let private = by_prompt("two");
+    assert_eq!(private.uid, bot_user().uid.as_raw());
     assert_eq!(private.headers["x-corral-member"], "telegram:3001");
     assert_eq!(private.headers["x-corral-chat"], "private");
     assert_eq!(private.headers["x-corral-session"], "tg-3001");
@@ -541,5 +546,125 @@ fn the_token_stays_out_of_the_log_when_the_bot_api_fails_or_refuses_it() {
     let out = Command::new(BIN).args(["bridge", "telegram"]).env_remove("CREDENTIALS_DIRECTORY").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("LoadCredential=telegram-token"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- the unit -------------------------------------------------------------
+
+const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/units/corral-bridge-telegram.service");
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn the_shipped_unit_verifies_and_its_exposure_stays_low() {
+    if !require(&["root"]) {
+        return;
+    }
+    // verify needs the binary of ExecStart= and the units it names.
+    let dir = scratch_dir("bridge-unit");
+    let unit = std::fs::read_to_string(UNIT).unwrap().replace("/usr/local/bin/corral", BIN);
+    let path = dir.join("corral-bridge-telegram.service");
+    std::fs::write(&path, unit).unwrap();
+    for u in ["corral.socket", "corral.slice"] {
+        std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("units").join(u), dir.join(u)).unwrap();
+    }
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+    assert!(out.status.success() && text(&out).trim().is_empty(), "{}", text(&out));
+    let out =
+        Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&path).output().unwrap();
+    let report = text(&out);
+    let level: f64 = report
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for corral-bridge-telegram.service:").map(|(_, r)| r))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {report}"));
+    // Measured: 1.2 (what is left: the network, AF_UNIX/INET, no
+    // IPAddressDeny=, the host's root directory, ProtectClock's rtc, no
+    // PrivateUsers=; see the unit). corral.service: 3.9.
+    assert!(level <= 1.2, "exposure {level} > 1.2:\n{report}");
+    // The bridge's own user, no capability, the token as a credential.
+    for line in
+        ["User=corral-bot", "CapabilityBoundingSet=\n", "LoadCredential=telegram-token:/etc/corral/telegram-token"]
+    {
+        assert!(std::fs::read_to_string(UNIT).unwrap().contains(line), "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_shipped_unit_runs_the_bridge_as_corral_bot_with_its_credential() {
+    if !require(&["root", "users", "systemd"]) {
+        return;
+    }
+    let Some(sd) = systemd_pid() else { return };
+    let dir = scratch_dir("bridge-in-unit");
+    let socket = dir.join("broker.sock");
+    let asked = scripted_broker(&socket);
+    let api = BotApi::start();
+    let token = token_file(&dir);
+    // A systemd that is the machine's PID 1 (the guest) hands the token
+    // over as the unit says: a credential from a root-only file. The
+    // namespaced systemd of the host's tests cannot (it builds each
+    // credential directory in a mount that does not propagate back to its
+    // own namespace: the service finds an empty 0700 root directory), so
+    // there the unit reads corral-bot's own file with --token-file.
+    let credential = sd == 1;
+    if credential {
+        std::os::unix::fs::chown(&token, Some(0), Some(0)).unwrap();
+    }
+    // The shipped unit, with the test's binary, socket, Bot API and token;
+    // without the dependency on the real corral.socket.
+    let mut unit = String::new();
+    for line in std::fs::read_to_string(UNIT).unwrap().lines() {
+        let key = line.split('=').next().unwrap_or("");
+        match key {
+            "ExecStart" => {
+                unit.push_str(&format!(
+                    "ExecStart={BIN} bridge telegram --socket {} --api-base {} --poll-timeout 1s",
+                    socket.display(),
+                    api.base()
+                ));
+                if !credential {
+                    unit.push_str(&format!(" --token-file {}", token.display()));
+                }
+                unit.push('\n');
+            }
+            "LoadCredential" if credential => {
+                unit.push_str(&format!("LoadCredential=telegram-token:{}\n", token.display()))
+            }
+            "LoadCredential" | "Requires" | "ConditionPathExists" | "Restart" | "WantedBy" => {}
+            _ => {
+                unit.push_str(line);
+                unit.push('\n');
+            }
+        }
+    }
+    let name = format!("corral-test-bridge-{}.service", std::process::id());
+    let unit_file = PathBuf::from(format!("/proc/{sd}/root/run/systemd/system/{name}"));
+    std::fs::write(&unit_file, unit).unwrap();
+    let out = nsenter(sd, &["systemctl", "start", &name]);
+    let journal = || text(&nsenter(sd, &["journalctl", "--no-pager", "-o", "cat", "-u", &name]));
+    assert!(out.status.success(), "{}\n{}", text(&out), journal());
+
+    api.message(5001, "private", 5001, "from the unit");
+    let sent = poll(Duration::from_secs(20), || {
+        let s = api.sent(5001);
+        (!s.is_empty()).then_some(s)
+    });
+    let stop = nsenter(sd, &["systemctl", "stop", &name]);
+    let log = journal();
+    let _ = std::fs::remove_file(&unit_file);
+    let _ = nsenter(sd, &["systemctl", "reset-failed", &name]);
+    assert_eq!(sent, Some(vec!["re: from the unit".to_string()]), "{log}");
+    assert!(stop.status.success(), "{}", text(&stop));
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].uid, bot_user().uid.as_raw(), "the unit's calls are not corral-bot's");
+    assert_eq!(asked[0].headers["x-corral-member"], "telegram:5001");
+    assert!(log.contains("telegram bridge: polling"), "{log}");
+    assert_no_token(&log);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,7 +26,7 @@ pub enum TokenError {
          LoadCredential={TOKEN_CREDENTIAL}:/etc/corral/telegram-token (units/corral-bridge-telegram.service)"
     )]
     Missing,
-    #[error("failed to read the bot token from {path}: {source}")]
+    #[error("failed to read the bot token from {path} (is it readable by this user? systemd: LoadCredential=)")]
     Read { path: PathBuf, source: std::io::Error },
     // Never the content: a wrong file may still hold a secret.
     #[error(
