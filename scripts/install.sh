@@ -1,6 +1,7 @@
 #!/bin/bash
 # Installs corral as a systemd service: the binary, units/ (corral.service,
-# corral.socket, corral.slice), the sysusers.d and tmpfiles.d files and the
+# corral.socket, corral.slice, and corral-bridge-telegram.service, left
+# disabled until its token is there), the sysusers.d and tmpfiles.d files and the
 # example policies; then runs systemd-sysusers, systemd-tmpfiles --create and
 # systemctl daemon-reload. Needs root.
 #
@@ -47,7 +48,7 @@ install -d -m 0755 "$units" "$cfg/sysusers.d" "$cfg/tmpfiles.d" "$etc" "$etc/pol
 install -d -m 0700 "$etc/credentials"
 install -d -m 0755 "$bindir"
 install -m 0755 "$binary" "$exe"
-for u in corral.service corral.socket corral.slice; do
+for u in corral.service corral.socket corral.slice corral-bridge-telegram.service; do
   # Not through a symlink (a unit masked to /dev/null, say): replace it.
   rm -f "$units/$u"
   sed -e "s|/usr/local/bin/corral|$exe|g" -e "s|/etc/corral/|$etc/|g" "units/$u" >"$units/$u"
@@ -78,5 +79,13 @@ if [ $start = 1 ]; then
   systemctl start corral.service
 fi
 echo "installed: $exe, units in $units, policies in $etc/policies"
+# The Telegram bridge stays disabled: it needs the bot's token (and members
+# linked to Telegram ids, see the README's "Telegram bridge").
+if [ -e "$etc/telegram-token" ]; then
+  echo "Telegram bridge: token found; start it with: systemctl enable --now corral-bridge-telegram.service"
+else
+  echo "Telegram bridge (optional): put BotFather's token into $etc/telegram-token (0600 root), then"
+  echo "  systemctl enable --now corral-bridge-telegram.service"
+fi
 echo "check the host with: $exe doctor --policies $etc/policies"
 echo "check a client with: $exe doctor --as USER (every user in a policy's clients can reach the socket)"

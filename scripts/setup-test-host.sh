@@ -58,8 +58,9 @@ if [ $build = 1 ] && ! "$venv/bin/python3" -c 'import openai' >/dev/null 2>&1; t
 fi
 
 # Service users the workers run as (no login, no home): the default one,
-# one per tenant of the example policies, and one for the limit tests.
-for u in corral-worker corral-alice corral-kid corral-dev corral-test; do
+# one per tenant of the example policies, and one for the limit tests;
+# corral-bot, the Telegram bridge's user (tests/bridge.rs).
+for u in corral-worker corral-alice corral-kid corral-dev corral-test corral-bot; do
   id "$u" >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /usr/sbin/nologin "$u"
 done
 getent group corral-users >/dev/null || groupadd --system corral-users
@@ -68,4 +69,4 @@ getent group corral-users >/dev/null || groupadd --system corral-users
 for u in alice kid mallory; do
   id "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$u"
 done
-echo "test host ready: users corral-worker corral-alice corral-kid corral-dev corral-test alice kid mallory"
+echo "test host ready: users corral-worker corral-alice corral-kid corral-dev corral-test corral-bot alice kid mallory"

@@ -43,6 +43,8 @@ export CORRAL_TEST_SYSTEMD_PID
 echo "namespaced systemd: PID $CORRAL_TEST_SYSTEMD_PID"
 
 cargo test --release --locked
+# Not bridge: the Telegram bridge is a client of the socket, the same whether
+# the broker runs as a unit or not; its own unit ran under this systemd above.
 CORRAL_TEST_UNDER_SYSTEMD=1 cargo test --release --locked --test escape --test escape_ipc --test isolation --test limits --test api \
   --test cancel --test front_door --test faults --test llm --test operations --test pool --test stream --test workspace --test toolchain --test egress --test receipts --test family --test sessions --test members
 

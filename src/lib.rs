@@ -64,6 +64,7 @@
 //! and forks tool children that may allocate before exec.
 
 pub mod api;
+pub mod bridge;
 pub mod broker;
 pub mod cgroup;
 pub mod cli;

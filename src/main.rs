@@ -188,6 +188,12 @@ enum Command {
         #[arg(long = "as", value_name = "USER")]
         as_user: Option<String>,
     },
+    /// Chat bridges: carry a chat's messages to the broker as asks of its
+    /// members, and the answers back.
+    Bridge {
+        #[command(subcommand)]
+        command: BridgeCommand,
+    },
     /// Internal: a sandboxed worker, started by the broker.
     #[command(hide = true)]
     Worker,
@@ -201,6 +207,30 @@ enum SessionsCommand {
         #[arg(long)]
         owner: Option<String>,
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BridgeCommand {
+    /// A Telegram bot: long-polls the Bot API and asks the broker, as a
+    /// delegate, for the member linked to each sender's Telegram id. The
+    /// token comes from the systemd credential `telegram-token`
+    /// ($CREDENTIALS_DIRECTORY) or --token-file, never argv or environment.
+    Telegram {
+        #[arg(long, env = "CORRAL_SOCKET", default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The Bot API (a local stand-in for tests).
+        #[arg(long, default_value = "https://api.telegram.org")]
+        api_base: String,
+        /// A file holding the bot token (instead of the systemd credential).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Ask this workflow instead of each member's first.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// How long one getUpdates waits for a message, e.g. "30s".
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        poll_timeout: std::time::Duration,
     },
 }
 
@@ -429,6 +459,17 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
         Command::Doctor { policies, worker_user, socket, as_user } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             Ok(rt.block_on(corral::cli::doctor::run_for(&policies, &worker_user, &socket, as_user.as_deref())))
+        }
+        Command::Bridge {
+            command: BridgeCommand::Telegram { socket, api_base, token_file, workflow, poll_timeout },
+        } => {
+            init_logging();
+            let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+            let token = corral::bridge::read_token(token_file.as_deref(), credentials.as_deref())?;
+            let opts = corral::bridge::telegram::Options { api_base, socket, token, workflow, poll_timeout };
+            let rt = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+            rt.block_on(corral::bridge::telegram::run(opts))?;
+            Ok(0)
         }
         Command::Policy { .. } | Command::Worker => Ok(0),
     }

@@ -338,6 +338,13 @@ fn service_is_ready_hardened_and_puts_workers_in_scopes() {
     let status_text = svc.show(SERVICE, "StatusText");
     assert!(status_text.contains("serving 4 workflows"), "StatusText={status_text}");
     assert_eq!(svc.show(SERVICE, "WatchdogUSec"), "20s");
+    // The Telegram bridge is installed, and left off until its token is
+    // there (tests/bridge.rs runs it); its user exists.
+    let bridge = "corral-bridge-telegram.service";
+    assert_eq!(svc.show(bridge, "LoadState"), "loaded");
+    assert_eq!(svc.show(bridge, "UnitFileState"), "disabled");
+    assert_eq!(svc.show(bridge, "ActiveState"), "inactive");
+    assert!(svc.ns(&["id", "corral-bot"]).status.success());
 
     let st = svc.status();
     assert!(st["broker"]["resource_control"].as_str().unwrap().starts_with("systemd 252"), "{:#}", st["broker"]);

@@ -19,8 +19,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_corral");
 
 /// Users the tests expect (created by `scripts/setup-test-host.sh`).
 pub const WORKER_USER: &str = "corral-worker";
-pub const USERS: &[&str] =
-    &["corral-worker", "corral-alice", "corral-kid", "corral-dev", "corral-test", "alice", "kid", "mallory"];
+pub const USERS: &[&str] = &[
+    "corral-worker",
+    "corral-alice",
+    "corral-kid",
+    "corral-dev",
+    "corral-test",
+    "corral-bot",
+    "alice",
+    "kid",
+    "mallory",
+];
 
 fn feature_present(feature: &str) -> Result<(), String> {
     match feature {

@@ -74,7 +74,8 @@ systemctl reload corral.service && corral status >/dev/null && echo "reloaded, s
 # down now that it has been checked (the binary stays).
 section "stopping the installed corral.service; the suites install their own"
 systemctl disable --now corral.socket corral.service 2>&1
-rm -f /etc/systemd/system/corral.service /etc/systemd/system/corral.socket /etc/systemd/system/corral.slice
+rm -f /etc/systemd/system/corral.service /etc/systemd/system/corral.socket /etc/systemd/system/corral.slice \
+  /etc/systemd/system/corral-bridge-telegram.service
 systemctl daemon-reload
 
 # The tests' scratch directories live in CARGO_TARGET_TMPDIR (target/tmp).
