@@ -270,7 +270,18 @@ fn a_member_is_answered_a_refused_call_gets_one_short_line_and_bot_api_failures_
     // corral-bot is no client of "closed".
     let mut closed = llm_policy("closed", "fam", &model.base_url(), "");
     clients(&mut closed, "\"alice\"");
-    let b = Broker::start("bridge-real", &[helper, closed]);
+    // corral-bot is the members file's delegate; alice is Telegram user
+    // 1001, and may use "helper" only.
+    let dir = scratch_dir("bridge-real");
+    let members = dir.join("members.toml");
+    std::fs::write(
+        &members,
+        "[delegates]\nusers = [\"corral-bot\"]\n\n[[member]]\nname = \"alice\"\ntenant = \"fam\"\n\
+         telegram = [1001]\nworkflows = [\"helper\"]\n",
+    )
+    .unwrap();
+    let env = vec![("CORRAL_MEMBERS".to_string(), members.display().to_string())];
+    let b = Broker::start_in("bridge-real", dir, &[helper, closed], BrokerOptions { env, ..BrokerOptions::default() });
 
     let api = BotApi::start();
     let bridge = Bridge::start(&b.dir, "bridge", &api.base(), &b.socket, &["--workflow", "helper"]);
@@ -314,14 +325,15 @@ fn a_member_is_answered_a_refused_call_gets_one_short_line_and_bot_api_failures_
     assert_eq!(api.sent(1001).len(), 3, "{:?}", api.sent(1001));
     assert_eq!(model.received().len(), 3, "a message was asked twice");
 
-    // corral-bot may not call "closed": one short line, nothing of the
-    // broker's message, and nothing else sent; the detail is in the log.
-    refused_api.message(2001, "private", 2001, "let me in");
+    // alice may not use "closed" (the members file lists only "helper"):
+    // one short line, nothing of the broker's message, and nothing else
+    // sent; the detail is in the log.
+    refused_api.message(2001, "private", 1001, "let me in");
     let sent = refused_api.wait_sent(2001, 1);
     assert_eq!(sent, vec![NOT_ALLOWED]);
     let log = refused.log_text();
-    assert!(log.contains("code=forbidden") && log.contains("clients.users"), "{log}");
-    assert!(!sent[0].contains("clients") && !sent[0].contains("closed"), "{sent:?}");
+    assert!(log.contains("code=forbidden") && log.contains("may not use workflow"), "{log}");
+    assert!(!sent[0].contains("alice") && !sent[0].contains("closed"), "{sent:?}");
     assert_eq!(model.received().len(), 3, "a refused call reached the model");
 
     for (name, mut br) in [("bridge", bridge), ("refused", refused)] {
