@@ -680,3 +680,187 @@ fn the_shipped_unit_runs_the_bridge_as_corral_bot_with_its_credential() {
     assert_no_token(&log);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- the family, end to end ----------------------------------------------
+
+/// The texts of the messages of model request `i` (role: content), for
+/// asserting what each ask's model saw.
+fn seen(model: &Stub, i: usize) -> String {
+    let got = model.received();
+    let msgs = got[i].body["messages"].as_array().cloned().unwrap_or_default();
+    msgs.iter()
+        .map(|m| format!("{}: {}", m["role"].as_str().unwrap_or(""), m["content"].as_str().unwrap_or("")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The tool names model request `i` offered.
+fn offered(model: &Stub, i: usize) -> Vec<String> {
+    model.received()[i].body["tools"]
+        .as_array()
+        .map(|ts| ts.iter().filter_map(|t| t["function"]["name"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// A family on Telegram, through the bridge and the real broker, as the
+/// README walks it: two members (alice, and the kid with a small rate
+/// limit), each with her own workflow and tenant; a private chat and a
+/// group chat the two share; a stranger. What each side gets, what the
+/// model sees (the sessions' histories, the tools each chat allows), and
+/// the audit trail of it all, verified and then broken by an edit.
+#[test]
+fn a_family_on_telegram_members_chats_limits_sessions_and_the_audit_trail() {
+    if !full_sandbox() || !require(&["users"]) {
+        return;
+    }
+    const ALICE: i64 = 1001;
+    const KID: i64 = 1002;
+    const GROUP: i64 = -500;
+    const STRANGER: i64 = 3003;
+    let model = Stub::start(vec![
+        answer("noted", 3, 2),
+        tool_call("c1", "shell", &json!({"command": "echo private-note > note.txt && cat note.txt"})),
+        answer("saved", 3, 2),
+        tool_call("c2", "shell", &json!({"command": "id"})),
+        answer("not here", 3, 2),
+        answer("hello kid", 3, 2),
+        answer("I do not know", 3, 2),
+        answer("swordfish", 3, 2),
+    ]);
+    let own = |name: &str, tenant: &str, user: &str| {
+        let mut p = llm_policy(name, tenant, &model.base_url(), "");
+        p.text = p.text.replace("user = \"corral-test\"", &format!("user = \"{user}\""));
+        p
+    };
+    let policies = [own("alice-chat", "fam-alice", "corral-alice"), own("homework", "fam-kid", "corral-kid")];
+    let dir = scratch_dir("bridge-family");
+    let members = dir.join("members.toml");
+    std::fs::write(
+        &members,
+        r#"[delegates]
+users = ["corral-bot"]
+
+[[member]]
+name = "alice"
+tenant = "fam-alice"
+telegram = [1001]
+workflows = ["alice-chat"]
+chats.group = ["read_file"]
+
+[[member]]
+name = "kid"
+tenant = "fam-kid"
+telegram = [1002]
+workflows = ["homework"]
+requests_per_minute = 2
+"#,
+    )
+    .unwrap();
+    let env = vec![("CORRAL_MEMBERS".to_string(), members.display().to_string())];
+    let b = Broker::start_in("bridge-family", dir, &policies, BrokerOptions { env, ..BrokerOptions::default() });
+    let api = BotApi::start();
+    let mut bridge = Bridge::start(&b.dir, "family", &api.base(), &b.socket, &[]);
+
+    // alice, in her private chat: told a secret; then a note written by
+    // the shell tool, which her private chat allows.
+    api.message(ALICE, "private", ALICE, "the password is swordfish");
+    assert_eq!(api.wait_sent(ALICE, 1), ["noted"]);
+    api.message(ALICE, "private", ALICE, "save a note");
+    assert_eq!(api.wait_sent(ALICE, 2), ["noted", "saved"]);
+    assert!(seen(&model, 1).contains("swordfish"), "her session's history:\n{}", seen(&model, 1));
+    assert_eq!(offered(&model, 1).len(), 4, "a private chat offers every tool");
+    let ran = seen(&model, 2);
+    assert!(ran.contains("exit code 0") && ran.contains("private-note"), "{ran}");
+
+    // alice in the group chat: another session (no secret in it), and
+    // only read_file; the shell call the model makes anyway is refused.
+    api.message(GROUP, "group", ALICE, "run id");
+    assert_eq!(api.wait_sent(GROUP, 1), ["not here"]);
+    assert!(!seen(&model, 3).contains("swordfish"), "{}", seen(&model, 3));
+    assert_eq!(offered(&model, 3), ["read_file"]);
+    let refused = seen(&model, 4);
+    assert!(refused.contains("not allowed") && !refused.contains("uid="), "{refused}");
+
+    // The kid, in the same group chat and in his own: his own sessions,
+    // which hold nothing of alice's.
+    api.message(GROUP, "group", KID, "hi from kid");
+    assert_eq!(api.wait_sent(GROUP, 2), ["not here", "hello kid"]);
+    api.message(KID, "private", KID, "what is the password?");
+    assert_eq!(api.wait_sent(KID, 1), ["I do not know"]);
+    for i in [5, 6] {
+        let s = seen(&model, i);
+        assert!(!s.contains("swordfish") && !s.contains("run id") && !s.contains("not here"), "request {i}:\n{s}");
+    }
+
+    // The kid's third message within the minute: slowed down, and nothing
+    // reaches the model; alice is served at the same moment, and her
+    // private session still holds the secret.
+    api.message(KID, "private", KID, "and again");
+    api.message(ALICE, "private", ALICE, "what is the password?");
+    let kid = api.wait_sent(KID, 2);
+    assert!(kid[1].starts_with("Slow down: retry in "), "{kid:?}");
+    assert_eq!(api.wait_sent(ALICE, 3), ["noted", "saved", "swordfish"]);
+    let last = seen(&model, 7);
+    assert!(last.contains("swordfish") && last.contains("saved"), "{last}");
+
+    // A stranger: one short line, nothing else, no model call.
+    api.message(STRANGER, "private", STRANGER, "hello?");
+    assert_eq!(api.wait_sent(STRANGER, 1), [NOT_A_MEMBER]);
+    assert_eq!(model.received().len(), 8, "the refused calls reached the model");
+
+    // Four sessions: alice's and the kid's in the group, and each one's
+    // private chat; alice's note is in her private session's directory.
+    let out = b.cli(None, &["sessions", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let sessions: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut pairs: Vec<(String, String)> = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["owner"].as_str().unwrap().to_string(), s["id"].as_str().unwrap().to_string()))
+        .collect();
+    pairs.sort();
+    let want = [
+        ("member-alice", "tg-1001"),
+        ("member-alice", "tg-m500"),
+        ("member-kid", "tg-1002"),
+        ("member-kid", "tg-m500"),
+    ];
+    assert_eq!(pairs, want.map(|(o, i)| (o.to_string(), i.to_string())));
+    let note = b.workspace("fam-alice", "alice-chat").join("sessions/member-alice/tg-1001/note.txt");
+    assert_eq!(std::fs::read_to_string(&note).unwrap_or_default(), "private-note\n", "{}", note.display());
+
+    // The audit trail: every ask with its member and session, the kid's
+    // refusal with the limit; intact, then broken by an edit.
+    let rows = poll(Duration::from_secs(10), || {
+        let out = b.cli(None, &["audit", "--json"]);
+        let rows: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let rows = rows.as_array()?.clone();
+        (rows.len() >= 7).then_some(rows)
+    })
+    .expect("seven audit rows");
+    let of = |m: &str| rows.iter().filter(|r| r["member"] == m).count();
+    assert_eq!((of("alice"), of("kid")), (4, 3), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["session"].as_str().is_some_and(|s| s.starts_with("tg-")) || r["outcome"] == "rate_limited"),
+        "{rows:?}"
+    );
+    let limited = rows.iter().find(|r| r["outcome"] == "rate_limited").expect("the kid's refusal");
+    assert_eq!(limited["member"], "kid");
+    assert!(limited["limit"].as_str().is_some_and(|l| l.contains("requests_per_minute = 2")), "{limited}");
+    let verify = || {
+        let out = b.cli(None, &["audit", "verify"]);
+        (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (code, t) = verify();
+    assert_eq!(code, Some(0), "{t}");
+    let id = limited["id"].as_i64().unwrap();
+    b.ledger().execute("UPDATE audit SET member = 'alice' WHERE id = ?1", [id]).unwrap();
+    let (code, t) = verify();
+    assert_eq!(code, Some(1), "{t}");
+    assert!(t.contains(&format!("BROKEN at row {id}")), "{t}");
+
+    assert_eq!(bridge.stop().and_then(|s| s.code()), Some(0), "{}", bridge.log_text());
+    assert_no_token(&bridge.log_text());
+}
