@@ -9,13 +9,6 @@ pub mod telegram;
 
 use std::path::{Path, PathBuf};
 
-/// Request header: the member a delegate acts for, `telegram:ID`.
-pub const MEMBER_HEADER: &str = "x-corral-member";
-/// Request header: the kind of chat, `private` or `group`.
-pub const CHAT_HEADER: &str = "x-corral-chat";
-/// Request header: the conversation, 1–64 characters of `[A-Za-z0-9._-]`.
-pub const SESSION_HEADER: &str = "x-corral-session";
-
 /// The credential name of the bot token (systemd `LoadCredential=`).
 pub const TOKEN_CREDENTIAL: &str = "telegram-token";
 

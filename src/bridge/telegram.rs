@@ -28,8 +28,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::botapi::{split_message, BotApi, BotApiError, Message, MESSAGE_LIMIT};
-use super::{CHAT_HEADER, MEMBER_HEADER, SESSION_HEADER};
-use crate::api::{AskBody, AskReply, ErrorReply, ASK_PATH, REQUEST_ID_HEADER, WORKFLOW_HEADER};
+use crate::api::{
+    AskBody, AskReply, ErrorReply, ASK_PATH, CHAT_HEADER, MEMBER_HEADER, REQUEST_ID_HEADER, SESSION_HEADER,
+    WORKFLOW_HEADER,
+};
 
 /// The replies the bridge gives instead of an answer. Short, and the same
 /// whatever the broker said: its messages are for the operator (the
