@@ -45,6 +45,10 @@
 //! share of connections and request-body memory, is refused before any
 //! body byte it sends is read where it may not call, and learns nothing
 //! of other tenants' workflows from an error.
+//! A chat bot's uid speaks for many people: only a uid the members file
+//! names as a delegate may say whom a call is for (`x-corral-member`), and
+//! then that member's workflows, her rights in that kind of chat and her
+//! limits apply; nobody else can claim to be a member.
 //! Nor can a local user pose as a model provider: the broker sends prompts and
 //! keys only to an endpoint no such user could have bound first (https, a
 //! Unix socket in a protected directory, a privileged port, or a loopback
