@@ -140,7 +140,21 @@ fn make_world() -> World {
     let ns_file = std::fs::File::open(&netns.host_path).unwrap();
     let listeners = std::thread::spawn(move || {
         nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        addrs.iter().map(|a| (*a, TcpListener::bind(a).unwrap())).collect::<Vec<_>>()
+        // A new IPv6 address is tentative until the kernel's address work
+        // has run (even on lo, where there is no DAD to do): binding it
+        // in that moment fails with EADDRNOTAVAIL, so try again briefly.
+        let bind = |a: &SocketAddr| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match TcpListener::bind(a) {
+                    Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    r => break r.unwrap_or_else(|e| panic!("binding {a} in the world: {e}")),
+                }
+            }
+        };
+        addrs.iter().map(|a| (*a, bind(a))).collect::<Vec<_>>()
     })
     .join()
     .unwrap();
