@@ -51,7 +51,20 @@ fn a_session_reaches_neither_another_session_nor_the_workspace() {
     if !full_sandbox() {
         return;
     }
-    let b = Broker::start("sessions-apart", &[shared_policy("notes", "")]);
+    // "wide" may read the whole state directory, its workspace included:
+    // no session layer could narrow that, so its sessions are refused.
+    let dir = scratch_dir("sessions-apart");
+    let mut wide = shared_policy("wide", "");
+    wide.text = wide.text.replace(r#""/dev/urandom"]"#, &format!(r#""/dev/urandom", "{}"]"#, dir.display()));
+    let b =
+        Broker::start_in("sessions-apart", dir.clone(), &[shared_policy("notes", ""), wide], BrokerOptions::default());
+    assert!(ok(&b.sh("wide", "true")));
+    let r = run(&b, "wide", "w", "true");
+    assert!(!ok(&r), "{r:#}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains(&format!("rule {} contains the workspace", dir.display())),
+        "{r:#}"
+    );
     let ws = b.workspace("fam", "notes");
     // One worker serves every call below: what keeps sessions apart is the
     // layer of each call, not the worker.
