@@ -51,7 +51,20 @@ fn a_session_reaches_neither_another_session_nor_the_workspace() {
     if !full_sandbox() {
         return;
     }
-    let b = Broker::start("sessions-apart", &[shared_policy("notes", "")]);
+    // "wide" may read the whole state directory, its workspace included:
+    // no session layer could narrow that, so its sessions are refused.
+    let dir = scratch_dir("sessions-apart");
+    let mut wide = shared_policy("wide", "");
+    wide.text = wide.text.replace(r#""/dev/urandom"]"#, &format!(r#""/dev/urandom", "{}"]"#, dir.display()));
+    let b =
+        Broker::start_in("sessions-apart", dir.clone(), &[shared_policy("notes", ""), wide], BrokerOptions::default());
+    assert!(ok(&b.sh("wide", "true")));
+    let r = run(&b, "wide", "w", "true");
+    assert!(!ok(&r), "{r:#}");
+    assert!(
+        r["error"].as_str().unwrap_or("").contains(&format!("rule {} contains the workspace", dir.display())),
+        "{r:#}"
+    );
     let ws = b.workspace("fam", "notes");
     // One worker serves every call below: what keeps sessions apart is the
     // layer of each call, not the worker.
@@ -129,6 +142,21 @@ fn a_session_reaches_neither_another_session_nor_the_workspace() {
         assert!(reply["error"]["message"].as_str().unwrap().contains("session id"), "{reply:#}");
     }
     assert!(!ws.join("sessions/uid-0/x").exists());
+    let curl = |header: &str, body: &Value| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(&b.socket)
+            .args(["-H", "content-type: application/json", "-H", header, "-d"])
+            .arg(body.to_string())
+            .arg("http://corral/v1/exec")
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let r = curl("x-corral-session: a", &json!({"workflow": "notes", "argv": ["pwd"], "session": "b"}));
+    assert!(r["error"]["message"].as_str().unwrap_or("").contains("differ"), "{r:#}");
+    let r = curl("x-corral-session: hdr", &json!({"workflow": "notes", "argv": ["pwd"]}));
+    assert_eq!(stdout(&r).trim_end(), ws.join("sessions/uid-0/hdr").to_str().unwrap(), "{r:#}");
 
     // The audit trail names the session.
     let rows = poll(std::time::Duration::from_secs(10), || {

@@ -433,4 +433,43 @@ mod tests {
         assert_eq!(SessionOwner::from_key("member-../x"), None);
         assert_eq!(SessionOwner::from_key("member-"), None);
     }
+
+    #[test]
+    fn history_keeps_the_newest_messages_within_both_caps() {
+        let dir = std::env::temp_dir().join(format!("corral-sessions-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sessions = Sessions::new(Arc::new(Ledger::open(&dir).unwrap())).unwrap();
+        let open = |id: &str| Opened {
+            workflow: "w".into(),
+            owner: SessionOwner::uid(1),
+            id: SessionId::parse(id).unwrap(),
+            dir: dir.join(id),
+        };
+        let (a, b) = (open("a"), open("b"));
+        for i in 0..30 {
+            sessions.append(&a, &format!("q{i}"), &format!("r{i}"), 1).unwrap();
+        }
+        sessions.append(&b, "other", "session", 1).unwrap();
+        let h = sessions.history(&a).unwrap();
+        assert_eq!(h.len(), HISTORY_MESSAGES);
+        assert_eq!((h[0].role, h[0].content.as_deref()), (Role::User, Some("q10")));
+        assert_eq!(h[HISTORY_MESSAGES - 1].content.as_deref(), Some("r29"));
+        assert_eq!(sessions.history(&b).unwrap().len(), 2, "sessions do not share history");
+        // A turn that leaves room for one more message of the byte cap: the
+        // answer "r29" is kept, its prompt dropped, so the history starts
+        // with the new prompt instead (an answer never leads).
+        let big = "x".repeat(HISTORY_BYTES - 4);
+        sessions.append(&a, "p", &big, 1).unwrap();
+        let h = sessions.history(&a).unwrap();
+        let lens: Vec<usize> = h.iter().map(|m| m.content.as_deref().unwrap_or("").len()).collect();
+        assert_eq!(lens, [1, HISTORY_BYTES - 4]);
+        assert_eq!(h[0].role, Role::User);
+        // The next turn pushes the big one out whole.
+        sessions.append(&a, "small", &"y".repeat(200), 1).unwrap();
+        let h = sessions.history(&a).unwrap();
+        let lens: Vec<usize> = h.iter().map(|m| m.content.as_deref().unwrap_or("").len()).collect();
+        assert_eq!(lens, [5, 200]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -3,6 +3,7 @@
 //! capped output. When the call ends — the command exits or its time is up —
 //! every process it left behind is killed, daemonized or not.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -140,16 +141,16 @@ fn spawn(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Child> {
             let s = crate::sandbox::session::session_layer(spec, dir)
                 .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
             let env = crate::sandbox::session::session_env(spec, &s.dir);
-            (s.layer, s.dir, env, Requirement::Required)
+            (s.layer, Cow::Owned(s.dir), Cow::Owned(env), Requirement::Required)
         }
-        None => (ctx.layer.try_clone()?, spec.workspace.clone(), spec.env.clone(), spec.landlock),
+        None => (ctx.layer.try_clone()?, Cow::Borrowed(&spec.workspace), Cow::Borrowed(&spec.env), spec.landlock),
     };
     let argv0 = req.argv.first().ok_or_else(|| io::Error::other("empty argv"))?;
     let mut cmd = Command::new(argv0);
     cmd.args(&req.argv[1..])
         .env_clear()
-        .envs(env)
-        .current_dir(&dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&*dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);

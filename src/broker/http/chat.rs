@@ -57,8 +57,7 @@ pub(super) async fn chat(
 ) -> Result<Response, ApiError> {
     let broker = &front.broker;
     let request_id: &str = &caller.request_id;
-    let body = body.value;
-    let mut body = body;
+    let mut body = body.value;
     let wf = resolve(broker, &caller.peer, &acting, early, &body.model)?;
     // `session` is corral's, not a model parameter.
     let field = match body.params.remove("session") {
