@@ -74,7 +74,7 @@ pub struct SessionsQuery {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionDeleteQuery {
-    /// root only: the owner (`uid-1000`) whose session to remove; without
+    /// root only: the owner (`uid-1000`, `member-alice`) whose session to remove; without
     /// it root removes the id of every owner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
@@ -84,7 +84,7 @@ pub struct SessionDeleteQuery {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionInfo {
     pub workflow: String,
-    /// Whose it is (`uid-1000`).
+    /// Whose it is (`uid-1000`, or `member-alice` for a member).
     pub owner: String,
     pub id: String,
     /// Unix seconds, UTC.

@@ -203,7 +203,7 @@ enum Command {
 enum SessionsCommand {
     /// Remove a session: its history and directory.
     Rm {
-        /// root only: the owner (uid-N) whose session to remove.
+        /// root only: the owner (uid-N or member-NAME) whose session to remove.
         #[arg(long)]
         owner: Option<String>,
         id: String,
