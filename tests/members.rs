@@ -307,9 +307,17 @@ fn a_member_over_his_limits_gets_429_while_his_neighbours_are_served() {
     assert_eq!(exec_for(&b, "kid", "private", &kid("true")).code, 200);
     let mut gone = client(&b, BOT, "/v1/exec", &bot_kid, &kid("touch gone; sleep 30")).spawn().unwrap();
     wait_for(&kid_ws.join("gone"));
-    gone.kill().unwrap();
+    // runuser forks: the client holding the connection is its child, and
+    // killing runuser alone would leave it connected until the call's own
+    // timeout (10 s) freed the slot. Kill the client itself, and look for
+    // the slot well before that timeout.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", gone.id())).unwrap();
+    assert!(!children.trim().is_empty(), "runuser has no child");
+    for pid in children.split_whitespace() {
+        kill(Pid::from_raw(pid.parse().unwrap()), Signal::SIGKILL).unwrap();
+    }
     let _ = gone.wait();
-    let back = poll(Duration::from_secs(10), || {
+    let back = poll(Duration::from_secs(5), || {
         let r = exec_for(&b, "kid", "private", &kid("true"));
         (r.code == 200).then_some(())
     });
