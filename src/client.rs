@@ -73,34 +73,22 @@ pub async fn request_streamed(
     workflow: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Incoming), ClientError> {
-    let stream = UnixStream::connect(socket).await.map_err(|source| connect_error(socket, source))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, "corral")
-        .header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(w) = workflow {
-        req = req.header(crate::api::WORKFLOW_HEADER, w);
-    }
-    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-    let resp = sender.send_request(req).await?;
+    let headers: &[(&str, &str)] = match workflow {
+        Some(w) => &[(crate::api::WORKFLOW_HEADER, w)],
+        None => &[],
+    };
+    let resp = send(socket, method, path, headers, body.unwrap_or_default()).await?;
     Ok((resp.status(), resp.into_body()))
 }
 
-/// One whole exchange with extra request headers, returning the answer's
-/// headers too: for callers that act on behalf of someone (the chat
-/// bridges' `x-corral-member`, …) and read `Retry-After` or the request id.
-pub async fn request_with_headers(
+/// Sends one request with `headers` on a new connection to `socket`.
+async fn send(
     socket: &Path,
     method: Method,
     path: &str,
     headers: &[(&str, &str)],
     body: Vec<u8>,
-) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+) -> Result<hyper::Response<Incoming>, ClientError> {
     let stream = UnixStream::connect(socket).await.map_err(|source| connect_error(socket, source))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
@@ -114,7 +102,20 @@ pub async fn request_with_headers(
     for (name, value) in headers {
         req = req.header(*name, *value);
     }
-    let resp = sender.send_request(req.body(Full::new(Bytes::from(body)))?).await?;
+    Ok(sender.send_request(req.body(Full::new(Bytes::from(body)))?).await?)
+}
+
+/// One whole exchange with extra request headers, returning the answer's
+/// headers too: for callers that act on behalf of someone (the chat
+/// bridges' `x-corral-member`, …) and read `Retry-After` or the request id.
+pub async fn request_with_headers(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+    let resp = send(socket, method, path, headers, body).await?;
     let (parts, body) = resp.into_parts();
     let bytes = body.collect().await?.to_bytes();
     Ok((parts.status, parts.headers, bytes))

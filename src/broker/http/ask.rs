@@ -105,16 +105,7 @@ pub(super) async fn ask(
         tools: acting.tools(),
     };
     let request_id = caller.request_id.to_string();
-    let submitted =
-        ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = run(
-        Arc::clone(&front),
-        wf,
-        submitted,
-        (registered, held),
-        (caller.peer.uid, &acting, request_id.clone()),
-        turn,
-    );
+    let done = start(&front, (&caller, &acting), wf, input, (registered, held), turn)?;
     let Some(streamed) = streamed else {
         return Ok(json(StatusCode::OK, &reply(&request_id, &done.await?)));
     };
@@ -197,22 +188,27 @@ pub(super) fn channel(stream: bool) -> (Option<UnboundedSender<AskEvent>>, Optio
     (Some(tx), Some(rx))
 }
 
-/// Waits for a submitted ask's answer, or until the broker stops. Owns
-/// what it needs: a streamed answer runs it after the handler has
-/// returned (errors before the ask was queued kept their status).
-/// The ask, whatever its end, goes into the audit trail of the caller
-/// (`uid`, the member it acts for, `request_id`). Holds the ask's rate
-/// limit slots until it ends.
-pub(super) fn run(
-    front: AppState,
+/// Queues the ask `input` of `caller` (acting as `acting`) on `wf`, or
+/// fails at once; then the future of its answer, which waits for it or
+/// until the broker stops. The future owns what it needs: a streamed
+/// answer runs it after the handler has returned (errors before the ask
+/// was queued kept their status). The ask, whatever its end, goes into the
+/// audit trail of the caller (uid, the member it acts for, request id).
+/// Holds the ask's rate limit slots until it ends.
+pub(super) fn start(
+    front: &AppState,
+    (caller, acting): (&Caller, &Acting),
     wf: Arc<Workflow>,
-    submitted: ask::Submitted,
+    input: AskInput,
     held: (Detached, super::rates::Held),
-    (uid, acting, request_id): (u32, &Acting, String),
     turn: Option<Turn>,
-) -> impl std::future::Future<Output = Result<AskResult, ApiError>> + Send + 'static {
+) -> Result<impl std::future::Future<Output = Result<AskResult, ApiError>> + Send + 'static, ApiError> {
+    let broker = &front.broker;
+    let request_id = caller.request_id.to_string();
+    let submitted =
+        ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
     let member = acting.member_name().map(str::to_string);
-    run_held(front, wf, submitted, held, (uid, member, request_id), turn)
+    Ok(run_held(Arc::clone(front), wf, submitted, held, (caller.peer.uid, member, request_id), turn))
 }
 
 async fn run_held(

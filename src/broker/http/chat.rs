@@ -14,7 +14,7 @@ use axum::response::Response;
 use axum::Extension;
 
 use super::acting::Acting;
-use super::ask::{ask_error, role};
+use super::ask::role;
 use super::authorize::{resolve, Early};
 use super::body::json;
 use super::body::JsonBody;
@@ -26,7 +26,7 @@ use crate::api::{
     AskEvent, ChatBody, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatExtras, ChatReply, ChatReplyMessage,
     ChatUsage,
 };
-use crate::broker::ask::{self, AskInput, AskResult};
+use crate::broker::ask::{AskInput, AskResult};
 use crate::broker::llm::ModelParams;
 use crate::protocol::{AskStop, ChatMessage, Role};
 use crate::utc;
@@ -105,16 +105,7 @@ pub(super) async fn chat(
         tools: acting.tools(),
     };
     let request_id = request_id.to_string();
-    let submitted =
-        ask::submit(broker, &caller.peer, wf.clone(), input, &request_id).map_err(|e| ask_error(broker, &wf, e))?;
-    let done = super::ask::run(
-        Arc::clone(&front),
-        wf,
-        submitted,
-        (registered, held),
-        (caller.peer.uid, &acting, request_id.clone()),
-        turn,
-    );
+    let done = super::ask::start(&front, (&caller, &acting), wf, input, (registered, held), turn)?;
     let id = format!("chatcmpl-{request_id}");
     let created = u64::try_from(utc::now()).unwrap_or(0);
     let finish = |r: &AskResult| match r.outcome.stop {
