@@ -643,6 +643,12 @@ fn the_shipped_unit_runs_the_bridge_as_corral_bot_with_its_credential() {
                     unit.push_str(&format!(" --token-file {}", token.display()));
                 }
                 unit.push('\n');
+                // PrivateTmp would hide a checkout under /tmp (CI clones
+                // there): bind the scratch space and the binary back.
+                if BIN.starts_with("/tmp") || BIN.starts_with("/var/tmp") {
+                    unit.push_str(&format!("BindPaths={}\n", env!("CARGO_TARGET_TMPDIR")));
+                    unit.push_str(&format!("BindReadOnlyPaths={BIN}\n"));
+                }
             }
             "LoadCredential" if credential => {
                 unit.push_str(&format!("LoadCredential=telegram-token:{}\n", token.display()))
