@@ -192,8 +192,8 @@ pub struct AuditEntry {
     pub workflow: String,
     pub tenant: String,
     pub uid: u32,
-    /// Who the call was for, when a delegate made it, and its session:
-    /// kept empty until members and sessions exist.
+    /// The member the call was made for (the members file), and the
+    /// session it belonged to, when it had them.
     pub member: Option<String>,
     pub session: Option<String>,
     /// `ok`, `failed`, `timeout`, `limit`, or an error code.
