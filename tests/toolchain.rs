@@ -358,3 +358,34 @@ fn ps_shows_the_calls_own_processes() {
     assert!(out.contains("corral worker"), "{out}");
     promises_hold(&s, "coding");
 }
+
+/// The worker starts tools itself (`clone(CLONE_VM | CLONE_VFORK)`, then
+/// `execve`), so it must do what `execvp` did: search the call's own
+/// `PATH`, run a file without `#!` with `/bin/sh`, say which program is
+/// missing, and start the tool with no signal blocked or ignored (`SIGPIPE`
+/// at its default: `yes | head` ends).
+#[test]
+fn tools_start_as_execvp_would_with_default_signals() {
+    let Some(s) = shared(&[]) else { return };
+    let b = &s.b;
+    let r = work(b, "coding", "plain", "printf 'echo from sh: $0\\n' > noshebang; chmod +x noshebang");
+    assert_eq!(exit_code(&r), Some(0), "{r:#}");
+    let r = b.exec("coding", &["./plain/noshebang"]);
+    assert_eq!(stdout(&r), "from sh: ./plain/noshebang\n", "{r:#}");
+
+    let r = b.exec("coding", &["no-such-program-here"]);
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no-such-program-here") && error.contains("No such file"), "{r:#}");
+
+    // SIGPIPE at its default: `yes` dies of it quietly (ignored, it would
+    // print "Broken pipe" and exit 1).
+    let r = b.exec("coding", &["sh", "-c", "yes | head -n 2"]);
+    assert_eq!((exit_code(&r), stdout(&r), stderr(&r)), (Some(0), "y\ny\n", ""), "{r:#}");
+    let r = b.exec("coding", &["grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status"]);
+    assert_eq!(
+        stdout(&r),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+        "a signal blocked or ignored in the tool: {r:#}"
+    );
+    promises_hold(&s, "coding");
+}

@@ -34,6 +34,12 @@ pub struct Layer<'a> {
 /// A ruleset built and ready to enforce, with what it will and will not do,
 /// and — for a tool call on a kernel without Landlock scopes — the seccomp
 /// guard that stands in for them.
+/// A tool's layer, ready for its child: see [`Prepared::into_child_layer`].
+pub struct ChildLayer {
+    pub(super) ruleset: Option<std::os::fd::OwnedFd>,
+    pub(super) guard: Option<seccompiler::BpfProgram>,
+}
+
 pub struct Prepared {
     ruleset: Option<RulesetCreated>,
     pub report: Report,
@@ -145,6 +151,18 @@ impl Prepared {
     pub fn try_clone(&self) -> std::io::Result<Prepared> {
         let ruleset = self.ruleset.as_ref().map(|r| r.try_clone()).transpose()?;
         Ok(Prepared { ruleset, report: self.report.clone(), guard: self.guard.clone() })
+    }
+
+    /// This layer as a tool child enforces it, with two system calls and
+    /// nothing else ([`super::spawn`]): the ruleset's descriptor and the
+    /// seccomp guard. A ruleset the kernel will not enforce is refused
+    /// here, before any child starts, when Landlock is `required`.
+    pub fn into_child_layer(self, requirement: Requirement) -> Result<ChildLayer, SandboxError> {
+        let ruleset: Option<std::os::fd::OwnedFd> = self.ruleset.and_then(Into::into);
+        if ruleset.is_none() && requirement == Requirement::Required {
+            return Err(SandboxError::LandlockUnavailable);
+        }
+        Ok(ChildLayer { ruleset, guard: self.guard })
     }
 
     /// Restricts the calling thread (and the threads and children it creates

@@ -38,6 +38,7 @@ pub mod process;
 pub mod refusal;
 pub mod seccomp;
 pub mod session;
+pub mod spawn;
 pub mod spec;
 pub mod sys;
 
@@ -270,9 +271,9 @@ pub fn lowest_priority(spec: &SandboxSpec) -> bool {
     spec.scope.is_none()
 }
 
-/// Prepares the per-call Landlock layer (to be enforced in the tool child by
-/// [`process::install_tool_hook`]).
-pub fn tool_layer(spec: &SandboxSpec) -> Result<landlock::Prepared, SandboxError> {
+/// Prepares the per-call Landlock layer, enforced in each tool child by
+/// [`spawn::spawn`].
+pub fn tool_layer(spec: &SandboxSpec) -> Result<landlock::ChildLayer, SandboxError> {
     let abi = sys::landlock_abi();
     let ports = connect_ports(spec, abi);
     let layer = landlock::Layer {
@@ -287,7 +288,7 @@ pub fn tool_layer(spec: &SandboxSpec) -> Result<landlock::Prepared, SandboxError
     if abi < landlock::ABI_SCOPES {
         prepared.guard = Some(seccomp::tool_guard(std::process::id())?);
     }
-    Ok(prepared)
+    prepared.into_child_layer(spec.landlock)
 }
 
 /// One promise of a policy and what enforces it on this kernel.

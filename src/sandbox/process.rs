@@ -8,67 +8,12 @@ use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::landlock::Prepared;
-use super::spec::{Requirement, ToolLimits};
-
 /// The descriptor number a worker finds its broker socket on.
 pub const WORKER_FD: RawFd = 3;
-
-/// Installs the tool-call hook on `cmd`: rlimits, the lowest CPU priority
-/// when `lowest_priority`, then the tool's own Landlock layer, in the child
-/// after fork and before exec.
-///
-/// INVARIANT: only the worker calls this, and the worker is single-threaded
-/// (it never starts a runtime or a thread), so the child of its fork may
-/// allocate; the Landlock ruleset itself was prepared before the fork.
-pub fn install_tool_hook(
-    cmd: &mut std::process::Command,
-    limits: &ToolLimits,
-    layer: Prepared,
-    requirement: Requirement,
-    lowest_priority: bool,
-) {
-    let limits = limits.clone();
-    let mut layer = Some(layer);
-    let hook = move || {
-        // A tool dies with its worker, even if the worker is killed outright.
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-        let nofile = limits.open_files_max;
-        setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile)?;
-        setrlimit(Resource::RLIMIT_FSIZE, limits.file_size_max, limits.file_size_max)?;
-        setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
-        if let Some(bytes) = limits.data_max {
-            setrlimit(Resource::RLIMIT_DATA, bytes, bytes)?;
-        }
-        if let Some(bytes) = limits.address_space_max {
-            setrlimit(Resource::RLIMIT_AS, bytes, bytes)?;
-        }
-        if let Some(n) = limits.processes_max {
-            setrlimit(Resource::RLIMIT_NPROC, n, n)?;
-        }
-        if lowest_priority {
-            // No CPU quota bounds this call: it runs only when the CPU has
-            // nothing else to do. RLIMIT_NICE 0 keeps it from lowering its
-            // nice value or leaving SCHED_IDLE; where SCHED_IDLE is refused
-            // (a real-time-only host, a filter), nice 19 still holds.
-            setrlimit(Resource::RLIMIT_NICE, 0, 0)?;
-            super::sys::set_nice(19)?;
-            let _ = super::sys::sched_idle();
-        }
-        if let Some(layer) = layer.take() {
-            layer.enforce(requirement).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
-        }
-        Ok(())
-    };
-    // SAFETY: see the INVARIANT above: the forking process is single-threaded,
-    // so no lock can be held by another thread across the fork.
-    unsafe { cmd.pre_exec(hook) };
-}
 
 /// The direct children of `pid`, from `/proc/PID/task/*/children`.
 fn children_of(pid: u32) -> Vec<u32> {
@@ -241,6 +186,16 @@ pub fn spawn_worker(
             let fail = |step: libc::c_int| -> ! { libc::_exit(120 + step) };
             if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0 {
                 fail(0);
+            }
+            // Every disposition at its default: a signal the broker's own
+            // parent ignored (a shell, a test harness) is ignored by the
+            // broker too, and would be by every tool. The raw system call
+            // reaches the signals libc reserves (32, 33). The zeroed struct
+            // is SIG_DFL with no flags on every architecture's layout;
+            // SIGKILL and SIGSTOP refuse, as they should.
+            let default = [0u64; 4];
+            for sig in 1..=64 {
+                libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null_mut::<u64>(), 8);
             }
             if libc::dup2(null_fd, 0) < 0 || libc::dup2(null_fd, 1) < 0 {
                 fail(1);

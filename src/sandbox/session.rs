@@ -15,13 +15,13 @@
 
 use std::path::{Path, PathBuf};
 
-use super::landlock::{self, Prepared};
-use super::spec::SandboxSpec;
+use super::landlock::{self, ChildLayer};
+use super::spec::{Requirement, SandboxSpec};
 use super::{connect_ports, seccomp, sys, SandboxError};
 
 /// What a session call runs under: its layer and its directory.
 pub struct SessionLayer {
-    pub layer: Prepared,
+    pub layer: ChildLayer,
     /// The session directory (the call's working directory).
     pub dir: PathBuf,
 }
@@ -95,7 +95,7 @@ pub fn session_layer(spec: &SandboxSpec, dir: &Path) -> Result<SessionLayer, San
     if abi < landlock::ABI_SCOPES {
         prepared.guard = Some(seccomp::tool_guard(std::process::id())?);
     }
-    Ok(SessionLayer { layer: prepared, dir: dir.to_path_buf() })
+    Ok(SessionLayer { layer: prepared.into_child_layer(Requirement::Required)?, dir: dir.to_path_buf() })
 }
 
 /// The environment of a session call: every value that names the

@@ -3,14 +3,11 @@
 //! capped output. When the call ends — the command exits or its time is up —
 //! every process it left behind is killed, daemonized or not.
 
-use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -21,9 +18,10 @@ use nix::unistd::Pid;
 
 use crate::frame::{read_frame, write_frame};
 use crate::protocol::{
-    ExecOutcome, ExecRequest, FromWorker, OutStream, OutputChunk, Requirement, SandboxSpec, Termination, ToWorker,
+    ExecOutcome, ExecRequest, FromWorker, OutStream, OutputChunk, SandboxSpec, Termination, ToWorker,
 };
-use crate::sandbox::landlock::Prepared;
+use crate::sandbox::landlock::ChildLayer;
+use crate::sandbox::spawn::{self, Input, Spawned};
 use crate::sandbox::{namespace, process, sys};
 
 /// How long a killed tree gets to disappear before we report it.
@@ -60,9 +58,12 @@ impl Capture {
     /// Reads what is available; closes the pipe at end of file. Bytes past
     /// the cap are read and dropped, so the writer never blocks on us.
     fn pump(&mut self) {
-        let mut buf = [0u8; CHUNK];
+        SCRATCH.with_borrow_mut(|buf| self.pump_with(buf));
+    }
+
+    fn pump_with(&mut self, buf: &mut [u8]) {
         while let Some(fd) = &self.pipe {
-            match nix::unistd::read(fd.as_fd(), &mut buf) {
+            match nix::unistd::read(fd.as_fd(), buf) {
                 Ok(0) => self.pipe = None,
                 Ok(n) => {
                     let keep = n.min(self.cap.saturating_sub(self.data.len()));
@@ -77,10 +78,16 @@ impl Capture {
     }
 }
 
+thread_local! {
+    /// The read buffer of every pump: the worker is single-threaded, and a
+    /// fresh 64 KiB buffer per read cost a `memset` each time.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; CHUNK]);
+}
+
+/// Makes a pipe end the worker just made non-blocking: one `F_SETFL` (its
+/// other status flags are all clear; the access mode is not changed by it).
 fn nonblocking(fd: BorrowedFd<'_>) {
-    if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFL) {
-        let _ = fcntl(fd, FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK));
-    }
+    let _ = fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
 }
 
 fn children_cpu_us() -> (u64, u64) {
@@ -123,7 +130,7 @@ pub struct Tools<'a> {
     pub spec: &'a SandboxSpec,
     /// The per-call Landlock layer, built once per worker
     /// ([`crate::sandbox::tool_layer`]) and enforced anew in every tool child.
-    pub layer: &'a Prepared,
+    pub layer: &'a ChildLayer,
     /// stdin of calls without input.
     pub devnull: &'a File,
     /// The worker's POSIX queue directory, emptied after each call.
@@ -132,36 +139,33 @@ pub struct Tools<'a> {
     pub shm: Option<&'a Path>,
 }
 
-fn spawn(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Child> {
-    let (spec, devnull) = (ctx.spec, ctx.devnull);
+fn start_tool(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Spawned> {
+    let spec = ctx.spec;
     // A session call: its own layer (the workspace narrowed to the
     // session's directory), enforced as required, in that directory.
-    let (layer, dir, env, requirement) = match &req.session_dir {
+    let session = match &req.session_dir {
         Some(dir) => {
             let s = crate::sandbox::session::session_layer(spec, dir)
                 .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
             let env = crate::sandbox::session::session_env(spec, &s.dir);
-            (s.layer, Cow::Owned(s.dir), Cow::Owned(env), Requirement::Required)
+            Some((s, env))
         }
-        None => (ctx.layer.try_clone()?, Cow::Borrowed(&spec.workspace), Cow::Borrowed(&spec.env), spec.landlock),
+        None => None,
     };
-    let argv0 = req.argv.first().ok_or_else(|| io::Error::other("empty argv"))?;
-    let mut cmd = Command::new(argv0);
-    cmd.args(&req.argv[1..])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&*dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if req.stdin.is_empty() {
-        cmd.stdin(Stdio::from(devnull.try_clone()?));
-    } else {
-        cmd.stdin(Stdio::piped());
-    }
-    let idle = crate::sandbox::lowest_priority(spec);
-    process::install_tool_hook(&mut cmd, &spec.tool, layer, requirement, idle);
-    cmd.spawn()
+    let (layer, dir, env) = match &session {
+        Some((s, env)) => (&s.layer, s.dir.as_path(), env.as_slice()),
+        None => (ctx.layer, spec.workspace.as_path(), spec.env.as_slice()),
+    };
+    let input = if req.stdin.is_empty() { Input::From(ctx.devnull.as_fd()) } else { Input::Pipe };
+    spawn::spawn(&spawn::Tool {
+        argv: &req.argv,
+        env,
+        dir,
+        input,
+        limits: &spec.tool,
+        layer,
+        lowest_priority: crate::sandbox::lowest_priority(spec),
+    })
 }
 
 /// Runs one call to completion, then empties the worker's IPC namespace
@@ -205,20 +209,17 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
     let spec = ctx.spec;
     let start = Instant::now();
     let (cpu_user0, cpu_sys0) = children_cpu_us();
-    let mut child = match spawn(ctx, req) {
+    let child = match start_tool(ctx, req) {
         Ok(c) => c,
         Err(e) => {
             let argv0 = req.argv.first().map(String::as_str).unwrap_or("");
             return not_started(req, start, format!("cannot execute `{argv0}`: {e}"));
         }
     };
-    let pid = child.id();
-    let pid_t = libc::pid_t::try_from(pid).unwrap_or(-1);
-    let mut stdin: Option<ChildStdin> = child.stdin.take();
-    let mut out =
-        Capture::new(child.stdout.take().map(OwnedFd::from as fn(ChildStdout) -> OwnedFd), spec.tool.output_max);
-    let mut err =
-        Capture::new(child.stderr.take().map(OwnedFd::from as fn(ChildStderr) -> OwnedFd), spec.tool.output_max);
+    let pid_t = child.pid;
+    let mut stdin: Option<File> = child.stdin.map(File::from);
+    let mut out = Capture::new(Some(child.stdout), spec.tool.output_max);
+    let mut err = Capture::new(Some(child.stderr), spec.tool.output_max);
     for fd in [&out.pipe, &err.pipe].into_iter().flatten() {
         nonblocking(fd.as_fd());
     }
@@ -239,7 +240,7 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
             timed_out = true;
             break;
         }
-        if exited(&pidfd, &mut child) {
+        if exited(&pidfd, pid_t) {
             break;
         }
         let remaining = deadline - now;
@@ -302,7 +303,7 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
     // escaped it (setsid); on a normal exit, whatever the command left behind.
     if timed_out || cancel {
         let _ = killpg(Pid::from_raw(pid_t), Signal::SIGKILL);
-        let _ = child.kill();
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid_t), Signal::SIGKILL);
     }
     let (status, usage) = sys::wait4(pid_t).unwrap_or((0, sys::Rusage::default()));
     if let Err(e) = process::kill_all_descendants(KILL_GRACE) {
@@ -342,7 +343,7 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
 }
 
 /// Whether the command has exited (without reaping it).
-fn exited(pidfd: &Option<OwnedFd>, child: &mut Child) -> bool {
+fn exited(pidfd: &Option<OwnedFd>, pid: libc::pid_t) -> bool {
     match pidfd {
         Some(p) => {
             let mut fds = [PollFd::new(p.as_fd(), PollFlags::POLLIN)];
@@ -350,9 +351,8 @@ fn exited(pidfd: &Option<OwnedFd>, child: &mut Child) -> bool {
         }
         None => {
             use nix::sys::wait::{waitid, Id, WaitPidFlag};
-            let raw = i32::try_from(child.id()).unwrap_or(-1);
             let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-            matches!(waitid(Id::Pid(Pid::from_raw(raw)), flags), Ok(s) if s.pid().is_some())
+            matches!(waitid(Id::Pid(Pid::from_raw(pid)), flags), Ok(s) if s.pid().is_some())
         }
     }
 }
@@ -360,12 +360,9 @@ fn exited(pidfd: &Option<OwnedFd>, child: &mut Child) -> bool {
 impl Capture {
     /// After every writer is dead: read until end of file.
     fn pump_to_end(&mut self) {
-        if let Some(fd) = &self.pipe {
-            // Back to blocking: end of file is certain now that the writers are gone.
-            if let Ok(flags) = fcntl(fd.as_fd(), FcntlArg::F_GETFL) {
-                let _ = fcntl(fd.as_fd(), FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK));
-            }
-        }
+        // Still non-blocking: every writer is dead, so what is left is read
+        // at once, then end of file; a writer that somehow survived cannot
+        // hang the worker.
         self.pump();
         self.pipe = None;
     }
