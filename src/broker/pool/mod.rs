@@ -177,6 +177,13 @@ impl State {
         self.queue.push_front(job);
     }
 
+    /// Whether a queued call may have to wait: more are queued than idle
+    /// slots will take at once. Only then must the janitor time the queue
+    /// (waking it for every call costs a task switch a call).
+    fn may_wait(&self) -> bool {
+        self.queue.len() > self.idle_slots as usize
+    }
+
     /// Whether the queue needs one more slot: every queued call beyond the
     /// slots that will take one (idle, or starting) gets one, up to `max`.
     fn needs_slot(&self, max: u32) -> bool {
@@ -390,11 +397,13 @@ impl Pool {
             }
             let (reply, rx) = oneshot::channel();
             s.queue.push_back(Job { call, completions, events, reply, queued_at: Instant::now(), own_timeout, cancel });
-            (s.needs_slot(self.cfg.max_workers), rx)
+            (s.needs_slot(self.cfg.max_workers), s.may_wait(), rx)
         };
-        let (grow, rx) = grow;
+        let (grow, may_wait, rx) = grow;
         self.work.notify_one();
-        self.janitor.notify_one();
+        if may_wait {
+            self.janitor.notify_one();
+        }
         self.arrived.notify_waiters();
         if grow {
             self.add_slot();
@@ -877,6 +886,7 @@ impl Pool {
                 job = self.next_job() => job,
                 how = worker.exited() => {
                     self.state().idle_slots -= 1;
+                    self.janitor.notify_one();
                     let outside = outside_kill(signal_of(&how));
                     return SlotEnd::Lost { why: format!("idle worker {how}"), outside };
                 }
@@ -885,10 +895,13 @@ impl Pool {
             let job = match job {
                 Ok(Some(job)) => job,
                 Ok(None) => {
+                    self.janitor.notify_one();
                     worker.kill().await;
                     return SlotEnd::Shutdown;
                 }
                 Err(()) => {
+                    // A call may have come as it retired: the janitor times it.
+                    self.janitor.notify_one();
                     tracing::info!(workflow = %self.cfg.workflow, worker = id, "idle worker retired");
                     worker.kill().await;
                     return SlotEnd::Retired;
