@@ -80,6 +80,14 @@ fn parent_of(pid: u32) -> Option<u32> {
     after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Whether `pid` lives in the caller's own PID namespace, as far as
+/// `/proc` tells (false when it cannot be read).
+pub fn shares_pid_namespace(pid: u32) -> bool {
+    static OWN: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let own = OWN.get_or_init(|| std::fs::read_link("/proc/self/ns/pid").ok());
+    own.as_ref().is_some_and(|own| std::fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|ns| ns == *own))
+}
+
 /// Whether `pid` is one of `workers` or descends from one. Every process a
 /// tool starts stays below its worker: the worker is a child subreaper, so
 /// even a daemonized process is reparented to it.
@@ -110,5 +118,7 @@ mod tests {
         assert!(descends_from_any(me, &[me]));
         assert!(!descends_from_any(me, &[u32::MAX - 1]));
         assert!(!descends_from_any(parent, &[me]), "a parent does not descend from its child");
+        assert!(shares_pid_namespace(me) && shares_pid_namespace(parent));
+        assert!(!shares_pid_namespace(u32::MAX - 1), "no such process");
     }
 }

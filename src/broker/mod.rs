@@ -236,7 +236,10 @@ impl Broker {
     /// as a worker user, or below a worker. Before Landlock ABI 9 a tool can
     /// connect to any pathname socket its uid may write — this one included —
     /// so the broker itself must turn it away.
-    fn is_sandboxed_peer(&self, peer: &auth::Peer) -> bool {
+    /// The uid is checked on every request (a reload may make it a
+    /// worker's); the ancestry, which walks `/proc`, once per connection
+    /// (`below_worker`).
+    fn is_sandboxed_peer(&self, peer: &auth::Peer, below_worker: &std::sync::OnceLock<bool>) -> bool {
         let snapshot = self.snapshot();
         let pools = snapshot.values().map(|w| &w.pool);
         if pools.clone().any(|p| p.worker_uid() == Some(peer.uid)) {
@@ -245,8 +248,16 @@ impl Broker {
         let Some(pid) = peer.pid.and_then(|p| u32::try_from(p).ok()) else {
             return true;
         };
-        let workers: Vec<u32> = pools.flat_map(|p| p.worker_pids()).collect();
-        auth::descends_from_any(pid, &workers)
+        *below_worker.get_or_init(|| {
+            // A root broker starts every worker as PID 1 of a PID namespace
+            // of its own: a process in the broker's namespace is below none.
+            // One readlink, where the walk reads /proc once per ancestor.
+            if nix::unistd::Uid::effective().is_root() && auth::shares_pid_namespace(pid) {
+                return false;
+            }
+            let workers: Vec<u32> = pools.flat_map(|p| p.worker_pids()).collect();
+            auth::descends_from_any(pid, &workers)
+        })
     }
 
     /// The state of each pool whose workflow `peer` may use (all of them

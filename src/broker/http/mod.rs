@@ -87,6 +87,10 @@ type AppState = Arc<Front>;
 pub(crate) struct Caller {
     peer: Peer,
     request_id: Arc<str>,
+    /// Whether the peer process descends from a worker: walked once per
+    /// connection, at its first request. The answer cannot change while the
+    /// process lives: no process is ever moved below a worker.
+    below_worker: Arc<std::sync::OnceLock<bool>>,
 }
 
 /// The running accept loop.
@@ -244,6 +248,7 @@ fn serve(
     let io = conn::Guarded::new(stream, Arc::clone(&state), limits.header_timeout, limits.write_timeout, ids);
     let router = router.clone();
     let broker = Arc::clone(&front.broker);
+    let below_worker = Arc::new(std::sync::OnceLock::new());
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         let serving = state.serving();
         let router = router.clone();
@@ -260,7 +265,7 @@ fn serve(
             method = %req.method(),
             path = %super::log::Escaped(req.uri().path()),
         );
-        req.extensions_mut().insert(Caller { peer, request_id });
+        req.extensions_mut().insert(Caller { peer, request_id, below_worker: Arc::clone(&below_worker) });
         async move {
             let resp = router.oneshot(req.map(axum::body::Body::new)).await;
             drop(serving);

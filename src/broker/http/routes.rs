@@ -32,7 +32,7 @@ use crate::api::{
     ASK_PATH, AUDIT_PATH, AUDIT_VERIFY_PATH, CALL_PATH, CHAT_PATH, EXEC_PATH, HEALTH_PATH, METRICS_PATH, MODELS_PATH,
     OPENAPI_PATH, REQUEST_ID_HEADER, SESSIONS_PATH, SESSION_PATH, STATUS_PATH, USAGE_PATH, WORKFLOW_HEADER,
 };
-use crate::broker::auth::{describe_uid, Peer};
+use crate::broker::auth::describe_uid;
 use crate::broker::log::Escaped;
 use crate::broker::Broker;
 
@@ -77,7 +77,7 @@ async fn gate(
 ) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match check(&front.broker, &caller.peer, &mut req) {
+    let resp = match check(&front.broker, &caller, &mut req) {
         Ok(()) => next.run(req).await,
         Err(e) => {
             let (parts, body) = req.into_parts();
@@ -88,11 +88,12 @@ async fn gate(
     finish(resp, &caller, &method, &path)
 }
 
-fn check(broker: &Broker, peer: &Peer, req: &mut Request) -> Result<(), ApiError> {
+fn check(broker: &Broker, caller: &Caller, req: &mut Request) -> Result<(), ApiError> {
+    let peer = &caller.peer;
     if broker.draining() {
         return Err(ApiError::stopping());
     }
-    if broker.is_sandboxed_peer(peer) {
+    if broker.is_sandboxed_peer(peer, &caller.below_worker) {
         tracing::warn!(uid = peer.uid, pid = ?peer.pid, "refused a connection from inside a sandbox");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
