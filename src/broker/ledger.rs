@@ -11,6 +11,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
 
@@ -250,7 +251,8 @@ fn audit_hash(id: i64, e: &AuditEntry, prev: &str) -> String {
 /// broker, so the chain runs on across batches and restarts.
 fn insert_audit(conn: &Connection, e: &AuditEntry) -> rusqlite::Result<()> {
     let last: Option<(i64, String)> = conn
-        .query_row("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .map(Some)
         .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
     let (id, prev) = match last {
@@ -703,30 +705,67 @@ impl Ledger {
 const EXEC_LOG_BACKLOG: usize = 65_536;
 /// Rows per transaction at most.
 const EXEC_LOG_BATCH: usize = 512;
+/// How long the writer gathers rows after the first before it commits.
+/// Each commit rewrites the pages it touches and syncs the disk: one a
+/// call costs as much CPU as a trivial tool call's own broker work at a
+/// thousand calls a second (`cargo bench --bench front_door`). A reader of
+/// the ledger through the API waits for the rows queued before it
+/// ([`ExecLog::flush`]).
+const EXEC_LOG_LINGER: Duration = Duration::from_millis(5);
+
+enum LogMsg {
+    Row(Box<ExecCall>),
+    /// Acknowledged once every row queued before it is committed.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
 
 /// Writes exec calls to the ledger from a thread of its own, in batches:
 /// a call never waits on SQLite or on the disk's sync.
 pub struct ExecLog {
-    tx: Mutex<Option<std::sync::mpsc::SyncSender<ExecCall>>>,
+    tx: Mutex<Option<std::sync::mpsc::SyncSender<LogMsg>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl ExecLog {
     pub fn start(ledger: std::sync::Arc<Ledger>) -> ExecLog {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<ExecCall>(EXEC_LOG_BACKLOG);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<LogMsg>(EXEC_LOG_BACKLOG);
         let writer = std::thread::Builder::new()
             .name("exec-ledger".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    while batch.len() < EXEC_LOG_BATCH {
-                        match rx.try_recv() {
-                            Ok(c) => batch.push(c),
-                            Err(_) => break,
+                    let mut batch = Vec::new();
+                    let mut acks = Vec::new();
+                    let take = |m: LogMsg, batch: &mut Vec<ExecCall>, acks: &mut Vec<_>| match m {
+                        LogMsg::Row(c) => batch.push(*c),
+                        LogMsg::Flush(ack) => acks.push(ack),
+                    };
+                    take(first, &mut batch, &mut acks);
+                    let until = Instant::now() + EXEC_LOG_LINGER;
+                    // Gather until the batch is full, the linger is over, or
+                    // a reader waits.
+                    loop {
+                        let gathered = batch.len() + acks.len();
+                        let now = Instant::now();
+                        if gathered >= EXEC_LOG_BATCH || now >= until {
+                            break;
+                        }
+                        let m = match rx.try_recv() {
+                            Ok(m) => m,
+                            Err(_) if !acks.is_empty() => break,
+                            Err(_) => match rx.recv_timeout(until - now) {
+                                Ok(m) => m,
+                                Err(_) => break,
+                            },
+                        };
+                        take(m, &mut batch, &mut acks);
+                    }
+                    if !batch.is_empty() {
+                        if let Err(e) = ledger.record_exec_calls(&batch) {
+                            tracing::error!("{} exec call(s) not recorded: {e}", batch.len());
                         }
                     }
-                    if let Err(e) = ledger.record_exec_calls(&batch) {
-                        tracing::error!("{} exec call(s) not recorded: {e}", batch.len());
+                    for ack in acks {
+                        let _ = ack.send(());
                     }
                 }
             })
@@ -739,11 +778,27 @@ impl ExecLog {
     pub fn record(&self, call: ExecCall) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = tx.as_ref() else { return };
-        if let Err(e) = tx.try_send(call) {
+        if let Err(e) = tx.try_send(LogMsg::Row(Box::new(call))) {
             let call = match &e {
-                std::sync::mpsc::TrySendError::Full(c) | std::sync::mpsc::TrySendError::Disconnected(c) => c,
+                std::sync::mpsc::TrySendError::Full(m) | std::sync::mpsc::TrySendError::Disconnected(m) => m,
             };
-            tracing::error!(request_id = %call.request_id, "exec call not recorded: the ledger writer is behind or gone");
+            if let LogMsg::Row(call) = call {
+                tracing::error!(request_id = %call.request_id, "exec call not recorded: the ledger writer is behind or gone");
+            }
+        }
+    }
+
+    /// Blocks until every row queued before this call is committed (or the
+    /// writer is gone): a reader of the ledger then sees every call that
+    /// was answered before it asked. Call it off the async threads.
+    pub fn flush(&self) {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        let sent = {
+            let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            tx.as_ref().is_some_and(|tx| tx.send(LogMsg::Flush(ack)).is_ok())
+        };
+        if sent {
+            let _ = done.recv();
         }
     }
 
@@ -882,6 +937,52 @@ mod tests {
             .unwrap();
         assert_eq!(row, ("timeout".to_string(), 1, None));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_flush_waits_for_the_rows_queued_before_it() {
+        let (ledger, dir) = temp_ledger();
+        let ledger = std::sync::Arc::new(ledger);
+        let log = ExecLog::start(std::sync::Arc::clone(&ledger));
+        let count = || ledger.conn().query_row("SELECT COUNT(*) FROM exec_calls", [], |r| r.get::<_, i64>(0)).unwrap();
+        for round in 1..=3 {
+            for i in 0..round {
+                let mut c = exec_row(i);
+                c.request_id = format!("r-{round}-{i}");
+                log.record(c);
+            }
+            log.flush();
+            assert_eq!(count(), (1..=round).sum::<i64>(), "round {round}: rows queued before the flush are missing");
+        }
+        log.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn exec_row(i: i64) -> ExecCall {
+        ExecCall {
+            time: i,
+            request_id: format!("r-{i}"),
+            workflow: "w".into(),
+            tenant: "t".into(),
+            member: None,
+            uid: 1000,
+            argv: vec!["true".into()],
+            outcome: "ok".into(),
+            exit_code: Some(0),
+            signal: None,
+            duration_ms: 1,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            timed_out: false,
+            limit: None,
+            egress: None,
+            ended_by: None,
+            created: None,
+            modified: None,
+            deleted: None,
+            memory_peak_bytes: None,
+            session: None,
+        }
     }
 
     #[test]

@@ -22,10 +22,14 @@ async fn on_ledger<T: Send + 'static>(
     f: impl FnOnce(&crate::broker::ledger::Ledger) -> Result<T, LedgerError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let broker = std::sync::Arc::clone(&front.broker);
-    tokio::task::spawn_blocking(move || f(broker.gateway.ledger()))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the ledger query failed"))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    tokio::task::spawn_blocking(move || {
+        // Every exec call answered before this request is in the trail.
+        broker.exec_log.flush();
+        f(broker.gateway.ledger())
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the ledger query failed"))?
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
 pub(super) async fn list(
