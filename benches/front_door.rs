@@ -2,7 +2,9 @@
 //!
 //! 1. throughput and latency of `POST /v1/exec` at concurrency 1, 4, 8, 32
 //!    and 100 (each client on its own keep-alive connection), quoted
-//!    against concurrency 1. 100, not 128: one uid may hold 128
+//!    against concurrency 1, and the throughput against bare spawns of the
+//!    same command from as many threads (at most 32), half just before the
+//!    level and half just after. 100, not 128: one uid may hold 128
 //!    connections, and a level's clients connect while the last level's
 //!    may still be closing;
 //! 2. a neighbour's call latency (root, one call at a time) while uid
@@ -14,6 +16,9 @@
 //! `cargo bench --bench front_door` (needs root, python3 and the users
 //! mallory and alice: `scripts/setup-test-host.sh`).
 //! `CORRAL_BENCH_CALLS` sets the calls per concurrency level (default 2000);
+//! `CORRAL_BENCH_WORKERS` the pool's `max_workers` (default 4; `min_idle`
+//! is half of it, so the pool grows under load as it would in use);
+//! `CORRAL_BENCH_LOAD_ONLY=1` skips the attacks (parts 2 and 3);
 //! `CORRAL_BENCH_BIN` the corral binary to measure (default: cargo's).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -40,8 +45,8 @@ read = ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache"]
 write = ["{workspace}"]
 
 [pool]
-min_idle = 2
-max_workers = 4
+min_idle = {min_idle}
+max_workers = {max_workers}
 queue = 256
 "#;
 
@@ -149,6 +154,33 @@ async fn level(socket: &Path, level: usize, calls: usize) -> (Vec<Duration>, usi
     (lat, busy.load(Ordering::SeqCst), wall)
 }
 
+/// The baseline of a level: `calls` bare spawns of `/bin/echo TOKEN` (its
+/// output read through a pipe and checked, as corral's worker does), from
+/// `level` threads of this process: the kernel's own cost of the same
+/// work on the same cores, with nothing around it. Calls per second.
+fn bare_level(level: usize, calls: usize) -> f64 {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..level)
+        .map(|_| {
+            let next = Arc::clone(&next);
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= calls {
+                    return;
+                }
+                let token = format!("b{level}-{i}");
+                let out = Command::new("/bin/echo").arg(&token).stderr(Stdio::null()).output().unwrap();
+                assert_eq!(out.stdout, format!("{token}\n").as_bytes());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    calls as f64 / started.elapsed().as_secs_f64()
+}
+
 /// `n` sequential neighbour calls on fresh connections (as a CLI makes
 /// them): sorted latencies.
 async fn neighbour(socket: &Path, n: usize) -> Vec<Duration> {
@@ -204,7 +236,10 @@ fn main() {
     let calls: usize = std::env::var("CORRAL_BENCH_CALLS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("corral-bench-fd-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("policies")).unwrap();
-    std::fs::write(dir.join("policies/bench.toml"), POLICY).unwrap();
+    let workers: u32 = std::env::var("CORRAL_BENCH_WORKERS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let policy =
+        POLICY.replace("{min_idle}", &(workers / 2).max(1).to_string()).replace("{max_workers}", &workers.to_string());
+    std::fs::write(dir.join("policies/bench.toml"), policy).unwrap();
     // The attackers must reach the socket.
     let mut p = Some(dir.as_path());
     while let Some(d) = p {
@@ -242,17 +277,28 @@ fn main() {
         }
     });
 
-    println!("## Throughput: {calls} exec calls per level, each client on its own keep-alive connection\n");
-    println!("| concurrency | calls/s | p50 ms | p99 ms | p50 / p50 at 1 | busy (429) |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "## Throughput: {calls} exec calls per level, each client on its own keep-alive connection; \
+         max_workers = {workers}\n"
+    );
+    println!(
+        "| concurrency | calls/s | bare spawns/s | calls / bare | p50 ms | p99 ms | p50 / p50 at 1 | busy (429) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let mut base = None;
     for c in [1usize, 4, 8, 32, 100] {
+        // Half the bare spawns before the level and half after: a neighbour's
+        // load that comes or goes meanwhile weighs on both.
+        let before = bare_level(c.min(32), calls / 2);
         let (lat, busy, wall) = rt.block_on(level(&socket, c, calls));
+        let after = bare_level(c.min(32), calls / 2);
+        let bare = 2.0 / (1.0 / before + 1.0 / after);
         let (p50, p99) = (percentile(&lat, 500), percentile(&lat, 990));
         let b = *base.get_or_insert(p50);
+        let rate = calls as f64 / wall.as_secs_f64();
         println!(
-            "| {c} | {:.0} | {:.3} | {:.3} | {:.2}x | {busy} |",
-            calls as f64 / wall.as_secs_f64(),
+            "| {c} | {rate:.0} | {bare:.0} | {:.2}x | {:.3} | {:.3} | {:.2}x | {busy} |",
+            rate / bare,
             ms(p50),
             ms(p99),
             p50.as_secs_f64() / b.as_secs_f64()
@@ -260,7 +306,9 @@ fn main() {
     }
 
     let users_ok = ["mallory", "alice"].iter().all(|u| nix::unistd::User::from_name(u).ok().flatten().is_some());
-    if !users_ok {
+    if std::env::var_os("CORRAL_BENCH_LOAD_ONLY").is_some() {
+        println!("\nattacks skipped (CORRAL_BENCH_LOAD_ONLY)");
+    } else if !users_ok {
         println!("\nusers mallory and alice missing: no attack figures (scripts/setup-test-host.sh)");
     } else {
         let n = 300;
