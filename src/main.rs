@@ -274,8 +274,17 @@ fn stderr_is_journal() -> bool {
 fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // RUST_LOG as `LEVEL` or `TARGET=LEVEL,…` (tracing-subscriber's
+    // `Targets`; span and field filters are not supported).
+    let filter = match std::env::var("RUST_LOG") {
+        Err(_) => tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO),
+        Ok(text) => text.parse::<tracing_subscriber::filter::Targets>().unwrap_or_else(|e| {
+            eprintln!(
+                "corral: RUST_LOG={text:?} is not a filter ({e}); logging at info. Write it as LEVEL or TARGET=LEVEL,…"
+            );
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        }),
+    };
     // Under journald: native entries with fields (CORRAL_WORKFLOW, …) and
     // priorities mapped from the level; elsewhere readable lines on stderr.
     if stderr_is_journal() {
@@ -286,11 +295,8 @@ fn init_logging() {
         }
     }
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    tracing_subscriber::registry().with(filter).with(fmt).init();
 }
 
 fn main() -> ExitCode {
@@ -442,10 +448,13 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             }
         }
         Command::Canary { socket, workflow, prompt, expect, max_latency } => {
-            let expect = match regex::Regex::new(&expect) {
+            let expect = match regex_lite::Regex::new(&expect) {
                 Ok(r) => r,
                 Err(e) => {
-                    eprintln!("canary {workflow}: FAIL: invalid --expect: {e}");
+                    eprintln!(
+                        "canary {workflow}: FAIL: invalid --expect: {e} (the syntax of the regex-lite crate: \
+                         no Unicode classes such as \\p{{L}}; (?i) matches ASCII case only)"
+                    );
                     return Ok(corral::cli::canary::EXIT_FAILED);
                 }
             };

@@ -543,3 +543,25 @@ fn second_broker_refuses_a_live_socket() {
     let _ = child.wait();
     assert!(listening, "broker never listened on the stale socket");
 }
+
+/// A RUST_LOG the filter cannot read is said on stderr, with the syntax,
+/// and logging goes on at info (here, a worker started by hand without its
+/// broker: it logs why it stops); a valid one is taken silently.
+#[test]
+fn a_bad_rust_log_is_reported_and_a_good_one_taken() {
+    let run = |filter: &str| {
+        let out = Command::new(BIN)
+            .arg("worker")
+            .env("RUST_LOG", filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let bad = run("corral=debug,x=%%");
+    assert!(bad.contains("RUST_LOG=\"corral=debug,x=%%\" is not a filter"), "{bad}");
+    assert!(bad.contains("LEVEL or TARGET=LEVEL"), "{bad}");
+    let good = run("corral=debug,warn");
+    assert!(!good.contains("is not a filter"), "{good}");
+}

@@ -456,6 +456,12 @@ fn cli_ask_and_canary_exit_codes() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no workflow named"), "{missing:?}");
     let out = b.cli(None, &["ask", "nope", "hi"]);
     assert_eq!(out.status.code(), Some(125), "{out:?}");
+    // A pattern the matcher does not take (Unicode classes) says so, and
+    // what it takes instead; nothing is asked.
+    let unicode = canary(r"\p{L}+", "10s");
+    assert_eq!(unicode.status.code(), Some(1), "{unicode:?}");
+    let err = String::from_utf8_lossy(&unicode.stderr);
+    assert!(err.contains("invalid --expect") && err.contains("no Unicode classes"), "{err}");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use super::ask::ask;
 /// Exit code of a failed canary.
 pub const EXIT_FAILED: u8 = 1;
 
-pub async fn run(socket: &Path, workflow: &str, prompt: &str, expect: &regex::Regex, max_latency: Duration) -> u8 {
+pub async fn run(socket: &Path, workflow: &str, prompt: &str, expect: &regex_lite::Regex, max_latency: Duration) -> u8 {
     let fail = |why: String| {
         eprintln!("canary {workflow}: FAIL: {why}");
         EXIT_FAILED

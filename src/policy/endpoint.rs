@@ -72,6 +72,13 @@ fn literal_ip(host: &str) -> Option<IpAddr> {
 /// fix it.
 pub fn classify(base_url: &str, owner: Option<&str>, socket: Option<&str>) -> Result<Endpoint, String> {
     let url = url::Url::parse(base_url).map_err(|e| {
+        if !base_url.is_ascii() {
+            // corral is built without Unicode domain name tables.
+            return format!(
+                "invalid URL {base_url:?}: {e}; a host name must be ASCII: write an international name in \
+                 its punycode form (xn--…)"
+            );
+        }
         format!("invalid URL {base_url:?}: {e}; expected e.g. \"https://api.openai.com/v1\" or \"http://127.0.0.1:11434/v1\"")
     })?;
     let owner = owner.map(str::to_string);
@@ -141,6 +148,13 @@ mod tests {
             classify("http://localhost/v1", None, Some("/run/llm/api.sock")).unwrap(),
             Endpoint::UnixSocket { path: "/run/llm/api.sock".into(), owner: None }
         );
+    }
+
+    #[test]
+    fn an_international_host_name_is_asked_for_in_punycode() {
+        let e = classify("https://bücher.example/v1", None, None).unwrap_err();
+        assert!(e.contains("punycode"), "{e}");
+        assert_eq!(classify("https://xn--bcher-kva.example/v1", None, None).unwrap(), Endpoint::Tls);
     }
 
     #[test]
