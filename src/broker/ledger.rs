@@ -145,8 +145,9 @@ pub struct ModelCall<'a> {
     pub outcome: &'a str,
 }
 
-/// One `POST /v1/exec` call, as recorded.
-#[derive(Debug, Clone)]
+/// One `POST /v1/exec` call, as recorded. `Default` leaves every outcome
+/// field empty, for a row that sets only what it knows.
+#[derive(Debug, Clone, Default)]
 pub struct ExecCall {
     pub time: i64,
     pub request_id: String,
@@ -964,24 +965,12 @@ mod tests {
             request_id: format!("r-{i}"),
             workflow: "w".into(),
             tenant: "t".into(),
-            member: None,
             uid: 1000,
             argv: vec!["true".into()],
             outcome: "ok".into(),
             exit_code: Some(0),
-            signal: None,
             duration_ms: 1,
-            stdout_bytes: 0,
-            stderr_bytes: 0,
-            timed_out: false,
-            limit: None,
-            egress: None,
-            ended_by: None,
-            created: None,
-            modified: None,
-            deleted: None,
-            memory_peak_bytes: None,
-            session: None,
+            ..ExecCall::default()
         }
     }
 

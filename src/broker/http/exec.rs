@@ -114,20 +114,8 @@ pub(super) async fn exec(
         member: acting.member_name().map(str::to_string),
         argv: body.argv.clone(),
         outcome: "cancelled".into(),
-        exit_code: None,
-        signal: None,
-        duration_ms: 0,
-        stdout_bytes: 0,
-        stderr_bytes: 0,
-        timed_out: false,
-        limit: None,
-        egress: None,
-        ended_by: None,
-        created: None,
-        modified: None,
-        deleted: None,
-        memory_peak_bytes: None,
         session: session.map(|s| s.id.as_str().to_string()),
+        ..ExecCall::default()
     };
     let started = Instant::now();
     // Held until the call's answer is written, or dropped with it. A
