@@ -300,17 +300,15 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // The broker starts every worker as exactly `corral worker`. That path
+    // skips the CLI parser: a worker maps only the pages it runs, and an
+    // idle one's share of the binary (its PSS) stays small.
+    if is_worker_invocation(std::env::args_os()) {
+        return run_worker();
+    }
     let cli = Cli::parse();
-    // INVARIANT: the worker runs before any runtime or thread exists.
     if let Command::Worker = cli.command {
-        init_logging();
-        return match corral::worker::run() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("worker: {}", corral::error_chain(&e));
-                ExitCode::from(3)
-            }
-        };
+        return run_worker();
     }
     if let Command::Policy { command: PolicyCommand::Check { dir, members } } = &cli.command {
         return ExitCode::from(corral::cli::check::run(dir, members.as_deref()));
@@ -320,6 +318,22 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("corral: {e:#}");
             ExitCode::from(corral::cli::EXIT_CORRAL)
+        }
+    }
+}
+
+fn is_worker_invocation(mut args: impl ExactSizeIterator<Item = std::ffi::OsString>) -> bool {
+    args.len() == 2 && args.nth(1).is_some_and(|a| a == "worker")
+}
+
+fn run_worker() -> ExitCode {
+    // INVARIANT: the worker runs before any runtime or thread exists.
+    init_logging();
+    match corral::worker::run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("worker: {}", corral::error_chain(&e));
+            ExitCode::from(3)
         }
     }
 }
@@ -481,5 +495,26 @@ fn run_async(command: Command) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Policy { .. } | Command::Worker => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_worker_invocation;
+    use std::ffi::OsString;
+
+    fn args(list: &[&str]) -> std::vec::IntoIter<OsString> {
+        list.iter().map(OsString::from).collect::<Vec<_>>().into_iter()
+    }
+
+    /// Only the broker's exact `corral worker` skips the CLI parser; any
+    /// other shape (help, an extra word) is parsed, and so answered, as usual.
+    #[test]
+    fn only_the_exact_worker_command_skips_the_parser() {
+        assert!(is_worker_invocation(args(&["/usr/local/bin/corral", "worker"])));
+        assert!(!is_worker_invocation(args(&["corral", "worker", "--help"])));
+        assert!(!is_worker_invocation(args(&["corral", "workers"])));
+        assert!(!is_worker_invocation(args(&["corral", "status"])));
+        assert!(!is_worker_invocation(args(&["corral"])));
     }
 }
