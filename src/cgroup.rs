@@ -111,25 +111,63 @@ fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// The value of `key` in a flat-keyed file (`memory.events`, `cpu.stat`).
-fn keyed(path: &Path, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// The value of `key` in flat-keyed text (`memory.events`, `cpu.stat`).
+fn keyed_in(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok()).flatten()
     })
 }
 
+/// The value of `key` in a flat-keyed file.
+fn keyed(path: &Path, key: &str) -> Option<u64> {
+    keyed_in(&std::fs::read_to_string(path).ok()?, key)
+}
+
+/// The kernel's counters of a limit enforced on one group: what the broker
+/// reads before and after every call to name the limit that ended it. Two
+/// files on cgroup v2, three on v1, against seven for [`Stats`]: each is
+/// an open, a read and a close on a path of five or six levels, twice per
+/// group and per call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitCounts {
+    /// Processes the kernel's OOM killer ended in this group.
+    pub oom_kills: Option<u64>,
+    /// Times a fork was refused because of the task limit.
+    pub tasks_refused: Option<u64>,
+    /// Times the group's memory hit its limit (v2 `memory.events` max, v1
+    /// `memory.failcnt`).
+    pub memory_max_hits: Option<u64>,
+}
+
+/// The limit counters of the group at `loc`.
+pub fn limit_counts(loc: &Location) -> LimitCounts {
+    if let Some(g) = &loc.unified {
+        let memory = std::fs::read_to_string(g.join("memory.events")).ok();
+        return LimitCounts {
+            oom_kills: memory.as_deref().and_then(|t| keyed_in(t, "oom_kill")),
+            tasks_refused: keyed(&g.join("pids.events"), "max"),
+            memory_max_hits: memory.as_deref().and_then(|t| keyed_in(t, "max")),
+        };
+    }
+    LimitCounts {
+        oom_kills: loc.memory.as_ref().and_then(|g| keyed(&g.join("memory.oom_control"), "oom_kill")),
+        tasks_refused: loc.pids.as_ref().and_then(|g| keyed(&g.join("pids.events"), "max")),
+        memory_max_hits: loc.memory.as_ref().and_then(|g| read_u64(&g.join("memory.failcnt"))),
+    }
+}
+
 pub fn stats(loc: &Location) -> Stats {
+    let LimitCounts { oom_kills, tasks_refused, memory_max_hits } = limit_counts(loc);
     if let Some(g) = &loc.unified {
         return Stats {
             memory_current: read_u64(&g.join("memory.current")),
             memory_peak: read_u64(&g.join("memory.peak")),
             cpu_usage_us: keyed(&g.join("cpu.stat"), "usage_usec"),
             tasks_current: read_u64(&g.join("pids.current")),
-            oom_kills: keyed(&g.join("memory.events"), "oom_kill"),
-            tasks_refused: keyed(&g.join("pids.events"), "max"),
-            memory_max_hits: keyed(&g.join("memory.events"), "max"),
+            oom_kills,
+            tasks_refused,
+            memory_max_hits,
         };
     }
     Stats {
@@ -137,9 +175,9 @@ pub fn stats(loc: &Location) -> Stats {
         memory_peak: loc.memory.as_ref().and_then(|g| read_u64(&g.join("memory.max_usage_in_bytes"))),
         cpu_usage_us: loc.cpu.as_ref().and_then(|g| read_u64(&g.join("cpuacct.usage"))).map(|ns| ns / 1000),
         tasks_current: loc.pids.as_ref().and_then(|g| read_u64(&g.join("pids.current"))),
-        oom_kills: loc.memory.as_ref().and_then(|g| keyed(&g.join("memory.oom_control"), "oom_kill")),
-        tasks_refused: loc.pids.as_ref().and_then(|g| keyed(&g.join("pids.events"), "max")),
-        memory_max_hits: loc.memory.as_ref().and_then(|g| read_u64(&g.join("memory.failcnt"))),
+        oom_kills,
+        tasks_refused,
+        memory_max_hits,
     }
 }
 
@@ -287,6 +325,13 @@ mod tests {
         assert_eq!(s.tasks_current, Some(4));
         assert_eq!(s.oom_kills, Some(2));
         assert_eq!(s.tasks_refused, Some(7));
+        assert_eq!(
+            limit_counts(&loc),
+            LimitCounts { oom_kills: Some(2), tasks_refused: Some(7), memory_max_hits: None },
+            "no memory.failcnt here"
+        );
+        std::fs::write(root.join("memory").join(scope).join("memory.failcnt"), "3\n").unwrap();
+        assert_eq!(limit_counts(&loc).memory_max_hits, Some(3));
         // cpuacct left at the root group (cpu and cpuacct mounted apart):
         // no CPU figure rather than the whole machine's.
         let apart = locate(&root, &format!("2:cpuacct:/\n1:cpu:/{scope}\n4:memory:/{scope}\n"));
@@ -329,7 +374,13 @@ mod tests {
         ] {
             std::fs::write(d.join(f), v).unwrap();
         }
-        let s = stats(&locate(&root, &format!("0::/{scope}\n")));
+        let loc = locate(&root, &format!("0::/{scope}\n"));
+        // Both memory counters from one read of memory.events.
+        assert_eq!(
+            limit_counts(&loc),
+            LimitCounts { oom_kills: Some(1), tasks_refused: Some(0), memory_max_hits: Some(5) }
+        );
+        let s = stats(&loc);
         assert_eq!(version(&root), "v2");
         assert_eq!(
             s,

@@ -32,7 +32,7 @@ use self::metrics::{limit_kind, Counters, Outcome};
 use self::status::{DiskInfo, PoolStatus, QuarantineInfo, WorkerInfo, WorkerState};
 use super::launcher::{self, Answer, Call, CallError, Completions, Events, ScopePlan, StartError, Worker};
 use super::scope::{scope_name, Systemd, UnitLimits};
-use crate::cgroup::{self, Location, Stats};
+use crate::cgroup::{self, LimitCounts, Location};
 use crate::protocol::{EffectiveSandbox, SandboxSpec};
 
 /// A worker that lived this long has proven the workflow can run.
@@ -826,17 +826,17 @@ impl Pool {
 
     /// The limit the kernel enforced between two readings of the counters.
     /// Reads the counters of the worker's scope and of its tenant slice.
-    fn counters(loc: &Option<Location>) -> Option<(Stats, Stats)> {
+    fn counters(loc: &Option<Location>) -> Option<(LimitCounts, LimitCounts)> {
         let loc = loc.as_ref()?;
-        Some((cgroup::stats(loc), cgroup::stats(&loc.parent())))
+        Some((cgroup::limit_counts(loc), cgroup::limit_counts(&loc.parent())))
     }
 
     /// The limit the kernel enforced between two readings: the workflow's
     /// own (scope) first, then the tenant's (slice).
     fn limit_hit(
         &self,
-        before: &Option<(Stats, Stats)>,
-        after: &Option<(Stats, Stats)>,
+        before: &Option<(LimitCounts, LimitCounts)>,
+        after: &Option<(LimitCounts, LimitCounts)>,
         timed_out: bool,
     ) -> Option<String> {
         let ((b, bs), (a, as_)) = (before.as_ref()?, after.as_ref()?);
