@@ -5,7 +5,9 @@
 //! - bare `fork`+`exec`+`wait` (the kernel's own cost, the baseline);
 //! - corral: `POST /v1/exec` on a fresh connection (as the CLI makes it) and
 //!   on a kept-alive one, to a warm worker, which runs the tool as its
-//!   sandboxed child;
+//!   sandboxed child; and on a fresh connection from a bare blocking client
+//!   (one `write`, then read to the end of the answer), which parts the
+//!   broker's cost of a connection from the client's own (hyper's);
 //! - `bwrap --unshare-all --ro-bind / / /bin/true` (if installed);
 //! - `systemd-run --scope --quiet /bin/true` (if systemd is reachable);
 //! - `nsjail -Mo --quiet -R / -- /bin/true` (if installed).
@@ -117,6 +119,44 @@ impl KeptAlive {
     }
 }
 
+/// One call on a new connection from a blocking client that writes the
+/// whole request at once and reads the answer to its `content-length`: a
+/// fresh connection with no client library around it.
+fn fresh_bare_client(socket: &Path) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let mut req = format!(
+        "POST /v1/exec HTTP/1.1\r\nhost: corral\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        BODY.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(BODY);
+    s.write_all(&req).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (head_end, length) = loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the broker closed before its answer: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..i]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("no content-length: {head}"));
+            break (i + 4, length);
+        }
+    };
+    while got.len() < head_end + length {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the answer was cut short");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let status = if got.starts_with(b"HTTP/1.1 200") { hyper::StatusCode::OK } else { hyper::StatusCode::BAD_GATEWAY };
+    check_exec_answer(status, &got[head_end..]);
+}
+
 fn installed(cmd: &str, arg: &str) -> bool {
     Command::new(cmd).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
@@ -197,6 +237,7 @@ fn main() {
     let mut bare = Series::new("fork+exec+wait /bin/true");
     let mut c_fresh = Series::new("corral exec, fresh connection");
     let mut c_kept = Series::new("corral exec, kept-alive connection");
+    let mut c_bare_client = Series::new("(corral exec, fresh connection, a bare blocking client)");
     let mut in_worker = Series::new("(its part in the worker: spawn to reap, as it reports)");
     let mut status = Series::new("(GET /v1/status, kept-alive: HTTP without a call)");
     let mut bw = Series::new("bwrap --unshare-all --ro-bind / / /bin/true");
@@ -209,6 +250,7 @@ fn main() {
     for _ in 0..iters {
         bare.time(|| run_ok("/bin/true", &[]));
         c_fresh.time(|| fresh(&rt));
+        c_bare_client.time(|| fresh_bare_client(&socket));
         let t = Instant::now();
         let wall = rt.block_on(kept.exec());
         c_kept.samples.push(t.elapsed());
@@ -236,7 +278,7 @@ fn main() {
     println!("{iters} calls per row, interleaved; wall time per call, client side\n");
     println!("| what | p50 ms | p99 ms | p50 − bare ms | p50 / bare | p99 / bare |");
     println!("|---|---|---|---|---|---|");
-    let mut rows = vec![bare, c_fresh, c_kept, in_worker, status];
+    let mut rows = vec![bare, c_fresh, c_kept, c_bare_client, in_worker, status];
     for (s, on) in [(bw, bwrap), (sd, systemd), (nj, nsjail)] {
         if on {
             rows.push(s);
