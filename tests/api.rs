@@ -565,3 +565,25 @@ fn a_bad_rust_log_is_reported_and_a_good_one_taken() {
     let good = run("corral=debug,warn");
     assert!(!good.contains("is not a filter"), "{good}");
 }
+
+/// Where the C library can load packed relative relocations (glibc 2.36 or
+/// later), the binary has them (`build.rs`); elsewhere it is linked as
+/// before. Every other test runs the binary, so it loads either way.
+#[test]
+fn relative_relocations_are_packed_where_glibc_reads_them() {
+    let glibc = Command::new("getconf").arg("GNU_LIBC_VERSION").output().unwrap();
+    let glibc = String::from_utf8_lossy(&glibc.stdout).trim().to_string();
+    let version = glibc
+        .strip_prefix("glibc ")
+        .and_then(|v| v.split_once('.'))
+        .and_then(|(major, rest)| Some((major.parse::<u32>().ok()?, rest.split('.').next()?.parse::<u32>().ok()?)));
+    let dynamic = Command::new("readelf").args(["-d", BIN]).output().expect("readelf (binutils)");
+    let dynamic = String::from_utf8_lossy(&dynamic.stdout);
+    assert!(dynamic.contains("(NEEDED)"), "readelf read no dynamic section: {dynamic}");
+    let packed = dynamic.contains("(RELR)");
+    if std::env::var_os("CORRAL_NO_RELR").is_some() {
+        assert!(!packed, "CORRAL_NO_RELR is set, yet the binary is packed");
+    } else {
+        assert_eq!(packed, version.is_some_and(|v| v >= (2, 36)), "{glibc:?}, dynamic section:\n{dynamic}");
+    }
+}
