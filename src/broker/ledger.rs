@@ -701,8 +701,11 @@ impl Ledger {
     }
 }
 
-/// Rows waiting for the writer at most: beyond, a row is dropped (and the
-/// drop logged) rather than a call kept waiting on the disk.
+/// Rows queued and not yet committed at most: beyond, a row is dropped (and
+/// the drop logged) rather than a call kept waiting on the disk. Counted,
+/// not a bounded channel's size: a bounded channel allocates and touches
+/// every slot when it is made (1.5 MiB of an idle broker's memory for this
+/// many), an unbounded one as rows come.
 const EXEC_LOG_BACKLOG: usize = 65_536;
 /// Rows per transaction at most.
 const EXEC_LOG_BATCH: usize = 512;
@@ -723,13 +726,22 @@ enum LogMsg {
 /// Writes exec calls to the ledger from a thread of its own, in batches:
 /// a call never waits on SQLite or on the disk's sync.
 pub struct ExecLog {
-    tx: Mutex<Option<std::sync::mpsc::SyncSender<LogMsg>>>,
+    tx: Mutex<Option<std::sync::mpsc::Sender<LogMsg>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Rows queued and not yet committed.
+    pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    backlog: usize,
 }
 
 impl ExecLog {
     pub fn start(ledger: std::sync::Arc<Ledger>) -> ExecLog {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<LogMsg>(EXEC_LOG_BACKLOG);
+        ExecLog::with_backlog(ledger, EXEC_LOG_BACKLOG)
+    }
+
+    fn with_backlog(ledger: std::sync::Arc<Ledger>, backlog: usize) -> ExecLog {
+        let (tx, rx) = std::sync::mpsc::channel::<LogMsg>();
+        let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let written = std::sync::Arc::clone(&pending);
         let writer = std::thread::Builder::new()
             .name("exec-ledger".into())
             .spawn(move || {
@@ -764,6 +776,7 @@ impl ExecLog {
                         if let Err(e) = ledger.record_exec_calls(&batch) {
                             tracing::error!("{} exec call(s) not recorded: {e}", batch.len());
                         }
+                        written.fetch_sub(batch.len(), std::sync::atomic::Ordering::Relaxed);
                     }
                     for ack in acks {
                         let _ = ack.send(());
@@ -772,19 +785,25 @@ impl ExecLog {
             })
             .map_err(|e| tracing::error!("exec calls will not be recorded: no writer thread: {e}"))
             .ok();
-        ExecLog { tx: Mutex::new(Some(tx)), writer: Mutex::new(writer) }
+        ExecLog { tx: Mutex::new(Some(tx)), writer: Mutex::new(writer), pending, backlog }
     }
 
-    /// Queues `call` for the ledger.
+    /// Queues `call` for the ledger, unless `backlog` rows already wait.
     pub fn record(&self, call: ExecCall) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let refused = |request_id: &str| {
+            tracing::error!(request_id, "exec call not recorded: the ledger writer is behind or gone");
+        };
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = tx.as_ref() else { return };
-        if let Err(e) = tx.try_send(LogMsg::Row(Box::new(call))) {
-            let call = match &e {
-                std::sync::mpsc::TrySendError::Full(m) | std::sync::mpsc::TrySendError::Disconnected(m) => m,
-            };
-            if let LogMsg::Row(call) = call {
-                tracing::error!(request_id = %call.request_id, "exec call not recorded: the ledger writer is behind or gone");
+        let Some(tx) = tx.as_ref() else { return refused(&call.request_id) };
+        if self.pending.fetch_add(1, Relaxed) >= self.backlog {
+            self.pending.fetch_sub(1, Relaxed);
+            return refused(&call.request_id);
+        }
+        if let Err(std::sync::mpsc::SendError(m)) = tx.send(LogMsg::Row(Box::new(call))) {
+            self.pending.fetch_sub(1, Relaxed);
+            if let LogMsg::Row(call) = m {
+                refused(&call.request_id);
             }
         }
     }
@@ -955,6 +974,29 @@ mod tests {
             log.flush();
             assert_eq!(count(), (1..=round).sum::<i64>(), "round {round}: rows queued before the flush are missing");
         }
+        log.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn rows_beyond_the_backlog_are_dropped_and_the_next_ones_kept() {
+        let (ledger, dir) = temp_ledger();
+        let ledger = std::sync::Arc::new(ledger);
+        let log = ExecLog::with_backlog(std::sync::Arc::clone(&ledger), 4);
+        let count = || ledger.conn().query_row("SELECT COUNT(*) FROM exec_calls", [], |r| r.get::<_, i64>(0)).unwrap();
+        {
+            // The disk stalls: the writer cannot commit while this is held.
+            let _stalled = ledger.conn();
+            for i in 0..10 {
+                log.record(exec_row(i));
+            }
+        }
+        log.flush();
+        assert_eq!(count(), 4, "the backlog holds 4 rows: the other 6 are dropped, not queued");
+        // Committed rows leave the backlog: the next call is recorded.
+        log.record(exec_row(10));
+        log.flush();
+        assert_eq!(count(), 5);
         log.close();
         let _ = std::fs::remove_dir_all(dir);
     }
