@@ -566,6 +566,44 @@ fn a_bad_rust_log_is_reported_and_a_good_one_taken() {
     assert!(!good.contains("is not a filter"), "{good}");
 }
 
+/// The functions a worker runs, then those an idle broker runs, are linked
+/// in front of the rest of the code (`build/code-order.ld`, `build.rs`), so
+/// that each process maps a few hundred KiB of code rather than most of the
+/// binary (README, Footprint). Both sections are there, before `.text`, and
+/// hold what the script names: a script whose patterns stopped matching (a
+/// new toolchain's names) leaves them nearly empty.
+#[test]
+fn the_workers_and_then_the_brokers_code_come_first() {
+    let out = Command::new("readelf").args(["-SW", BIN]).output().expect("readelf (binutils)");
+    let table = String::from_utf8_lossy(&out.stdout);
+    // "[16] .text.worker PROGBITS 00000000001e94c0 1e84c0 056bb8 00 AX 0 0 16"
+    let section = |name: &str| {
+        table.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let at = f.iter().position(|w| *w == name)?;
+            let hex = |i: usize| u64::from_str_radix(f.get(at + i)?, 16).ok();
+            Some((hex(2)?, hex(4)?))
+        })
+    };
+    let text = section(".text").unwrap_or_else(|| panic!("no .text in the section table:\n{table}"));
+    let (worker, broker) = (section(".text.worker"), section(".text.broker"));
+    if std::env::var_os("CORRAL_NO_CODE_ORDER").is_some() {
+        assert!(worker.is_none() && broker.is_none(), "CORRAL_NO_CODE_ORDER is set, yet the code is ordered");
+        return;
+    }
+    let hint = "build.rs passes build/code-order.ld to the linker when a probe link takes it; \
+                run scripts/code-order/order.sh after a toolchain change";
+    let (Some(worker), Some(broker)) = (worker, broker) else {
+        panic!("the binary has no .text.worker or .text.broker ({hint}):\n{table}")
+    };
+    assert!(
+        worker.0 < broker.0 && broker.0 < text.0,
+        "worker, broker, then the rest: {worker:x?} {broker:x?} {text:x?}"
+    );
+    assert!(worker.1 >= 128 << 10, "the worker's code is {} bytes: its patterns match too little ({hint})", worker.1);
+    assert!(broker.1 >= 512 << 10, "the broker's code is {} bytes: its patterns match too little ({hint})", broker.1);
+}
+
 /// Where the C library can load packed relative relocations (glibc 2.36 or
 /// later), the binary has them (`build.rs`); elsewhere it is linked as
 /// before. Every other test runs the binary, so it loads either way.
