@@ -18,7 +18,9 @@
 //! `CORRAL_BENCH_CALLS` sets the calls per concurrency level (default 2000);
 //! `CORRAL_BENCH_WORKERS` the pool's `max_workers` (default 4; `min_idle`
 //! is half of it, so the pool grows under load as it would in use);
-//! `CORRAL_BENCH_LOAD_ONLY=1` skips the attacks (parts 2 and 3);
+//! `CORRAL_BENCH_LEVELS` the concurrency levels (default `1,4,8,32,100`;
+//! each 1 to 100); `CORRAL_BENCH_LOAD_ONLY=1` skips the attacks (parts 2
+//! and 3);
 //! `CORRAL_BENCH_BIN` the corral binary to measure (default: cargo's).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -286,7 +288,12 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut base = None;
-    for c in [1usize, 4, 8, 32, 100] {
+    let levels: Vec<usize> = std::env::var("CORRAL_BENCH_LEVELS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|l| l.trim().parse().ok()).filter(|&l| (1..=100).contains(&l)).collect())
+        .filter(|l: &Vec<usize>| !l.is_empty())
+        .unwrap_or_else(|| vec![1, 4, 8, 32, 100]);
+    for c in levels {
         // Half the bare spawns before the level and half after: a neighbour's
         // load that comes or goes meanwhile weighs on both.
         let before = bare_level(c.min(32), calls / 2);
