@@ -23,18 +23,17 @@ fn main() {
     println!("cargo:rerun-if-changed={CODE_ORDER}");
     let var = |name| std::env::var(name).unwrap_or_default();
     let (target, host, linker) = (var("TARGET"), var("HOST"), var("RUSTC_LINKER"));
-    if !target.contains("-linux-") {
+    // The probes link for this machine: a cross build links as before.
+    if target != host || !target.contains("-linux-") {
         return;
     }
     let script = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join(CODE_ORDER);
     if std::env::var_os("CORRAL_NO_CODE_ORDER").is_none()
-        && target == host
         && links(&linker, "code-order-probe", &format!("-Wl,-T,{}", script.display()))
     {
         println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
     }
     if std::env::var_os("CORRAL_NO_RELR").is_none()
-        && target == host
         && target.ends_with("-linux-gnu")
         && glibc_version().is_some_and(|v| v >= (2, 36))
         && links(&linker, "relr-probe", "-Wl,-z,pack-relative-relocs")

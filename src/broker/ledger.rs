@@ -10,7 +10,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
@@ -729,7 +730,7 @@ pub struct ExecLog {
     tx: Mutex<Option<std::sync::mpsc::Sender<LogMsg>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Rows queued and not yet committed.
-    pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pending: Arc<AtomicUsize>,
     backlog: usize,
 }
 
@@ -740,8 +741,8 @@ impl ExecLog {
 
     fn with_backlog(ledger: std::sync::Arc<Ledger>, backlog: usize) -> ExecLog {
         let (tx, rx) = std::sync::mpsc::channel::<LogMsg>();
-        let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let written = std::sync::Arc::clone(&pending);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let written = Arc::clone(&pending);
         let writer = std::thread::Builder::new()
             .name("exec-ledger".into())
             .spawn(move || {
@@ -776,7 +777,7 @@ impl ExecLog {
                         if let Err(e) = ledger.record_exec_calls(&batch) {
                             tracing::error!("{} exec call(s) not recorded: {e}", batch.len());
                         }
-                        written.fetch_sub(batch.len(), std::sync::atomic::Ordering::Relaxed);
+                        written.fetch_sub(batch.len(), Ordering::Relaxed);
                     }
                     for ack in acks {
                         let _ = ack.send(());
@@ -790,18 +791,17 @@ impl ExecLog {
 
     /// Queues `call` for the ledger, unless `backlog` rows already wait.
     pub fn record(&self, call: ExecCall) {
-        use std::sync::atomic::Ordering::Relaxed;
         let refused = |request_id: &str| {
             tracing::error!(request_id, "exec call not recorded: the ledger writer is behind or gone");
         };
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = tx.as_ref() else { return refused(&call.request_id) };
-        if self.pending.fetch_add(1, Relaxed) >= self.backlog {
-            self.pending.fetch_sub(1, Relaxed);
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= self.backlog {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
             return refused(&call.request_id);
         }
         if let Err(std::sync::mpsc::SendError(m)) = tx.send(LogMsg::Row(Box::new(call))) {
-            self.pending.fetch_sub(1, Relaxed);
+            self.pending.fetch_sub(1, Ordering::Relaxed);
             if let LogMsg::Row(call) = m {
                 refused(&call.request_id);
             }
