@@ -117,4 +117,12 @@ fn posix_shared_memory_of_one_tenant_is_not_another_tenants() {
     assert!(!stdout(&r).contains("corral-shm"), "{r:#}");
     // Nor is it in the host's /dev/shm.
     assert!(!std::path::Path::new(&format!("/dev/shm/{name}")).exists());
+    // Nor in kid's own next calls: the worker empties its /dev/shm after
+    // each call (and spares the listing only while nothing was added).
+    for round in 0..2 {
+        let r = b.sh("kidshm", &format!("ls -A /dev/shm; mkdir /dev/shm/d{round} && echo x > /dev/shm/d{round}/f"));
+        assert_eq!(exit_code(&r), Some(0), "{r:#}");
+        let left: Vec<&str> = stdout(&r).lines().filter(|l| *l != ".mqueue").collect();
+        assert!(left.is_empty(), "round {round}: a call found what an earlier one left: {r:#}");
+    }
 }

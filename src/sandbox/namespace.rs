@@ -206,11 +206,61 @@ fn bind_with(path: &Path, set: u64, clear: u64) -> Result<(), SandboxError> {
 /// The /proc/sysvipc files and the kind of object each lists.
 const IPC_FILES: [(&str, IpcKind); 3] = [("shm", IpcKind::Shm), ("msg", IpcKind::Msg), ("sem", IpcKind::Sem)];
 
+/// `MQUEUE_MAGIC` of `linux/magic.h` (not in the libc crate).
+const MQUEUE_MAGIC: libc::c_long = 0x1980_0202;
+
+/// A directory of the worker's own that is emptied after every call: its
+/// private `/dev/shm` or its POSIX queue mount.
+///
+/// Both file systems count a directory's entries in its size (tmpfs and
+/// mqueue add 20 bytes an entry; a rename, a link or a whiteout into it
+/// too). So while the size is the one the last complete emptying left, no
+/// entry was added since, and the listing (an open, reads and a close, each
+/// checked by Landlock) is spared: one `stat` a call instead. The worker
+/// alone writes there between calls, and every process of a call is dead
+/// when it is emptied. On any other file system, and after an emptying
+/// that could not remove everything, the directory is listed every time.
+#[derive(Debug)]
+pub struct Emptied {
+    path: PathBuf,
+    counts_entries: bool,
+    /// The size right after the last emptying that removed everything.
+    clean_size: std::cell::Cell<Option<u64>>,
+}
+
+impl Emptied {
+    pub fn new(path: PathBuf) -> Emptied {
+        let counts_entries = nix::sys::statfs::statfs(&path).is_ok_and(|fs| {
+            let t = fs.filesystem_type();
+            t == nix::sys::statfs::TMPFS_MAGIC || libc::c_long::from(t.0) == MQUEUE_MAGIC
+        });
+        Emptied { path, counts_entries, clean_size: std::cell::Cell::new(None) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn size(&self) -> Option<u64> {
+        std::fs::symlink_metadata(&self.path).ok().map(|m| m.len())
+    }
+
+    /// Whether something may have been added since the last emptying.
+    pub fn needs_listing(&self) -> bool {
+        !self.counts_entries || self.clean_size.get().is_none() || self.size() != self.clean_size.get()
+    }
+
+    /// Records the end of an emptying: `complete` when nothing was left.
+    fn emptied(&self, complete: bool) {
+        self.clean_size.set(if complete && self.counts_entries { self.size() } else { None });
+    }
+}
+
 /// Empties the worker's IPC namespace after a call: every System V shared
 /// memory segment, message queue and semaphore set, and every POSIX
 /// message queue. Returns how many objects were removed, and the ones
 /// that could not be.
-pub fn clean_ipc(mqueue: Option<&Path>) -> (usize, Vec<String>) {
+pub fn clean_ipc(mqueue: Option<&Emptied>) -> (usize, Vec<String>) {
     let mut removed = 0;
     let mut failed = Vec::new();
     // Most calls leave no System V object: three counting calls then spare
@@ -228,15 +278,19 @@ pub fn clean_ipc(mqueue: Option<&Path>) -> (usize, Vec<String>) {
             }
         }
     }
-    if let Some(dir) = mqueue {
-        if let Ok(entries) = std::fs::read_dir(dir) {
+    if let Some(dir) = mqueue.filter(|d| d.needs_listing()) {
+        let mut complete = false;
+        if let Ok(entries) = std::fs::read_dir(dir.path()) {
+            let before = failed.len();
             for name in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
                 match sys::mq_unlink(&name) {
                     Ok(()) => removed += 1,
                     Err(e) => failed.push(format!("mqueue /{name}: {e}")),
                 }
             }
+            complete = failed.len() == before;
         }
+        dir.emptied(complete);
     }
     (removed, failed)
 }
@@ -246,10 +300,14 @@ pub fn clean_ipc(mqueue: Option<&Path>) -> (usize, Vec<String>) {
 /// shared memory, semaphores and files a call left there do not reach the
 /// next call. Every process of the call is dead by then. Returns how many
 /// entries were removed, and the ones that could not be.
-pub fn clean_shm(dir: &Path, keep: Option<&Path>) -> (usize, Vec<String>) {
+pub fn clean_shm(dir: &Emptied, keep: Option<&Path>) -> (usize, Vec<String>) {
     let mut removed = 0;
     let mut failed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    if !dir.needs_listing() {
+        return (0, failed);
+    }
+    let Ok(entries) = std::fs::read_dir(dir.path()) else {
+        dir.emptied(false);
         return (0, failed);
     };
     for entry in entries.flatten() {
@@ -262,6 +320,7 @@ pub fn clean_shm(dir: &Path, keep: Option<&Path>) -> (usize, Vec<String>) {
             Err(e) => failed.push(format!("{}: {e}", path.display())),
         }
     }
+    dir.emptied(failed.is_empty());
     (removed, failed)
 }
 
@@ -278,4 +337,70 @@ fn remove_tree(path: &Path) -> std::io::Result<()> {
         remove_tree(&entry.path())?;
     }
     std::fs::remove_dir(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(e: &Emptied) -> bool {
+        e.counts_entries
+    }
+
+    #[test]
+    fn an_emptied_directory_is_listed_again_as_soon_as_anything_is_added() {
+        let shm = Path::new("/dev/shm");
+        let root = shm.join(format!("corral-emptied-{}", std::process::id()));
+        let (dir, outside) = (root.join("dir"), root.join("outside"));
+        let _ = remove_tree(&root);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::create_dir(dir.join(".keep")).unwrap();
+        let e = Emptied::new(dir.clone());
+        assert!(counts(&e), "/dev/shm is not a tmpfs here: the test needs one");
+        let keep = Some(dir.join(".keep"));
+        let clean = || clean_shm(&e, keep.as_deref());
+
+        // Never emptied: listed.
+        std::fs::write(dir.join("a"), "x").unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/b"), "x").unwrap();
+        assert!(e.needs_listing());
+        assert_eq!(clean(), (2, Vec::<String>::new()));
+        // Emptied, nothing added: the listing is spared, and the kept entry stays.
+        assert!(!e.needs_listing());
+        assert_eq!(clean(), (0, Vec::<String>::new()));
+        assert!(dir.join(".keep").is_dir());
+
+        // Each way in is seen: a new file, a rename from outside, a hard link,
+        // a directory.
+        let added: [&dyn Fn(); 4] = [
+            &|| std::fs::write(dir.join("new"), "x").unwrap(),
+            &|| {
+                std::fs::write(outside.join("moved"), "x").unwrap();
+                std::fs::rename(outside.join("moved"), dir.join("moved")).unwrap();
+            },
+            &|| {
+                std::fs::write(outside.join("linked"), "x").unwrap();
+                std::fs::hard_link(outside.join("linked"), dir.join("linked")).unwrap();
+            },
+            &|| std::fs::create_dir(dir.join("d")).unwrap(),
+        ];
+        for (i, add) in added.iter().enumerate() {
+            add();
+            assert!(e.needs_listing(), "way in {i} was not seen");
+            assert_eq!(clean(), (1, Vec::<String>::new()), "way in {i}");
+            assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "way in {i}: only the kept entry is left");
+            assert!(!e.needs_listing());
+        }
+        remove_tree(&root).unwrap();
+
+        // A file system that does not count entries in a directory's size
+        // is listed every time.
+        let here = Emptied::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src"));
+        if !counts(&here) {
+            here.emptied(true);
+            assert!(here.needs_listing());
+        }
+    }
 }

@@ -60,13 +60,10 @@ pub fn run() -> Result<(), WorkerError> {
         }
     };
     write_frame(&mut sock, &FromWorker::Ready(confined.effective))?;
-    let tools = tool::Tools {
-        spec: &spec,
-        layer: &layer,
-        devnull: &devnull,
-        mqueue: confined.mqueue.as_deref(),
-        shm: confined.shm.as_deref(),
-    };
+    let mqueue = confined.mqueue.map(sandbox::namespace::Emptied::new);
+    let shm = confined.shm.map(sandbox::namespace::Emptied::new);
+    let tools =
+        tool::Tools { spec: &spec, layer: &layer, devnull: &devnull, mqueue: mqueue.as_ref(), shm: shm.as_ref() };
 
     while let Some(msg) = read_frame::<_, ToWorker>(&mut sock)? {
         match msg {

@@ -7,7 +7,6 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -21,8 +20,9 @@ use crate::protocol::{
     ExecOutcome, ExecRequest, FromWorker, OutStream, OutputChunk, SandboxSpec, Termination, ToWorker,
 };
 use crate::sandbox::landlock::ChildLayer;
+use crate::sandbox::namespace::{self, Emptied};
 use crate::sandbox::spawn::{self, Input, Spawned};
-use crate::sandbox::{namespace, process, sys};
+use crate::sandbox::{process, sys};
 
 /// How long a killed tree gets to disappear before we report it.
 const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -134,9 +134,9 @@ pub struct Tools<'a> {
     /// stdin of calls without input.
     pub devnull: &'a File,
     /// The worker's POSIX queue directory, emptied after each call.
-    pub mqueue: Option<&'a Path>,
+    pub mqueue: Option<&'a Emptied>,
     /// The worker's private `/dev/shm`, emptied after each call.
-    pub shm: Option<&'a Path>,
+    pub shm: Option<&'a Emptied>,
 }
 
 fn start_tool(ctx: &Tools<'_>, req: &ExecRequest) -> io::Result<Spawned> {
@@ -181,7 +181,7 @@ pub fn run(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutco
         tracing::warn!(?failed, "IPC objects the call left could not be removed");
     }
     if let Some(shm) = ctx.shm {
-        let (removed, failed) = namespace::clean_shm(shm, ctx.mqueue);
+        let (removed, failed) = namespace::clean_shm(shm, ctx.mqueue.map(Emptied::path));
         if removed > 0 {
             tracing::debug!(removed, "files the call left in /dev/shm were removed");
         }
@@ -240,7 +240,9 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
             timed_out = true;
             break;
         }
-        if exited(&pidfd, pid_t) {
+        // With a pidfd, its readiness comes with the poll below: no poll
+        // of its own before each.
+        if pidfd.is_none() && exited(pid_t) {
             break;
         }
         let remaining = deadline - now;
@@ -271,6 +273,7 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
         }
         let ready = |slot: usize| fds.get(slot).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
         let (o, e, i, b) = (ready(slots[0]), ready(slots[1]), ready(slots[2]), ready(slots[4]));
+        let done = ready(slots[3]);
         drop(fds);
         if b && cancelled(broker, req.id) {
             cancel = true;
@@ -295,6 +298,10 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
                     stdin = None; // close: the command sees end of input
                 }
             }
+        }
+        // The command has exited: what its pipes still hold is read below.
+        if done {
+            break;
         }
     }
     drop(stdin);
@@ -342,19 +349,12 @@ fn run_call(ctx: &Tools<'_>, req: &ExecRequest, broker: &UnixStream) -> ExecOutc
     }
 }
 
-/// Whether the command has exited (without reaping it).
-fn exited(pidfd: &Option<OwnedFd>, pid: libc::pid_t) -> bool {
-    match pidfd {
-        Some(p) => {
-            let mut fds = [PollFd::new(p.as_fd(), PollFlags::POLLIN)];
-            poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-        }
-        None => {
-            use nix::sys::wait::{waitid, Id, WaitPidFlag};
-            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-            matches!(waitid(Id::Pid(Pid::from_raw(pid)), flags), Ok(s) if s.pid().is_some())
-        }
-    }
+/// Whether the command has exited (without reaping it), where the kernel
+/// has no pidfd to poll.
+fn exited(pid: libc::pid_t) -> bool {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    matches!(waitid(Id::Pid(Pid::from_raw(pid)), flags), Ok(s) if s.pid().is_some())
 }
 
 impl Capture {
