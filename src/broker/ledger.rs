@@ -729,8 +729,6 @@ enum LogMsg {
 pub struct ExecLog {
     tx: Mutex<Option<std::sync::mpsc::Sender<LogMsg>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The writer, to unpark when a reader waits.
-    writer_thread: Option<std::thread::Thread>,
     /// Rows queued and not yet committed.
     pending: Arc<AtomicUsize>,
     backlog: usize,
@@ -787,8 +785,7 @@ impl ExecLog {
             })
             .map_err(|e| tracing::error!("exec calls will not be recorded: no writer thread: {e}"))
             .ok();
-        let writer_thread = writer.as_ref().map(|w| w.thread().clone());
-        ExecLog { tx: Mutex::new(Some(tx)), writer: Mutex::new(writer), writer_thread, pending, backlog }
+        ExecLog { tx: Mutex::new(Some(tx)), writer: Mutex::new(writer), pending, backlog }
     }
 
     /// Queues `call` for the ledger, unless `backlog` rows already wait.
@@ -820,8 +817,9 @@ impl ExecLog {
             tx.as_ref().is_some_and(|tx| tx.send(LogMsg::Flush(ack)).is_ok())
         };
         if sent {
-            if let Some(t) = &self.writer_thread {
-                t.unpark();
+            // The writer may be asleep in its gathering: wake it.
+            if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                w.thread().unpark();
             }
             let _ = done.recv();
         }

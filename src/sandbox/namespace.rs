@@ -245,14 +245,35 @@ impl Emptied {
         std::fs::symlink_metadata(&self.path).ok().map(|m| m.len())
     }
 
-    /// Whether something may have been added since the last emptying.
-    pub fn needs_listing(&self) -> bool {
-        !self.counts_entries || self.clean_size.get().is_none() || self.size() != self.clean_size.get()
+    /// Whether something may have been added since the last complete
+    /// emptying (never one on a file system that does not count entries).
+    fn needs_listing(&self) -> bool {
+        self.clean_size.get().is_none_or(|clean| self.size() != Some(clean))
     }
 
-    /// Records the end of an emptying: `complete` when nothing was left.
-    fn emptied(&self, complete: bool) {
-        self.clean_size.set(if complete && self.counts_entries { self.size() } else { None });
+    /// Empties the directory with `remove`, which removes one entry (true),
+    /// leaves it (false), or says why it could not, unless nothing was
+    /// added since the last complete emptying. Returns how many entries
+    /// were removed, and the ones that could not be.
+    fn sweep(&self, mut remove: impl FnMut(&std::fs::DirEntry) -> Result<bool, String>) -> (usize, Vec<String>) {
+        let (mut removed, mut failed) = (0, Vec::new());
+        if !self.needs_listing() {
+            return (removed, failed);
+        }
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            self.clean_size.set(None);
+            return (removed, failed);
+        };
+        for entry in entries.flatten() {
+            match remove(&entry) {
+                Ok(gone) => removed += usize::from(gone),
+                Err(e) => failed.push(e),
+            }
+        }
+        // The size a complete emptying left: the mark of "nothing added".
+        let complete = failed.is_empty() && self.counts_entries;
+        self.clean_size.set(if complete { self.size() } else { None });
+        (removed, failed)
     }
 }
 
@@ -278,19 +299,13 @@ pub fn clean_ipc(mqueue: Option<&Emptied>) -> (usize, Vec<String>) {
             }
         }
     }
-    if let Some(dir) = mqueue.filter(|d| d.needs_listing()) {
-        let mut complete = false;
-        if let Ok(entries) = std::fs::read_dir(dir.path()) {
-            let before = failed.len();
-            for name in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
-                match sys::mq_unlink(&name) {
-                    Ok(()) => removed += 1,
-                    Err(e) => failed.push(format!("mqueue /{name}: {e}")),
-                }
-            }
-            complete = failed.len() == before;
-        }
-        dir.emptied(complete);
+    if let Some(dir) = mqueue {
+        let (gone, left) = dir.sweep(|entry| {
+            let Ok(name) = entry.file_name().into_string() else { return Ok(false) };
+            sys::mq_unlink(&name).map(|()| true).map_err(|e| format!("mqueue /{name}: {e}"))
+        });
+        removed += gone;
+        failed.extend(left);
     }
     (removed, failed)
 }
@@ -301,27 +316,13 @@ pub fn clean_ipc(mqueue: Option<&Emptied>) -> (usize, Vec<String>) {
 /// next call. Every process of the call is dead by then. Returns how many
 /// entries were removed, and the ones that could not be.
 pub fn clean_shm(dir: &Emptied, keep: Option<&Path>) -> (usize, Vec<String>) {
-    let mut removed = 0;
-    let mut failed = Vec::new();
-    if !dir.needs_listing() {
-        return (0, failed);
-    }
-    let Ok(entries) = std::fs::read_dir(dir.path()) else {
-        dir.emptied(false);
-        return (0, failed);
-    };
-    for entry in entries.flatten() {
+    dir.sweep(|entry| {
         let path = entry.path();
         if keep.is_some_and(|k| k == path) {
-            continue;
+            return Ok(false);
         }
-        match remove_tree(&path) {
-            Ok(()) => removed += 1,
-            Err(e) => failed.push(format!("{}: {e}", path.display())),
-        }
-    }
-    dir.emptied(failed.is_empty());
-    (removed, failed)
+        remove_tree(&path).map(|()| true).map_err(|e| format!("{}: {e}", path.display()))
+    })
 }
 
 /// Removes `path` and what is beneath it without following symlinks,
@@ -399,7 +400,7 @@ mod tests {
         // is listed every time.
         let here = Emptied::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src"));
         if !counts(&here) {
-            here.emptied(true);
+            assert_eq!(here.sweep(|_| Ok(false)), (0, Vec::<String>::new()));
             assert!(here.needs_listing());
         }
     }
